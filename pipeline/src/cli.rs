@@ -1,0 +1,330 @@
+//! The `tessera` command line, parameterised by a registry so that a crate adding its own
+//! stages gets the same CLI with one line (`tessera_pipeline::cli::main(registry)`).
+
+use crate::cache::{entry_key, list_entries};
+use crate::config::{load_experiment, Experiment};
+use crate::graph::{build_graph, Graph};
+use crate::registry::Registry;
+use crate::report::RunStatus;
+use crate::runner::{execute, RunSettings};
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "SparseConvMIL and MIL baselines on whole-slide images, as a YAML-declared DAG of cached stages")]
+struct Cli {
+    /// More logging (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check an experiment (kinds, parameters, inputs, cycles, schemas) without running it.
+    Validate {
+        experiment: PathBuf,
+        /// Override a value: `seed=3`, `STAGE.PARAM=VALUE`, `STAGE.workers=2`.
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Run an experiment.
+    Run {
+        experiment: PathBuf,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
+        /// Output folder (default: the experiment's out_dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the registered stage kinds, or show one kind's parameters and defaults.
+    Stages { kind: Option<String> },
+    /// Inspect or prune the cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// Print the JSON Schema of experiment files (for editors' YAML language servers).
+    Schema,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Entries per stage kind, with their sizes.
+    Ls {
+        /// The cache folder, or an experiment whose cache_dir to use.
+        target: PathBuf,
+    },
+    /// Remove temporary files left by interrupted runs; with --keep, also every entry that
+    /// none of the given experiments would use.
+    Gc {
+        target: PathBuf,
+        /// Experiments whose entries to keep (everything else is removed).
+        #[arg(long)]
+        keep: Vec<PathBuf>,
+        /// Only print what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Runs the CLI with `registry`; returns the process exit code.
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match dispatch(cli.command, &registry) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Validate { experiment, sets } => {
+            let (exp, graph) = match load_and_check(&experiment, &sets, registry) {
+                Ok(x) => x,
+                Err(message) => {
+                    eprintln!("{message}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            println!(
+                "{}: ok — {} stages ({}), {} slides",
+                experiment.display(),
+                graph.stages.len(),
+                graph.order.iter().map(|&i| graph.stages[i].name.as_str()).collect::<Vec<_>>().join(" -> "),
+                exp.slides.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { experiment, sets, out, quiet } => run(&experiment, &sets, out, quiet, registry),
+        Command::Stages { kind } => {
+            print_stages(registry, kind.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache { command } => {
+            cache_command(command, registry)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&experiment_json_schema(registry))?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads and checks an experiment; the error is the full message to print.
+pub fn load_and_check(file: &Path, sets: &[String], registry: &Registry) -> Result<(Experiment, Graph), String> {
+    let exp = load_experiment(file, sets).map_err(|e| e.to_string())?;
+    let graph = build_graph(&exp, registry).map_err(|e| e.to_string())?;
+    Ok((exp, graph))
+}
+
+fn run(file: &Path, sets: &[String], out: Option<PathBuf>, quiet: bool, registry: &Registry) -> anyhow::Result<ExitCode> {
+    let (mut exp, graph) = match load_and_check(file, sets, registry) {
+        Ok(x) => x,
+        Err(message) => {
+            eprintln!("{message}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(out) = out {
+        exp.out_dir = out;
+    }
+    std::fs::create_dir_all(&exp.out_dir).with_context(|| format!("creating {}", exp.out_dir.display()))?;
+    write_resolved(&exp, &graph)?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: stopping cleanly (Ctrl-C again to abort)");
+    });
+    let settings = RunSettings {
+        name: exp.config.name.clone(),
+        seed: exp.config.seed,
+        device: exp.device.clone(),
+        cache_dir: exp.cache_dir.clone(),
+        out_dir: exp.out_dir.clone(),
+        base_dir: exp.base_dir.clone(),
+        slides: exp.slides.clone(),
+        channel_capacity: exp.config.channel_capacity,
+        interrupt: Some(interrupt),
+        progress: !quiet && std::io::stderr().is_terminal(),
+    };
+    let report = execute(&graph, &settings)?;
+    println!("{:<16} {:<12} {:>8} {:>8} {:>10} {:>6} {:>6} {:>8} {:>6}", "stage", "kind", "in", "out", "rows out", "hits", "miss", "seconds", "errors");
+    for s in &report.stages {
+        println!(
+            "{:<16} {:<12} {:>8} {:>8} {:>10} {:>6} {:>6} {:>8.2} {:>6}",
+            s.name, s.kind, s.items_in, s.items_out, s.rows_out, s.cache_hits, s.cache_misses, s.seconds, s.errors.len()
+        );
+    }
+    for e in &report.errors {
+        eprintln!("error: stage `{}`, slide `{}`: {}", e.stage, e.slide.as_deref().unwrap_or("-"), e.message);
+    }
+    println!("{:?} in {:.1} s; report: {}", report.status, report.seconds, exp.out_dir.join("run.json").display());
+    Ok(match report.status {
+        RunStatus::Ok => ExitCode::SUCCESS,
+        RunStatus::Failed => ExitCode::from(1),
+        RunStatus::Cancelled => ExitCode::from(130),
+    })
+}
+
+/// Writes the experiment as it ran: after `--set`, with every parameter's default filled in.
+fn write_resolved(exp: &Experiment, graph: &Graph) -> anyhow::Result<()> {
+    let mut config = exp.config.clone();
+    for s in &graph.stages {
+        if let Some(sc) = config.stages.get_mut(&s.name) {
+            sc.params = s.stage.canonical_params();
+        }
+    }
+    let path = exp.out_dir.join("experiment.yaml");
+    std::fs::write(&path, serde_yaml_ng::to_string(&config)?).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn print_stages(registry: &Registry, kind: Option<&str>) -> anyhow::Result<()> {
+    let Some(kind) = kind else {
+        for k in registry.kinds() {
+            println!("{:<14} v{:<4} {}", k.kind(), k.version(), k.about());
+        }
+        println!("\n`tessera stages KIND` shows a kind's parameters.");
+        return Ok(());
+    };
+    let Some(k) = registry.get(kind) else {
+        let hint = crate::registry::did_you_mean(kind, registry.names()).map(|m| format!(" (did you mean `{m}`?)")).unwrap_or_default();
+        bail!("unknown stage kind `{kind}`{hint}; known: {}", registry.names().join(", "));
+    };
+    println!("{} (version {}): {}\n\nparameters:", k.kind(), k.version(), k.about());
+    let schema = k.params_schema();
+    let defaults = k.default_params();
+    if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+        for (name, prop) in props {
+            let ty = prop
+                .get("type")
+                .map(|t| t.to_string().replace('"', ""))
+                .or_else(|| prop.get("$ref").and_then(|r| r.as_str()).map(|r| r.rsplit('/').next().unwrap_or(r).to_string()))
+                .unwrap_or_else(|| "value".into());
+            let default = defaults.get(name).map(|d| d.to_string()).unwrap_or_default();
+            let about = prop.get("description").and_then(|d| d.as_str()).unwrap_or("").replace('\n', " ");
+            println!("  {name:<22} {ty:<18} default {default:<14} {about}");
+        }
+    }
+    Ok(())
+}
+
+fn cache_dir_of(target: &Path, registry: &Registry) -> anyhow::Result<PathBuf> {
+    if target.is_file() {
+        let (exp, _) = load_and_check(target, &[], registry).map_err(anyhow::Error::msg)?;
+        Ok(exp.cache_dir)
+    } else {
+        Ok(target.to_path_buf())
+    }
+}
+
+fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<()> {
+    match command {
+        CacheCommand::Ls { target } => {
+            let dir = cache_dir_of(&target, registry)?;
+            let entries = list_entries(&dir)?;
+            let mut kinds: std::collections::BTreeMap<&str, (usize, u64, usize)> = Default::default();
+            for e in &entries {
+                let k = kinds.entry(e.kind.as_str()).or_default();
+                if e.temporary {
+                    k.2 += 1;
+                } else {
+                    k.0 += 1;
+                    k.1 += e.bytes;
+                }
+            }
+            println!("cache {}", dir.display());
+            println!("{:<14} {:>8} {:>12} {:>10}", "kind", "entries", "MiB", "temporary");
+            for (kind, (n, bytes, tmp)) in kinds {
+                println!("{kind:<14} {n:>8} {:>12.2} {tmp:>10}", bytes as f64 / (1 << 20) as f64);
+            }
+        }
+        CacheCommand::Gc { target, keep, dry_run } => {
+            let dir = cache_dir_of(&target, registry)?;
+            let mut keep_keys: Option<HashSet<String>> = None;
+            for exp_file in &keep {
+                let (exp, graph) = load_and_check(exp_file, &[], registry).map_err(anyhow::Error::msg)?;
+                let keys = crate::runner::plan_keys(&graph, &exp)?;
+                keep_keys.get_or_insert_with(HashSet::new).extend(keys);
+            }
+            let (mut removed, mut bytes) = (0usize, 0u64);
+            for e in list_entries(&dir)? {
+                let unused = match (&keep_keys, entry_key(&e.path)) {
+                    (Some(keys), Some(k)) => !keys.contains(&k),
+                    _ => false,
+                };
+                if e.temporary || unused {
+                    println!("{} {}", if dry_run { "would remove" } else { "remove" }, e.path.display());
+                    if !dry_run {
+                        std::fs::remove_file(&e.path).with_context(|| format!("removing {}", e.path.display()))?;
+                    }
+                    removed += 1;
+                    bytes += e.bytes;
+                }
+            }
+            println!("{removed} files, {:.2} MiB {}", bytes as f64 / (1 << 20) as f64, if dry_run { "would be freed" } else { "freed" });
+        }
+    }
+    Ok(())
+}
+
+/// The JSON Schema of experiment files, with each stage kind's parameters.
+pub fn experiment_json_schema(registry: &Registry) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let mut root = serde_json::to_value(schemars::schema_for!(crate::config::ExperimentConfig)).unwrap_or_default();
+    let mut defs = root.get("$defs").cloned().unwrap_or_else(|| json!({}));
+    let mut branches = Vec::new();
+    for k in registry.kinds() {
+        let mut params = k.params_schema();
+        if let Some(Value::Object(inner)) = params.as_object_mut().and_then(|p| p.remove("$defs")) {
+            if let Value::Object(d) = &mut defs {
+                d.extend(inner);
+            }
+        }
+        if let Some(p) = params.as_object_mut() {
+            p.remove("$schema");
+        }
+        let name = format!("params_{}", k.kind());
+        defs[&name] = params;
+        branches.push(json!({
+            "if": {"properties": {"kind": {"const": k.kind()}}},
+            "then": {"properties": {"params": {"$ref": format!("#/$defs/{name}")}}}
+        }));
+    }
+    if let Some(sc) = defs.get_mut("StageConfig") {
+        sc["allOf"] = Value::Array(branches);
+        sc["properties"]["kind"]["enum"] = json!(registry.names());
+    }
+    root["$defs"] = defs;
+    root
+}

@@ -1,0 +1,258 @@
+//! What a running stage uses to emit rows, end slides and epochs, report warnings and see the
+//! run's settings. It also writes the stage's cache entries as rows go by.
+
+use crate::cache::{Cache, PendingEntry};
+use crate::error::{StageError, StageResult};
+use crate::message::{Envelope, Message};
+use crate::plan::{Plan, SlideState};
+use crate::report::{ErrorRecord, StageStats};
+use crate::slide::SlideHandle;
+use crate::stage::{BuildContext, DeviceSpec};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use crossbeam_channel::{SendTimeoutError, Sender};
+use indicatif::ProgressBar;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often a blocked send looks at the stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One outgoing edge: the consumer's inbox and which of its inputs this edge is.
+pub(crate) struct Edge {
+    pub sender: Sender<Envelope>,
+    pub input_index: usize,
+    pub consumer: usize,
+    pub alive: bool,
+}
+
+/// How a cached stage persists its output.
+pub(crate) struct StageCache {
+    pub cache: Cache,
+    pub kind: String,
+    /// Key per slide (dataset index).
+    pub keys: Vec<Option<String>>,
+    /// The schema written to Parquet (output schema minus uncached columns).
+    pub schema: SchemaRef,
+    pub uncached: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// State shared by every worker of one stage.
+pub(crate) struct StageShared {
+    pub index: usize,
+    pub name: String,
+    pub stats: StageStats,
+    pub errors: Mutex<Vec<ErrorRecord>>,
+    pub warnings: Mutex<Vec<ErrorRecord>>,
+    pub progress: ProgressBar,
+    pub cache: Option<StageCache>,
+}
+
+/// State shared by the whole run.
+pub(crate) struct RunShared {
+    pub cancel: Arc<AtomicBool>,
+    pub plan: Arc<Plan>,
+}
+
+/// A running stage's handle on the run. One per worker.
+pub struct StageContext {
+    pub(crate) shared: Arc<StageShared>,
+    pub(crate) run: Arc<RunShared>,
+    pub(crate) outputs: Vec<Edge>,
+    pub(crate) pending: HashMap<usize, PendingEntry>,
+    pub(crate) build: BuildContext,
+    pub(crate) inputs_closed: bool,
+}
+
+impl StageContext {
+    /// Sends rows about `slide` downstream (and into the cache when the stage is cached).
+    /// Returns `StageError::Stopped` when the run is stopping or nobody consumes any more.
+    pub fn emit(&mut self, slide: &SlideHandle, batch: RecordBatch) -> StageResult {
+        if self.is_cancelled() {
+            return Err(StageError::Stopped);
+        }
+        self.shared.stats.add_rows_out(batch.num_rows());
+        self.write_cache(slide, Some(&batch))?;
+        self.send_to_needing(slide, Message::Batch { slide: slide.clone(), batch })
+    }
+
+    /// Declares that every row about `slide` has been emitted: completes its cache entry
+    /// (an empty table when the slide produced no rows) and tells the consumers.
+    pub fn end_slide(&mut self, slide: &SlideHandle) -> StageResult {
+        if self.is_cancelled() {
+            return Err(StageError::Stopped);
+        }
+        self.write_cache(slide, None)?;
+        if let Some(entry) = self.pending.remove(&slide.index) {
+            entry
+                .finish()
+                .map_err(|e| StageError::other("completing the cache entry", e))?;
+            self.shared.stats.add_cache_miss();
+        }
+        self.shared.stats.add_item_out();
+        self.shared.progress.inc(1);
+        self.send_to_needing(slide, Message::SlideEnd { slide: slide.clone() })
+    }
+
+    /// Tells the engine this stage wants no more input (a training loop that reached its last
+    /// epoch while upstream keeps re-sampling): the engine closes the stage's inbox, upstream
+    /// stages see their consumer gone and stop, and `finish` is called next.
+    pub fn close_inputs(&mut self) {
+        self.inputs_closed = true;
+    }
+
+    /// Marks the end of a training epoch for every consumer.
+    pub fn end_epoch(&mut self, epoch: u64) -> StageResult {
+        self.broadcast(Message::EndOfEpoch { epoch })
+    }
+
+    /// True once the run is stopping: long loops inside a callback should return
+    /// `Err(StageError::Stopped)` soon after.
+    pub fn is_cancelled(&self) -> bool {
+        self.run.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Records a warning about a slide (e.g. "no tissue found"); listed in run.json.
+    pub fn warn(&self, slide: Option<&SlideHandle>, message: impl Into<String>) {
+        let message = message.into();
+        tracing::warn!(stage = %self.shared.name, slide = slide.map(|s| s.id.as_str()).unwrap_or("-"), "{message}");
+        if let Ok(mut w) = self.shared.warnings.lock() {
+            w.push(ErrorRecord {
+                stage: self.shared.name.clone(),
+                slide: slide.map(|s| s.id.clone()),
+                message,
+            });
+        }
+    }
+
+    /// Sets the length of the stage's progress bar (it defaults to the number of slides).
+    pub fn set_progress_len(&self, len: u64) {
+        self.shared.progress.set_length(len);
+    }
+
+    /// Advances the stage's progress bar.
+    pub fn inc_progress(&self, delta: u64) {
+        self.shared.progress.inc(delta);
+    }
+
+    /// Shows a short status next to the stage's progress bar (e.g. the current loss).
+    pub fn set_progress_message(&self, message: impl Into<String>) {
+        self.shared.progress.set_message(message.into());
+    }
+
+    pub fn stage_name(&self) -> &str {
+        &self.shared.name
+    }
+    pub fn seed(&self) -> u64 {
+        self.build.seed
+    }
+    pub fn device(&self) -> &DeviceSpec {
+        &self.build.device
+    }
+    pub fn out_dir(&self) -> &Path {
+        &self.build.out_dir
+    }
+    /// Every slide of the dataset.
+    pub fn slides(&self) -> &[SlideHandle] {
+        &self.build.slides
+    }
+    pub fn build_context(&self) -> &BuildContext {
+        &self.build
+    }
+
+    /// Drops what was written to the cache for a failed slide and tells consumers.
+    pub(crate) fn abort_slide(&mut self, slide: &SlideHandle) {
+        self.pending.remove(&slide.index);
+        let _ = self.send_to_needing(slide, Message::SlideFailed { slide: slide.clone() });
+    }
+
+    fn write_cache(&mut self, slide: &SlideHandle, batch: Option<&RecordBatch>) -> StageResult {
+        let Some(cache) = self.shared.cache.as_ref() else { return Ok(()) };
+        if self.run.plan.state(self.shared.index, slide.index) != SlideState::Compute {
+            return Ok(());
+        }
+        let Some(Some(key)) = cache.keys.get(slide.index) else { return Ok(()) };
+        if !self.pending.contains_key(&slide.index) {
+            let mut metadata = cache.metadata.clone();
+            metadata.insert("tessera.slide_id".into(), slide.id.clone());
+            let entry = cache
+                .cache
+                .begin(&cache.kind, key, cache.schema.clone(), metadata)
+                .map_err(|e| StageError::other("starting a cache entry", e))?;
+            self.pending.insert(slide.index, entry);
+        }
+        if let (Some(batch), Some(entry)) = (batch, self.pending.get_mut(&slide.index)) {
+            let projected = project(batch, &cache.schema, &cache.uncached)?;
+            entry.write(&projected).map_err(|e| StageError::other("writing the cache entry", e))?;
+        }
+        Ok(())
+    }
+
+    fn send_to_needing(&mut self, slide: &SlideHandle, message: Message) -> StageResult {
+        let plan = self.run.plan.clone();
+        let wanted: Vec<bool> = self
+            .outputs
+            .iter()
+            .map(|e| plan.state(e.consumer, slide.index) == SlideState::Compute)
+            .collect();
+        self.send_where(message, &wanted)
+    }
+
+    fn broadcast(&mut self, message: Message) -> StageResult {
+        let wanted = vec![true; self.outputs.len()];
+        self.send_where(message, &wanted)
+    }
+
+    fn send_where(&mut self, message: Message, wanted: &[bool]) -> StageResult {
+        if self.outputs.is_empty() {
+            return Ok(());
+        }
+        let cancel = self.run.cancel.clone();
+        for (edge, want) in self.outputs.iter_mut().zip(wanted) {
+            if !*want || !edge.alive {
+                continue;
+            }
+            let mut envelope = (edge.input_index, message.clone());
+            loop {
+                match edge.sender.send_timeout(envelope, POLL) {
+                    Ok(()) => break,
+                    Err(SendTimeoutError::Timeout(back)) => {
+                        if cancel.load(Ordering::Relaxed) {
+                            return Err(StageError::Stopped);
+                        }
+                        envelope = back;
+                    }
+                    Err(SendTimeoutError::Disconnected(_)) => {
+                        edge.alive = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if self.outputs.iter().all(|e| !e.alive) {
+            return Err(StageError::Stopped);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the persisted columns of a batch, in the cache schema's order.
+fn project(batch: &RecordBatch, schema: &SchemaRef, uncached: &[String]) -> StageResult<RecordBatch> {
+    if uncached.is_empty() && batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            batch.column_by_name(f.name()).cloned().ok_or_else(|| {
+                StageError::msg(format!("emitted batch lacks declared column `{}`", f.name()))
+            })
+        })
+        .collect::<StageResult<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}

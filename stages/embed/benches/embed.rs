@@ -1,0 +1,70 @@
+//! Embedding throughput on CPU, batch 32 at 224 px, next to PyTorch 2.x on the same 2-core
+//! machine (oneDNN, 2 threads, channels_last). Prints a markdown table.
+//!
+//! `cargo bench -p tessera-embed --bench embed` (env `EMBED_BENCH_BATCHES`, default 3).
+
+use candle_core::Device;
+use std::time::Instant;
+use tessera_embed::{
+    load_embedder, Architecture, EmbedderSpec, Preprocess, VitPooling, WeightsSource,
+};
+
+fn main() {
+    let batches: usize = std::env::var("EMBED_BENCH_BATCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let only: Option<String> = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let batch = 32;
+    let px = 224;
+    let tiles: Vec<Vec<u8>> = (0..batch)
+        .map(|i| {
+            (0..px * px * 3)
+                .map(|j| ((i * 31 + j * 7) % 251) as u8)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u8]> = tiles.iter().map(Vec::as_slice).collect();
+    let cases = [
+        ("ResNet-18", Architecture::Resnet18, Some(47.0)),
+        ("ResNet-50", Architecture::Resnet50, Some(15.7)),
+        ("ViT-S/14", Architecture::VitS14, None),
+    ];
+    println!("| model | tessera img/s (embed incl. preprocessing) | tessera img/s (forward only) | PyTorch img/s |");
+    println!("|---|---|---|---|");
+    for (name, arch, torch) in cases {
+        if only
+            .as_deref()
+            .is_some_and(|o| !name.to_lowercase().contains(&o.to_lowercase()))
+        {
+            continue;
+        }
+        let spec = EmbedderSpec {
+            arch,
+            weights: WeightsSource::Random { seed: 0 },
+            weights_prefix: String::new(),
+            preprocess: Preprocess::default(),
+            pooling: VitPooling::Cls,
+        };
+        let model = load_embedder(&spec, &Device::Cpu).expect("model");
+        let input = model
+            .preprocess()
+            .to_tensor(&refs, px, &Device::Cpu)
+            .expect("input");
+        model.forward(&input).expect("warm-up");
+        let t = Instant::now();
+        for _ in 0..batches {
+            model.forward(&input).expect("forward");
+        }
+        let fwd = (batches * batch) as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..batches {
+            model.embed(&refs, px).expect("embed");
+        }
+        let full = (batches * batch) as f64 / t.elapsed().as_secs_f64();
+        let torch = torch
+            .map(|v: f64| format!("{v:.1}"))
+            .unwrap_or_else(|| "not measured".into());
+        println!("| {name} | {full:.1} | {fwd:.1} | {torch} |");
+    }
+}

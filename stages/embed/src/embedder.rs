@@ -1,0 +1,236 @@
+//! The tile-embedder interface other stages reuse (the training stage fine-tunes through it),
+//! and the loader that turns a spec (architecture, weights, preprocessing) into one.
+
+use crate::error::{EmbedError, EmbedResult};
+use crate::preprocess::Preprocess;
+use crate::resnet::{ResNet, ResNetDepth};
+use crate::resnet_cpu::CpuResNet;
+use crate::vit::{Vit, VitConfig, VitPooling};
+use crate::weights::{var_builder, WeightsSource};
+use candle_core::{Device, Module, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tessera_pipeline::DeviceSpec;
+
+/// The network architectures `embed` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// torchvision ResNet-18: 512-wide embedding (the SparseConvMIL paper's choice).
+    Resnet18,
+    /// torchvision ResNet-34: 512-wide embedding.
+    Resnet34,
+    /// torchvision ResNet-50: 2048-wide embedding.
+    Resnet50,
+    /// DINOv2 ViT-S/14: 384 wide (768 with `cls_mean`).
+    VitS14,
+    /// DINOv2 ViT-B/14: 768 wide (1536 with `cls_mean`).
+    VitB14,
+    /// DINOv2 ViT-L/14: 1024 wide (2048 with `cls_mean`).
+    VitL14,
+    /// timm ViT-B/16: 768 wide (1536 with `cls_mean`).
+    VitB16,
+    /// timm ViT-L/16 (e.g. UNI): 1024 wide (2048 with `cls_mean`).
+    VitL16,
+}
+
+impl Architecture {
+    fn vit_config(self) -> Option<VitConfig> {
+        match self {
+            Architecture::VitS14 => Some(VitConfig::small14()),
+            Architecture::VitB14 => Some(VitConfig::base14()),
+            Architecture::VitL14 => Some(VitConfig::large14()),
+            Architecture::VitB16 => Some(VitConfig::base16()),
+            Architecture::VitL16 => Some(VitConfig::large16()),
+            _ => None,
+        }
+    }
+
+    /// Width of the embedding this architecture produces.
+    pub fn dim(self, pooling: VitPooling) -> usize {
+        match self {
+            Architecture::Resnet18 => ResNetDepth::R18.dim(),
+            Architecture::Resnet34 => ResNetDepth::R34.dim(),
+            Architecture::Resnet50 => ResNetDepth::R50.dim(),
+            vit => {
+                let d = vit.vit_config().map(|c| c.dim).unwrap_or(0);
+                match pooling {
+                    VitPooling::Cls => d,
+                    VitPooling::ClsMean => 2 * d,
+                }
+            }
+        }
+    }
+
+    /// The patch size of ViTs (input sizes must be multiples of it); 1 for CNNs.
+    pub fn patch_size(self) -> usize {
+        self.vit_config().map(|c| c.patch_size).unwrap_or(1)
+    }
+}
+
+/// Everything that defines an embedder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedderSpec {
+    pub arch: Architecture,
+    pub weights: WeightsSource,
+    /// Prefix of the parameter names in the weights file (`module.`, `backbone.`); empty for
+    /// none.
+    pub weights_prefix: String,
+    pub preprocess: Preprocess,
+    /// ViTs only.
+    pub pooling: VitPooling,
+}
+
+/// A model that turns tiles into embeddings.
+pub trait TileEmbedder: Send {
+    /// Width of each embedding.
+    fn dim(&self) -> usize;
+    /// How tiles become the model's input.
+    fn preprocess(&self) -> &Preprocess;
+    fn device(&self) -> &Device;
+    /// Normalised `[B, 3, S, S]` input to `[B, dim]` f32 embeddings.
+    fn forward(&self, input: &Tensor) -> EmbedResult<Tensor>;
+
+    /// Square RGB8 tiles of side `px` (resized when `px` differs from the input size) to
+    /// `[B, dim]` f32 embeddings.
+    fn embed(&self, pixels: &[&[u8]], px: usize) -> EmbedResult<Tensor> {
+        let input = self.preprocess().to_tensor(pixels, px, self.device())?;
+        self.forward(&input)
+    }
+
+    /// Like [`TileEmbedder::embed`], for tiles whose sides may differ from row to row.
+    fn embed_sized(&self, images: &[(&[u8], usize)]) -> EmbedResult<Tensor> {
+        let input = self.preprocess().to_tensor_sized(images, self.device())?;
+        self.forward(&input)
+    }
+}
+
+struct ResNetEmbedder {
+    model: ResNet,
+    /// The NHWC fast path, on CPU.
+    cpu: Option<CpuResNet>,
+    preprocess: Preprocess,
+    device: Device,
+}
+
+impl TileEmbedder for ResNetEmbedder {
+    fn dim(&self) -> usize {
+        self.model.dim()
+    }
+    fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn forward(&self, input: &Tensor) -> EmbedResult<Tensor> {
+        match &self.cpu {
+            Some(cpu) => Ok(cpu.forward(input)?),
+            None => Ok(self.model.forward(input)?),
+        }
+    }
+}
+
+struct VitEmbedder {
+    model: Vit,
+    preprocess: Preprocess,
+    device: Device,
+}
+
+impl TileEmbedder for VitEmbedder {
+    fn dim(&self) -> usize {
+        self.model.dim()
+    }
+    fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn forward(&self, input: &Tensor) -> EmbedResult<Tensor> {
+        Ok(self.model.forward(input)?)
+    }
+}
+
+/// Maps the engine's device to candle's. CUDA needs this crate's `cuda` feature.
+pub fn candle_device(spec: &DeviceSpec) -> EmbedResult<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(n) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(EmbedError::Device {
+                    device: spec.to_string(),
+                    message:
+                        "this build has no CUDA support: rebuild tessera with `--features cuda`"
+                            .into(),
+                });
+            }
+            Device::new_cuda(*n).map_err(|e| EmbedError::Device {
+                device: spec.to_string(),
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
+/// Loads the ResNet of `depth` from `weights` for training or inference (batch-norm not
+/// folded), e.g. to fine-tune it end to end: pass a `VarBuilder::from_varmap` instead to
+/// train from scratch.
+pub fn load_resnet(
+    depth: ResNetDepth,
+    weights: &WeightsSource,
+    prefix: &str,
+    device: &Device,
+) -> EmbedResult<ResNet> {
+    let vb = var_builder(weights, prefix, device)?;
+    ResNet::new(depth, vb).map_err(|e| weights_error(weights, e))
+}
+
+fn weights_error(weights: &WeightsSource, e: candle_core::Error) -> EmbedError {
+    match weights {
+        WeightsSource::File(path) => EmbedError::Weights {
+            path: path.clone(),
+            message: format!("does not fit the architecture: {e}"),
+        },
+        WeightsSource::Random { .. } => EmbedError::Candle(e),
+    }
+}
+
+/// Builds an inference embedder: loads the weights, folds batch-norm into the convolutions
+/// of ResNets, resizes ViT position embeddings to the input size.
+pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dyn TileEmbedder>> {
+    let preprocess = spec.preprocess.clone();
+    let depth = match spec.arch {
+        Architecture::Resnet18 => Some(ResNetDepth::R18),
+        Architecture::Resnet34 => Some(ResNetDepth::R34),
+        Architecture::Resnet50 => Some(ResNetDepth::R50),
+        _ => None,
+    };
+    if let Some(depth) = depth {
+        let model = load_resnet(depth, &spec.weights, &spec.weights_prefix, device)?
+            .fold_batch_norm()
+            .map_err(EmbedError::Candle)?;
+        let cpu = if device.is_cpu() {
+            Some(CpuResNet::new(&model)?)
+        } else {
+            None
+        };
+        return Ok(Box::new(ResNetEmbedder {
+            model,
+            cpu,
+            preprocess,
+            device: device.clone(),
+        }));
+    }
+    let cfg = spec.arch.vit_config().ok_or_else(|| {
+        EmbedError::Candle(candle_core::Error::Msg("unknown architecture".into()))
+    })?;
+    let vb = var_builder(&spec.weights, &spec.weights_prefix, device)?;
+    let model = Vit::new(cfg, preprocess.input_size, spec.pooling, vb)
+        .map_err(|e| weights_error(&spec.weights, e))?;
+    Ok(Box::new(VitEmbedder {
+        model,
+        preprocess,
+        device: device.clone(),
+    }))
+}

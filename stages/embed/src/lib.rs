@@ -1,0 +1,28 @@
+//! tessera's tile embedders on candle and the features importer.
+//!
+//! - `kind: embed` ([`EmbedParams`]): tiles (`pixels`) to embeddings with a ResNet-18/34/50
+//!   (torchvision names) or a DINOv2/timm ViT, from a local `.safetensors`/`.pth` file.
+//! - `kind: features` ([`FeaturesParams`]): embeddings computed elsewhere, read from Parquet.
+//! - [`load_embedder`] / [`TileEmbedder`]: the models, for other stages (fine-tuning).
+
+pub mod columns;
+pub mod embed_stage;
+pub mod embedder;
+pub mod error;
+pub mod features;
+pub mod preprocess;
+pub mod resnet;
+pub mod resnet_cpu;
+pub mod vit;
+pub mod weights;
+
+pub use embed_stage::{EmbedParams, Pooling};
+pub use embedder::{
+    candle_device, load_embedder, load_resnet, Architecture, EmbedderSpec, TileEmbedder,
+};
+pub use error::{EmbedError, EmbedResult};
+pub use features::FeaturesParams;
+pub use preprocess::{Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+pub use resnet::{ResNet, ResNetDepth};
+pub use vit::{Vit, VitConfig, VitPooling};
+pub use weights::WeightsSource;

@@ -1,0 +1,259 @@
+//! Bags (one slide's sampled instances) and the device batches that models consume.
+
+use candle_core::{DType, Device, Tensor};
+
+pub use crate::splits::Split;
+
+/// One slide's instances for one epoch: embeddings row-major `[len, dim]` and, for spatial
+/// models, each instance's cell on the sparse map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bag {
+    pub slide_id: String,
+    /// Index of the label in the sorted class list.
+    pub label_index: usize,
+    pub split: Split,
+    pub dim: usize,
+    pub embeddings: Vec<f32>,
+    /// `(map_i, map_j)` per instance, when the input carries a sparse map.
+    pub positions: Option<Vec<[i64; 2]>>,
+}
+
+impl Bag {
+    /// Number of instances.
+    pub fn len(&self) -> usize {
+        self.embeddings.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    /// True for a bag without instances (models cannot pool it).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why bags could not be turned into a model batch.
+#[derive(Debug, thiserror::Error)]
+pub enum BagError {
+    #[error("no bags in the batch")]
+    NoBags,
+    #[error("slide `{0}` has no instances; a bag needs at least one")]
+    EmptyBag(String),
+    #[error("slide `{slide}` has embeddings of width {found}, the batch expects {expected}")]
+    WidthMismatch {
+        slide: String,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "slide `{0}` carries no sparse-map positions (`map_i`, `map_j`), which this model needs"
+    )]
+    NoPositions(String),
+    #[error("slide `{slide}`: sparse-map position ({i}, {j}) spans more than the 2^23 cells a sparse map can hold; use a larger downsampling factor")]
+    PositionOutOfRange { slide: String, i: i64, j: i64 },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Several bags on the model's device: every instance's embedding stacked `[N, D]` in bag
+/// order, the bag lengths, and (when every bag has positions) the sparse-map sites
+/// `(bag, i, j)` shifted so each bag's minimum is 0.
+#[derive(Debug, Clone)]
+pub struct BagBatch {
+    features: Tensor,
+    lengths: Vec<usize>,
+    sites: Option<Vec<[i32; 3]>>,
+    duplicate_sites: usize,
+}
+
+/// Largest spatial coordinate a sparse site may take (the sparse crate packs 24 bits).
+const MAX_CELL: i64 = (1 << 23) - 1;
+
+impl BagBatch {
+    /// Stacks `bags` onto `device`. Instances sharing a cell of one bag (which the sparse-map
+    /// stage should have resolved) keep their first occurrence on the sparse map; their count
+    /// is reported by [`BagBatch::duplicate_sites`].
+    pub fn from_bags(bags: &[&Bag], device: &Device) -> Result<BagBatch, BagError> {
+        let first = bags.first().ok_or(BagError::NoBags)?;
+        let dim = first.dim;
+        let total: usize = bags.iter().map(|b| b.len()).sum();
+        let mut data = Vec::with_capacity(total * dim);
+        let mut lengths = Vec::with_capacity(bags.len());
+        for bag in bags {
+            if bag.dim != dim {
+                return Err(BagError::WidthMismatch {
+                    slide: bag.slide_id.clone(),
+                    expected: dim,
+                    found: bag.dim,
+                });
+            }
+            if bag.is_empty() {
+                return Err(BagError::EmptyBag(bag.slide_id.clone()));
+            }
+            lengths.push(bag.len());
+        }
+        let all_positioned = bags.iter().all(|b| b.positions.is_some());
+        let mut sites = all_positioned.then(|| Vec::with_capacity(total));
+        let mut duplicate_sites = 0;
+        for (b, bag) in bags.iter().enumerate() {
+            match (&mut sites, &bag.positions) {
+                (Some(sites), Some(positions)) => {
+                    let kept = place_bag(bag, positions, b as i32, sites)?;
+                    duplicate_sites += bag.len() - kept.len();
+                    if kept.len() == bag.len() {
+                        data.extend_from_slice(&bag.embeddings);
+                    } else {
+                        for r in kept {
+                            data.extend_from_slice(&bag.embeddings[r * dim..(r + 1) * dim]);
+                        }
+                    }
+                }
+                _ => data.extend_from_slice(&bag.embeddings),
+            }
+        }
+        if let Some(sites) = &sites {
+            // Lengths after de-duplication: count sites per bag.
+            let mut counts = vec![0usize; bags.len()];
+            for s in sites {
+                counts[s[0] as usize] += 1;
+            }
+            lengths = counts;
+        }
+        let n = data.len() / dim;
+        let features = Tensor::from_vec(data, (n, dim), device)?;
+        Ok(BagBatch {
+            features,
+            lengths,
+            sites,
+            duplicate_sites,
+        })
+    }
+
+    /// All instances' embeddings `[N, D]`, bag after bag.
+    pub fn features(&self) -> &Tensor {
+        &self.features
+    }
+
+    /// Number of instances of each bag.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// Number of bags.
+    pub fn batch_size(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Sparse-map sites `(bag, i, j)`, one per row of [`BagBatch::features`], when every bag
+    /// carried positions.
+    pub fn sites(&self) -> Option<&[[i32; 3]]> {
+        self.sites.as_deref()
+    }
+
+    /// Instances dropped from the sparse map because their cell was already taken.
+    pub fn duplicate_sites(&self) -> usize {
+        self.duplicate_sites
+    }
+
+    /// The instances as a padded `[B, K_max, D]` tensor plus, when bags differ in length, a
+    /// `[B, K_max]` mask (1 for real instances, 0 for padding): what permutation-invariant
+    /// poolings consume.
+    pub fn padded(&self) -> candle_core::Result<Padded> {
+        let (n, d) = self.features.dims2()?;
+        let b = self.lengths.len();
+        let k_max = self.lengths.iter().copied().max().unwrap_or(0);
+        if self.lengths.iter().all(|&l| l == k_max) {
+            return Ok(Padded {
+                x: self.features.reshape((b, k_max, d))?,
+                mask: None,
+            });
+        }
+        let mut index = Vec::with_capacity(b * k_max);
+        let mut mask = Vec::with_capacity(b * k_max);
+        let mut start = 0u32;
+        for &len in &self.lengths {
+            for k in 0..k_max {
+                if k < len {
+                    index.push(start + k as u32);
+                    mask.push(1f32);
+                } else {
+                    index.push(n as u32);
+                    mask.push(0f32);
+                }
+            }
+            start += len as u32;
+        }
+        let dev = self.features.device();
+        let pad = Tensor::zeros((1, d), self.features.dtype(), dev)?;
+        let index = Tensor::from_vec(index, b * k_max, dev)?;
+        let x = Tensor::cat(&[&self.features, &pad], 0)?
+            .index_select(&index, 0)?
+            .reshape((b, k_max, d))?;
+        let mask = Tensor::from_vec(mask, (b, k_max), dev)?.to_dtype(self.features.dtype())?;
+        Ok(Padded {
+            x,
+            mask: Some(mask),
+        })
+    }
+}
+
+/// Appends one bag's sites (shifted to a zero minimum) and returns the rows kept.
+fn place_bag(
+    bag: &Bag,
+    positions: &[[i64; 2]],
+    b: i32,
+    sites: &mut Vec<[i32; 3]>,
+) -> Result<Vec<usize>, BagError> {
+    if positions.len() != bag.len() {
+        return Err(BagError::NoPositions(bag.slide_id.clone()));
+    }
+    let min_i = positions.iter().map(|p| p[0]).min().unwrap_or(0);
+    let min_j = positions.iter().map(|p| p[1]).min().unwrap_or(0);
+    let mut seen = std::collections::HashSet::with_capacity(positions.len());
+    let mut kept = Vec::with_capacity(positions.len());
+    for (r, p) in positions.iter().enumerate() {
+        let (i, j) = (p[0] - min_i, p[1] - min_j);
+        if i > MAX_CELL || j > MAX_CELL {
+            return Err(BagError::PositionOutOfRange {
+                slide: bag.slide_id.clone(),
+                i: p[0],
+                j: p[1],
+            });
+        }
+        if seen.insert((i, j)) {
+            sites.push([b, i as i32, j as i32]);
+            kept.push(r);
+        }
+    }
+    Ok(kept)
+}
+
+/// Bags padded to a common length (see [`BagBatch::padded`]).
+#[derive(Debug, Clone)]
+pub struct Padded {
+    /// `[B, K_max, D]`.
+    pub x: Tensor,
+    /// `[B, K_max]`, 1 for instances and 0 for padding; `None` when no bag is padded.
+    pub mask: Option<Tensor>,
+}
+
+impl Padded {
+    /// An additive mask `[B, K_max, 1]`: 0 on instances, a large negative value on padding, so
+    /// that max, log-sum-exp and softmax ignore padding.
+    pub fn additive_mask(&self) -> candle_core::Result<Option<Tensor>> {
+        match &self.mask {
+            None => Ok(None),
+            Some(m) => Ok(Some(((m - 1.0)? * 1e9)?.unsqueeze(2)?)),
+        }
+    }
+
+    /// Number of real instances per bag, `[B, 1]`.
+    pub fn counts(&self) -> candle_core::Result<Tensor> {
+        let (b, k, _) = self.x.dims3()?;
+        match &self.mask {
+            None => Tensor::full(k as f32, (b, 1), self.x.device())?.to_dtype(self.x.dtype()),
+            Some(m) => m.sum_keepdim(1),
+        }
+    }
+}
+
+/// The dtype every model computes in.
+pub const MODEL_DTYPE: DType = DType::F32;

@@ -1,0 +1,199 @@
+//! MIL models behind one `pooling` choice. Every model ends with the same [`head::Head`] so
+//! that comparisons between SparseConvMIL and the baselines measure the pooling, nothing else.
+
+pub mod attention;
+pub mod bag;
+pub mod head;
+pub mod init;
+pub mod pooling;
+pub mod sparse;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use bag::{Bag, BagBatch, Split};
+pub use sparse::GlobalPool;
+
+/// A bag classifier: logits `[B, n_classes]` for a batch of bags.
+pub trait MilModel: Send {
+    /// `train` enables dropout and batch statistics.
+    fn forward(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor>;
+}
+
+/// Which model aggregates a bag's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Sparse CNN over the instances' map positions, then global pooling (needs `map_i`, `map_j`).
+    Sparseconvmil,
+    /// Instance classifier, max of instance scores.
+    InstanceMax,
+    /// Instance classifier, mean of instance scores.
+    InstanceMean,
+    /// Instance classifier, log-sum-exp of instance scores.
+    InstanceLse,
+    /// Max of embeddings, then the classifier.
+    Max,
+    /// Mean of embeddings, then the classifier.
+    Mean,
+    /// Log-sum-exp of embeddings, then the classifier.
+    Lse,
+    /// Attention pooling (Ilse et al. 2018).
+    Attention,
+    /// Gated attention pooling (Ilse et al. 2018).
+    GatedAttention,
+}
+
+impl Pooling {
+    /// Every choice, for tests and documentation.
+    pub const ALL: [Pooling; 9] = [
+        Pooling::Sparseconvmil,
+        Pooling::InstanceMax,
+        Pooling::InstanceMean,
+        Pooling::InstanceLse,
+        Pooling::Max,
+        Pooling::Mean,
+        Pooling::Lse,
+        Pooling::Attention,
+        Pooling::GatedAttention,
+    ];
+
+    /// Whether the model reads instance positions (the others are permutation-invariant).
+    pub fn is_spatial(self) -> bool {
+        self == Pooling::Sparseconvmil
+    }
+
+    /// The YAML name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Sparseconvmil => "sparseconvmil",
+            Pooling::InstanceMax => "instance_max",
+            Pooling::InstanceMean => "instance_mean",
+            Pooling::InstanceLse => "instance_lse",
+            Pooling::Max => "max",
+            Pooling::Mean => "mean",
+            Pooling::Lse => "lse",
+            Pooling::Attention => "attention",
+            Pooling::GatedAttention => "gated_attention",
+        }
+    }
+}
+
+/// Everything needed to rebuild a model's architecture (saved next to its weights).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub pooling: Pooling,
+    /// Width of the instance embeddings.
+    pub input_dim: usize,
+    pub n_classes: usize,
+    /// Hidden units of the head (0: a single linear layer).
+    pub head_hidden: usize,
+    /// Dropout before the head, in training.
+    pub dropout: f32,
+    /// Output channels of each submanifold convolution (sparseconvmil).
+    pub sparse_channels: Vec<usize>,
+    pub sparse_kernel: usize,
+    pub sparse_batch_norm: bool,
+    pub sparse_pool: GlobalPool,
+    /// Hidden units of the attention network.
+    pub attention_hidden: usize,
+    /// Sharpness of log-sum-exp pooling.
+    pub lse_r: f64,
+}
+
+/// Builds the model `config` describes, creating its parameters through `vb`.
+pub fn build_model(
+    config: &ModelConfig,
+    vb: &VarBuilder,
+) -> candle_core::Result<Box<dyn MilModel>> {
+    use pooling::{head_for, EmbeddingPooling, InstancePooling, Reduce};
+    let c = config;
+    let head = |in_dim: usize| head_for(in_dim, c.head_hidden, c.n_classes, c.dropout, vb);
+    Ok(match c.pooling {
+        Pooling::Sparseconvmil => {
+            let head = head(sparse::SparseConvMil::embedding_channels(
+                c.input_dim,
+                &c.sparse_channels,
+            ))?;
+            Box::new(sparse::SparseConvMil::new(
+                c.input_dim,
+                &c.sparse_channels,
+                c.sparse_kernel,
+                c.sparse_batch_norm,
+                c.sparse_pool,
+                head,
+                vb,
+            )?)
+        }
+        Pooling::InstanceMax => Box::new(InstancePooling::new(head(c.input_dim)?, Reduce::Max)),
+        Pooling::InstanceMean => Box::new(InstancePooling::new(head(c.input_dim)?, Reduce::Mean)),
+        Pooling::InstanceLse => Box::new(InstancePooling::new(
+            head(c.input_dim)?,
+            Reduce::Lse(c.lse_r),
+        )),
+        Pooling::Max => Box::new(EmbeddingPooling::new(head(c.input_dim)?, Reduce::Max)),
+        Pooling::Mean => Box::new(EmbeddingPooling::new(head(c.input_dim)?, Reduce::Mean)),
+        Pooling::Lse => Box::new(EmbeddingPooling::new(
+            head(c.input_dim)?,
+            Reduce::Lse(c.lse_r),
+        )),
+        Pooling::Attention | Pooling::GatedAttention => Box::new(attention::AttentionMil::new(
+            c.input_dim,
+            c.attention_hidden,
+            c.pooling == Pooling::GatedAttention,
+            head(c.input_dim)?,
+            vb,
+        )?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn every_pooling_builds_and_gives_one_row_of_logits_per_bag() {
+        let dev = Device::Cpu;
+        let bags: Vec<Bag> = (0..3)
+            .map(|b| {
+                let n = 2 + b;
+                Bag {
+                    slide_id: format!("s{b}"),
+                    label_index: b % 2,
+                    split: Split::Train,
+                    dim: 4,
+                    embeddings: (0..n * 4).map(|v| (v as f32 * 0.37).sin()).collect(),
+                    positions: Some((0..n as i64).map(|k| [k, 2 * k]).collect()),
+                }
+            })
+            .collect();
+        let refs: Vec<&Bag> = bags.iter().collect();
+        let batch = BagBatch::from_bags(&refs, &dev).unwrap();
+        for pooling in Pooling::ALL {
+            let config = ModelConfig {
+                pooling,
+                input_dim: 4,
+                n_classes: 3,
+                head_hidden: 5,
+                dropout: 0.0,
+                sparse_channels: vec![6, 6],
+                sparse_kernel: 3,
+                sparse_batch_norm: true,
+                sparse_pool: GlobalPool::Avg,
+                attention_hidden: 7,
+                lse_r: 1.0,
+            };
+            let vars = VarMap::new();
+            let vb = init::seeded_var_builder(&vars, 0, &dev);
+            let model = build_model(&config, &vb).unwrap();
+            let logits = model.forward(&batch, true).unwrap();
+            assert_eq!(logits.dims(), &[3, 3], "{}", pooling.name());
+            let v = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{}", pooling.name());
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! The epoch driver: gathers every slide's embeddings, then replays the dataset epoch after
+//! epoch as bags of K tiles drawn without replacement (the paper re-samples every epoch),
+//! until training closes its inputs or `epochs` is reached. See the crate docs for the contract.
+//!
+//! Memory: every slide's embeddings stay in memory as Arrow arrays for the whole training
+//! (N tiles x D floats; pixels columns are dropped on arrival).
+
+use crate::columns::int64_values;
+use crate::error::MilError;
+use crate::seeding::stream_rng;
+use crate::sparse_map::{infer_grid_step, GRID_STEP};
+use crate::splits::{assign, Split, SplitParams};
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use rand::seq::SliceRandom;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tessera_pipeline::schema::{tile_key_columns, EMBEDDING, PIXELS, PIXELS_SIZE};
+use tessera_pipeline::{
+    check_running, BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext,
+    StageError, StageKind, StageResult,
+};
+
+/// Parameters of the `sample` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleParams {
+    /// K: tiles drawn per training slide and epoch, without replacement (all of them when a
+    /// slide has fewer). 0 = every tile. Paper: 100.
+    pub tiles_per_slide: usize,
+    /// K for validation and test slides (drawn once, the same every epoch). Default: the same
+    /// as `tiles_per_slide`; 0 = every tile.
+    pub eval_tiles_per_slide: Option<usize>,
+    /// Number of epochs to emit; 0 = until the training stage stops (its own epoch limit or
+    /// early stopping).
+    pub epochs: u64,
+    /// Visit the training slides in a new random order every epoch.
+    pub shuffle: bool,
+    /// How to split the dataset when its CSV has no `split` column.
+    pub splits: SplitParams,
+}
+
+impl Default for SampleParams {
+    fn default() -> Self {
+        SampleParams {
+            tiles_per_slide: 100,
+            eval_tiles_per_slide: None,
+            epochs: 0,
+            shuffle: true,
+            splits: SplitParams::default(),
+        }
+    }
+}
+
+/// Columns `sample` replaces or drops from its input (pixels are not needed downstream of
+/// embedding and would multiply memory).
+const DROPPED: [&str; 5] = ["split", "label", GRID_STEP, PIXELS, PIXELS_SIZE];
+
+/// The schema of the bags: the input's columns (pixels dropped), then `split`, `label`,
+/// `grid_step`.
+pub fn sample_schema(input: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = input
+        .fields()
+        .iter()
+        .filter(|f| !DROPPED.contains(&f.name().as_str()))
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new("split", DataType::Utf8, false));
+    fields.push(Field::new("label", DataType::Utf8, false));
+    fields.push(Field::new(GRID_STEP, DataType::Int64, false));
+    Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()))
+}
+
+/// The input's columns that `sample` keeps.
+fn kept_columns(batch: &RecordBatch) -> Result<RecordBatch, MilError> {
+    let schema = batch.schema();
+    let keep: Vec<usize> = (0..schema.fields().len())
+        .filter(|&i| !DROPPED.contains(&schema.field(i).name().as_str()))
+        .collect();
+    Ok(batch.project(&keep)?)
+}
+
+/// Rows drawn for one bag: all rows when `k` is 0 or at least the bag's size, else `k` rows
+/// without replacement, in table order.
+pub fn draw_rows(n: usize, k: usize, rng: &mut impl rand::Rng) -> Vec<u32> {
+    if k == 0 || k >= n {
+        return (0..n as u32).collect();
+    }
+    let mut rows: Vec<u32> = rand::seq::index::sample(rng, n, k)
+        .into_iter()
+        .map(|r| r as u32)
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
+impl StageKind for SampleParams {
+    const KIND: &'static str = "sample";
+    const VERSION: &'static str = "1";
+    const ABOUT: &'static str =
+        "Epoch driver: splits the dataset by patient and emits K tiles per slide, re-sampled every epoch";
+
+    fn input_spec(&self) -> InputSpec {
+        let mut columns = tile_key_columns();
+        columns.push(Column::embedding(EMBEDDING));
+        InputSpec::Tables(vec![columns])
+    }
+
+    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+        let input = inputs
+            .first()
+            .ok_or_else(|| StageError::msg("sample needs one input"))?;
+        Ok(sample_schema(input))
+    }
+
+    fn validate(&self) -> Result<(), ParamIssue> {
+        self.splits
+            .validate()
+            .map_err(|(field, message)| ParamIssue::new(format!("splits.{field}"), message))
+    }
+
+    fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
+        let splits = assign(&ctx.slides, ctx.seed, &self.splits)?;
+        Ok(Box::new(SampleStage {
+            params: self.clone(),
+            seed: ctx.seed,
+            splits,
+            pending: HashMap::new(),
+            bags: BTreeMap::new(),
+        }))
+    }
+
+    /// Holds every slide until training: one copy.
+    fn parallel(&self) -> bool {
+        false
+    }
+
+    /// Its output changes every epoch.
+    fn cacheable(&self) -> bool {
+        false
+    }
+}
+
+/// A slide's tiles, ready to be sampled.
+struct Bag {
+    slide: SlideHandle,
+    tiles: RecordBatch,
+    split: Split,
+    label: String,
+    grid_step: i64,
+}
+
+/// The running `sample` stage.
+struct SampleStage {
+    params: SampleParams,
+    seed: u64,
+    /// Split of every dataset slide, by dataset index.
+    splits: Vec<Split>,
+    pending: HashMap<usize, Vec<RecordBatch>>,
+    /// Complete slides, by dataset index (so epochs visit them in dataset order).
+    bags: BTreeMap<usize, Bag>,
+}
+
+impl SampleStage {
+    fn tiles_for(&self, split: Split) -> usize {
+        match split {
+            Split::Train => self.params.tiles_per_slide,
+            _ => self
+                .params
+                .eval_tiles_per_slide
+                .unwrap_or(self.params.tiles_per_slide),
+        }
+    }
+
+    /// The bag of `bag` for `epoch`: training bags change every epoch, the others never.
+    fn draw(&self, bag: &Bag, epoch: u64) -> Result<RecordBatch, MilError> {
+        let epoch_part = (bag.split == Split::Train).then_some(epoch);
+        let mut rng = stream_rng(self.seed, "sample", epoch_part, &bag.slide.id);
+        let rows = draw_rows(bag.tiles.num_rows(), self.tiles_for(bag.split), &mut rng);
+        let n = rows.len();
+        let taken = take_record_batch(&bag.tiles, &UInt32Array::from(rows))?;
+        let schema = sample_schema(&bag.tiles.schema());
+        let mut columns: Vec<ArrayRef> = taken.columns().to_vec();
+        columns.push(Arc::new(StringArray::from(vec![bag.split.as_str(); n])));
+        columns.push(Arc::new(StringArray::from(vec![bag.label.as_str(); n])));
+        columns.push(Arc::new(Int64Array::from(vec![bag.grid_step; n])));
+        Ok(RecordBatch::try_new(schema, columns)?)
+    }
+
+    /// Measures the slide's grid step on all its tiles (exact where a sampled bag is not).
+    fn grid_step(
+        ctx: &StageContext,
+        slide: &SlideHandle,
+        tiles: &RecordBatch,
+    ) -> Result<i64, MilError> {
+        let xs = int64_values(tiles, "x", "the tile-grid step")?;
+        let ys = int64_values(tiles, "y", "the tile-grid step")?;
+        let tile_size = int64_values(tiles, "tile_size", "the tile-grid step")?
+            .first()
+            .copied()
+            .unwrap_or(1);
+        Ok(match infer_grid_step(&xs, &ys, tile_size) {
+            Some(g) => {
+                if !g.regular {
+                    ctx.warn(
+                        Some(slide),
+                        format!(
+                            "tile coordinates are not on a regular grid; grid step taken as the smallest \
+                             distance between tiles, {} px (set sparse_map's `grid_step_px` to override)",
+                            g.step
+                        ),
+                    );
+                }
+                g.step
+            }
+            None => tile_size.max(1),
+        })
+    }
+}
+
+impl Stage for SampleStage {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut StageContext,
+        _input: usize,
+        slide: &SlideHandle,
+        batch: RecordBatch,
+    ) -> StageResult {
+        let kept = kept_columns(&batch)?;
+        self.pending.entry(slide.index).or_default().push(kept);
+        Ok(())
+    }
+
+    fn on_slide_end(
+        &mut self,
+        ctx: &mut StageContext,
+        _input: usize,
+        slide: &SlideHandle,
+    ) -> StageResult {
+        let batches = self.pending.remove(&slide.index).unwrap_or_default();
+        let label = slide.label.clone().ok_or_else(|| MilError::NoLabel {
+            slide: slide.id.clone(),
+        })?;
+        let split = *self.splits.get(slide.index).ok_or_else(|| {
+            StageError::msg(format!(
+                "slide `{}` is not in the dataset the splits were made for",
+                slide.id
+            ))
+        })?;
+        let Some(first) = batches.first() else {
+            ctx.warn(
+                Some(slide),
+                "no tiles: the slide is left out of training and evaluation",
+            );
+            return Ok(());
+        };
+        let tiles = concat_batches(&first.schema(), &batches)?;
+        if tiles.num_rows() == 0 {
+            ctx.warn(
+                Some(slide),
+                "no tiles: the slide is left out of training and evaluation",
+            );
+            return Ok(());
+        }
+        let grid_step = Self::grid_step(ctx, slide, &tiles)?;
+        self.bags.insert(
+            slide.index,
+            Bag {
+                slide: slide.clone(),
+                tiles,
+                split,
+                label,
+                grid_step,
+            },
+        );
+        Ok(())
+    }
+
+    fn on_slide_failed(&mut self, _ctx: &mut StageContext, slide: &SlideHandle) {
+        self.pending.remove(&slide.index);
+        self.bags.remove(&slide.index);
+    }
+
+    /// Upstream epochs mean nothing here: this stage starts the epochs.
+    fn on_epoch_end(&mut self, _ctx: &mut StageContext, _epoch: u64) -> StageResult {
+        Ok(())
+    }
+
+    fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
+        let of = |split: Split| -> Vec<usize> {
+            self.bags
+                .iter()
+                .filter(|(_, b)| b.split == split)
+                .map(|(i, _)| *i)
+                .collect()
+        };
+        let (train, val, test) = (of(Split::Train), of(Split::Val), of(Split::Test));
+        if self.bags.is_empty() {
+            ctx.warn(
+                None,
+                "no slide with tiles reached `sample`: nothing to train on",
+            );
+            return Ok(());
+        }
+        if train.is_empty() {
+            ctx.warn(None, "no training slide: bags of the other splits only");
+        }
+        tracing::info!(
+            stage = %ctx.stage_name(),
+            "{} slides: {} train, {} val, {} test; {} tiles per training bag",
+            self.bags.len(),
+            train.len(),
+            val.len(),
+            test.len(),
+            self.params.tiles_per_slide
+        );
+        let per_epoch = self.bags.len() as u64;
+        if self.params.epochs > 0 {
+            ctx.set_progress_len(per_epoch * self.params.epochs);
+        }
+        let mut epoch = 0u64;
+        while self.params.epochs == 0 || epoch < self.params.epochs {
+            check_running(ctx)?;
+            if self.params.epochs == 0 {
+                ctx.set_progress_len(per_epoch * (epoch + 1));
+            }
+            ctx.set_progress_message(format!("epoch {epoch}"));
+            let mut order = train.clone();
+            if self.params.shuffle {
+                order.shuffle(&mut stream_rng(self.seed, "sample-order", Some(epoch), ""));
+            }
+            for index in order.iter().chain(&val).chain(&test) {
+                let bag = &self.bags[index];
+                let batch = self.draw(bag, epoch)?;
+                ctx.emit(&bag.slide, batch)?;
+                ctx.end_slide(&bag.slide)?;
+            }
+            ctx.end_epoch(epoch)?;
+            epoch += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sparse_map::tests::bag as tile_bag;
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    use tessera_pipeline::Slide;
+
+    fn handle(id: &str, split: Option<Split>) -> SlideHandle {
+        Arc::new(Slide {
+            index: 0,
+            id: id.into(),
+            path: None,
+            label: Some("tumor".into()),
+            split: split.map(|s| s.as_str().to_string()),
+            case_id: None,
+            mpp: None,
+            extra: Default::default(),
+        })
+    }
+
+    fn stage(k: usize) -> SampleStage {
+        SampleStage {
+            params: SampleParams {
+                tiles_per_slide: k,
+                ..Default::default()
+            },
+            seed: 42,
+            splits: vec![],
+            pending: HashMap::new(),
+            bags: BTreeMap::new(),
+        }
+    }
+
+    fn bag(split: Split, n: usize) -> Bag {
+        let coords: Vec<(i64, i64)> = (0..n as i64).map(|k| (k * 256, 0)).collect();
+        Bag {
+            slide: handle("s1", Some(split)),
+            tiles: tile_bag(&coords, 256),
+            split,
+            label: "tumor".into(),
+            grid_step: 256,
+        }
+    }
+
+    fn xs(batch: &RecordBatch) -> Vec<i64> {
+        batch
+            .column_by_name("x")
+            .unwrap()
+            .as_primitive::<Int64Type>()
+            .values()
+            .to_vec()
+    }
+
+    #[test]
+    fn draws_k_distinct_rows_or_all() {
+        let mut rng = stream_rng(1, "t", None, "");
+        let rows = draw_rows(50, 10, &mut rng);
+        assert_eq!(rows.len(), 10);
+        assert!(
+            rows.windows(2).all(|w| w[0] < w[1]),
+            "sorted and distinct: {rows:?}"
+        );
+        assert!(rows.iter().all(|&r| r < 50));
+        assert_eq!(draw_rows(5, 10, &mut rng), [0, 1, 2, 3, 4]);
+        assert_eq!(draw_rows(5, 0, &mut rng), [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn training_bags_change_per_epoch_and_evaluation_bags_do_not() {
+        let s = stage(5);
+        let train = bag(Split::Train, 40);
+        let e0 = s.draw(&train, 0).unwrap();
+        assert_eq!(e0.num_rows(), 5);
+        assert_eq!(
+            xs(&e0),
+            xs(&s.draw(&train, 0).unwrap()),
+            "same epoch, same bag"
+        );
+        assert_ne!(
+            xs(&e0),
+            xs(&s.draw(&train, 1).unwrap()),
+            "new epoch, new bag"
+        );
+        let test = bag(Split::Test, 40);
+        assert_eq!(
+            xs(&s.draw(&test, 0).unwrap()),
+            xs(&s.draw(&test, 7).unwrap())
+        );
+    }
+
+    #[test]
+    fn bags_carry_split_label_and_grid_step_in_the_declared_schema() {
+        let s = stage(3);
+        let b = bag(Split::Val, 10);
+        let out = s.draw(&b, 0).unwrap();
+        let declared = SampleParams::default()
+            .output_schema(&[b.tiles.schema()])
+            .unwrap();
+        assert_eq!(out.schema().fields(), declared.fields());
+        let split = out.column_by_name("split").unwrap().as_string::<i32>();
+        assert!(split.iter().all(|v| v == Some("val")));
+        let label = out.column_by_name("label").unwrap().as_string::<i32>();
+        assert!(label.iter().all(|v| v == Some("tumor")));
+        let step = out
+            .column_by_name(GRID_STEP)
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        assert!(step.values().iter().all(|&v| v == 256));
+    }
+
+    #[test]
+    fn pixels_and_stale_split_columns_are_dropped() {
+        let mut fields = tessera_pipeline::schema::embeddings_schema(4, false)
+            .fields()
+            .to_vec();
+        fields.push(Arc::new(Field::new(PIXELS, DataType::Binary, false)));
+        fields.push(Arc::new(Field::new("split", DataType::Utf8, false)));
+        let out = sample_schema(&Schema::new(fields));
+        let names: Vec<&str> = out.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "slide_id",
+                "x",
+                "y",
+                "tile_size",
+                "embedding",
+                "split",
+                "label",
+                GRID_STEP
+            ]
+        );
+    }
+
+    #[test]
+    fn params_validation_names_the_nested_field() {
+        let p = SampleParams {
+            splits: SplitParams {
+                folds: 3,
+                fold: 5,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(p.validate().unwrap_err().field, "splits.fold");
+    }
+}

@@ -1,0 +1,543 @@
+//! The training loop as plain functions over bags, testable without the engine: one epoch of
+//! Adam steps over shuffled mini-batches of bags, validation, best/last checkpoints, early
+//! stopping, resume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use rand::seq::SliceRandom;
+
+use super::checkpoint::{self, CheckpointFiles, CheckpointMeta};
+use super::error::{CandleContext, TrainError};
+use super::optim::{Adam, AdamConfig};
+use super::record::{BestRecord, EpochRecord, Monitor, TrainLog};
+use crate::metrics::{cross_entropy, ClassificationMetrics};
+use crate::models::init::seeded_var_builder;
+use crate::models::{build_model, Bag, BagBatch, MilModel, ModelConfig, Split};
+use crate::seeding::stream_rng;
+
+/// How to train (everything but the architecture).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Total number of epochs (a resumed run continues up to this number).
+    pub epochs: usize,
+    /// Bags per optimizer step.
+    pub batch_size: usize,
+    pub optimizer: AdamConfig,
+    /// Weight the loss by inverse class frequency of the training bags.
+    pub class_weighted: bool,
+    pub monitor: Monitor,
+    /// Stop after this many epochs without improvement of `monitor` (0: never).
+    pub patience: usize,
+    /// Experiment seed: parameter init and batch order.
+    pub seed: u64,
+}
+
+/// What one finished epoch decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochOutcome {
+    pub record: EpochRecord,
+    /// Training is over (last epoch reached, or early stopping).
+    pub done: bool,
+}
+
+/// Validation of a set of bags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub auc: Option<f64>,
+    pub balanced_accuracy: f64,
+    /// Class probabilities per bag, in bag order.
+    pub probs: Vec<Vec<f32>>,
+}
+
+/// A model, its parameters and optimizer, and where training stands.
+pub struct Trainer {
+    model_config: ModelConfig,
+    config: TrainConfig,
+    classes: Vec<String>,
+    device: Device,
+    vars: VarMap,
+    model: Box<dyn MilModel>,
+    optimizer: Adam,
+    /// Next epoch to train (0-based).
+    next_epoch: usize,
+    best: Option<BestRecord>,
+    /// Parameters of the best epoch of this run (copies).
+    best_weights: Option<HashMap<String, Tensor>>,
+    epochs_since_best: usize,
+    stopped_early: bool,
+    records: Vec<EpochRecord>,
+    duplicate_sites: u64,
+    checkpoint_dir: Option<PathBuf>,
+    resumed_at: Option<usize>,
+    /// Where a resumed run's best checkpoint lives, if the best epoch predates this run.
+    resumed_best: Option<CheckpointFiles>,
+}
+
+impl Trainer {
+    /// A freshly initialised model (seeded) with Adam over all its parameters.
+    pub fn new(
+        model_config: ModelConfig,
+        config: TrainConfig,
+        classes: Vec<String>,
+        device: Device,
+    ) -> Result<Self, TrainError> {
+        let vars = VarMap::new();
+        let vb = seeded_var_builder(&vars, config.seed, &device);
+        let model = build_model(&model_config, &vb)
+            .context(|| format!("building the {} model", model_config.pooling.name()))?;
+        let mut named: Vec<(String, candle_core::Var)> = vars
+            .data()
+            .lock()
+            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer =
+            Adam::new(named, config.optimizer).context(|| "creating the optimizer".into())?;
+        Ok(Trainer {
+            model_config,
+            config,
+            classes,
+            device,
+            vars,
+            model,
+            optimizer,
+            next_epoch: 0,
+            best: None,
+            best_weights: None,
+            epochs_since_best: 0,
+            stopped_early: false,
+            records: Vec::new(),
+            duplicate_sites: 0,
+            checkpoint_dir: None,
+            resumed_at: None,
+            resumed_best: None,
+        })
+    }
+
+    /// Saves `last` (every epoch) and `best` (when it improves) checkpoints into `dir`.
+    pub fn with_checkpoints(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self
+    }
+
+    /// Continues from a checkpoint: its weights, optimizer state, epoch counter and best
+    /// record. The architecture and classes must match this run's.
+    pub fn resume(&mut self, path: &Path) -> Result<CheckpointMeta, TrainError> {
+        let files = CheckpointFiles::locate(path)?;
+        let meta = checkpoint::read_meta(&files)?;
+        let mismatch = |message: String| TrainError::Resume {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut saved = meta.model.clone();
+        saved.dropout = self.model_config.dropout;
+        if saved != self.model_config {
+            return Err(mismatch(format!(
+                "the checkpoint's model {:?} differs from this experiment's {:?}",
+                meta.model, self.model_config
+            )));
+        }
+        if meta.classes != self.classes {
+            return Err(mismatch(format!(
+                "the checkpoint's classes {:?} differ from the dataset's {:?}",
+                meta.classes, self.classes
+            )));
+        }
+        checkpoint::load_into(&files, &mut self.vars, Some(&mut self.optimizer))?;
+        self.next_epoch = meta.epoch + 1;
+        self.best = meta.best.clone();
+        self.epochs_since_best = meta.epochs_since_best;
+        self.resumed_at = Some(self.next_epoch);
+        if let Some(best) = &meta.best {
+            let best_files =
+                CheckpointFiles::new(files.meta.parent().unwrap_or(Path::new(".")), "best");
+            if let Ok(best_meta) = checkpoint::read_meta(&best_files) {
+                if best_meta.epoch == best.epoch {
+                    self.resumed_best = Some(best_files);
+                }
+            }
+        }
+        Ok(meta)
+    }
+
+    pub fn model(&self) -> &dyn MilModel {
+        self.model.as_ref()
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// The next epoch to train.
+    pub fn next_epoch(&self) -> usize {
+        self.next_epoch
+    }
+
+    /// True when the last epoch was trained or early stopping triggered.
+    pub fn is_done(&self) -> bool {
+        self.stopped_early || self.next_epoch >= self.config.epochs
+    }
+
+    pub fn stopped_early(&self) -> bool {
+        self.stopped_early
+    }
+
+    pub fn records(&self) -> &[EpochRecord] {
+        &self.records
+    }
+
+    pub fn best(&self) -> Option<&BestRecord> {
+        self.best.as_ref()
+    }
+
+    /// Optimizer steps taken (including before a resume).
+    pub fn steps(&self) -> u64 {
+        self.optimizer.step_count()
+    }
+
+    /// Inverse-frequency class weights `n / (C * n_c)` of `bags` (0 for absent classes).
+    pub fn class_weights(&self, bags: &[&Bag]) -> Vec<f32> {
+        let c = self.classes.len();
+        let mut counts = vec![0usize; c];
+        for b in bags {
+            if let Some(n) = counts.get_mut(b.label_index) {
+                *n += 1;
+            }
+        }
+        counts
+            .iter()
+            .map(|&n| {
+                if n == 0 {
+                    0.0
+                } else {
+                    bags.len() as f32 / (c * n) as f32
+                }
+            })
+            .collect()
+    }
+
+    /// One optimizer step on `bags`; returns the (weighted) mean loss.
+    pub fn step(
+        &mut self,
+        bags: &[&Bag],
+        weights: Option<&[f32]>,
+        epoch: usize,
+        batch: usize,
+    ) -> Result<f32, TrainError> {
+        let input = BagBatch::from_bags(bags, &self.device)?;
+        self.duplicate_sites += input.duplicate_sites() as u64;
+        let ctx = || format!("epoch {epoch}, batch {batch}");
+        let logits = self
+            .model
+            .forward(&input, true)
+            .context(|| format!("{}: forward pass", ctx()))?;
+        let loss =
+            loss(&logits, bags, weights, &self.device).context(|| format!("{}: loss", ctx()))?;
+        let value = loss
+            .to_scalar::<f32>()
+            .context(|| format!("{}: loss", ctx()))?;
+        if !value.is_finite() {
+            let slides = bags
+                .iter()
+                .map(|b| b.slide_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(TrainError::NonFiniteLoss {
+                epoch,
+                batch,
+                slides,
+                value,
+            });
+        }
+        let grads = loss
+            .backward()
+            .context(|| format!("{}: backward pass", ctx()))?;
+        self.optimizer
+            .step(&grads)
+            .context(|| format!("{}: optimizer step", ctx()))?;
+        Ok(value)
+    }
+
+    /// Trains one epoch on the `train` bags of `bags` (shuffled by (seed, epoch)); returns the
+    /// mean loss per bag.
+    pub fn train_epoch(&mut self, bags: &[Bag]) -> Result<f64, TrainError> {
+        let epoch = self.next_epoch;
+        let mut train: Vec<&Bag> = bags.iter().filter(|b| b.split == Split::Train).collect();
+        if train.is_empty() {
+            return Err(TrainError::NoTrainingBags(epoch));
+        }
+        train.sort_by(|a, b| a.slide_id.cmp(&b.slide_id));
+        train.shuffle(&mut stream_rng(
+            self.config.seed,
+            "train-order",
+            Some(epoch as u64),
+            "",
+        ));
+        let weights = self
+            .config
+            .class_weighted
+            .then(|| self.class_weights(&train));
+        let mut total = 0.0;
+        for (batch, chunk) in train.chunks(self.config.batch_size.max(1)).enumerate() {
+            let loss = self.step(chunk, weights.as_deref(), epoch, batch)?;
+            total += f64::from(loss) * chunk.len() as f64;
+        }
+        Ok(total / train.len() as f64)
+    }
+
+    /// Class probabilities of every bag (evaluation mode, no gradients).
+    pub fn predict(&self, bags: &[&Bag]) -> Result<Vec<Vec<f32>>, TrainError> {
+        let mut out = Vec::with_capacity(bags.len());
+        for chunk in bags.chunks(self.config.batch_size.max(1)) {
+            let input = BagBatch::from_bags(chunk, &self.device)?;
+            let what = || {
+                format!(
+                    "predicting slides {}",
+                    chunk
+                        .iter()
+                        .map(|b| b.slide_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            let logits = self.model.forward(&input, false).context(what)?;
+            let probs = candle_nn::ops::softmax(&logits.detach(), D::Minus1).context(what)?;
+            out.extend(
+                probs
+                    .to_dtype(DType::F32)
+                    .and_then(|p| p.to_vec2::<f32>())
+                    .context(what)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Loss, AUC and balanced accuracy on `bags`; `None` when there are none.
+    pub fn evaluate(&self, bags: &[&Bag]) -> Result<Option<Evaluation>, TrainError> {
+        if bags.is_empty() {
+            return Ok(None);
+        }
+        let probs = self.predict(bags)?;
+        let labels: Vec<usize> = bags.iter().map(|b| b.label_index).collect();
+        let c = self.classes.len();
+        let flat: Vec<f32> = probs.iter().flatten().copied().collect();
+        let predicted: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+        let metrics = ClassificationMetrics::compute(&labels, &predicted, &flat, c)?;
+        Ok(Some(Evaluation {
+            loss: cross_entropy(&labels, &flat, c),
+            auc: metrics.auc,
+            balanced_accuracy: metrics.balanced_accuracy,
+            probs,
+        }))
+    }
+
+    /// Trains epoch [`Trainer::next_epoch`] on `bags`' train split, validates on their `val`
+    /// split, saves checkpoints and applies early stopping. On a non-finite loss it returns
+    /// the error before anything is saved, so the previous checkpoints stay intact.
+    pub fn run_epoch(&mut self, bags: &[Bag]) -> Result<EpochOutcome, TrainError> {
+        let started = Instant::now();
+        let epoch = self.next_epoch;
+        let train_bags = bags.iter().filter(|b| b.split == Split::Train).count();
+        let train_loss = self.train_epoch(bags)?;
+        let val: Vec<&Bag> = bags.iter().filter(|b| b.split == Split::Val).collect();
+        let evaluation = self.evaluate(&val)?;
+        let mut record = EpochRecord {
+            epoch,
+            step: self.optimizer.step_count(),
+            train_loss,
+            train_bags,
+            val_loss: evaluation.as_ref().map(|e| e.loss),
+            val_auc: evaluation.as_ref().and_then(|e| e.auc),
+            val_balanced_accuracy: evaluation.as_ref().map(|e| e.balanced_accuracy),
+            val_bags: val.len(),
+            seconds: 0.0,
+            best: false,
+        };
+        let improved = if val.is_empty() {
+            true
+        } else {
+            self.config.monitor.improves(&record, self.best.as_ref())
+        };
+        record.best = improved;
+        if improved {
+            self.best = Some(BestRecord {
+                epoch,
+                value: self.config.monitor.value(&record),
+                loss: record.val_loss,
+            });
+            self.best_weights = Some(self.snapshot()?);
+            self.epochs_since_best = 0;
+        } else {
+            self.epochs_since_best += 1;
+        }
+        self.next_epoch = epoch + 1;
+        if self.config.patience > 0
+            && self.epochs_since_best >= self.config.patience
+            && self.next_epoch < self.config.epochs
+        {
+            self.stopped_early = true;
+        }
+        record.seconds = started.elapsed().as_secs_f64();
+        self.save_checkpoints(&record, improved)?;
+        self.records.push(record.clone());
+        Ok(EpochOutcome {
+            record,
+            done: self.is_done(),
+        })
+    }
+
+    fn snapshot(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+        let data = self.vars.data().lock().map_err(|_| TrainError::Candle {
+            context: "copying the best parameters".into(),
+            source: candle_core::Error::Msg("parameter store lock poisoned".into()),
+        })?;
+        data.iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    v.as_tensor()
+                        .copy()
+                        .context(|| format!("copying parameter `{k}`"))?,
+                ))
+            })
+            .collect()
+    }
+
+    fn save_checkpoints(&self, record: &EpochRecord, improved: bool) -> Result<(), TrainError> {
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        let meta = CheckpointMeta {
+            format: checkpoint::FORMAT,
+            epoch: record.epoch,
+            step: record.step,
+            model: self.model_config.clone(),
+            classes: self.classes.clone(),
+            optimizer: *self.optimizer.config(),
+            metrics: record.clone(),
+            best: self.best.clone(),
+            epochs_since_best: self.epochs_since_best,
+        };
+        if improved {
+            checkpoint::save(dir, "best", &self.vars, &self.optimizer, &meta)?;
+        }
+        checkpoint::save(dir, "last", &self.vars, &self.optimizer, &meta)?;
+        Ok(())
+    }
+
+    /// Puts the best epoch's parameters into the model (this run's copy, or the best
+    /// checkpoint of the run resumed from); returns the epoch loaded, `None` when the current
+    /// parameters are kept (no best recorded).
+    pub fn load_best(&mut self) -> Result<Option<usize>, TrainError> {
+        let Some(best) = self.best.clone() else {
+            return Ok(None);
+        };
+        if let Some(weights) = &self.best_weights {
+            let data = self.vars.data().lock().map_err(|_| TrainError::Candle {
+                context: "restoring the best parameters".into(),
+                source: candle_core::Error::Msg("parameter store lock poisoned".into()),
+            })?;
+            for (name, var) in data.iter() {
+                if let Some(w) = weights.get(name) {
+                    var.set(w)
+                        .context(|| format!("restoring parameter `{name}`"))?;
+                }
+            }
+            return Ok(Some(best.epoch));
+        }
+        if let Some(files) = self.resumed_best.clone() {
+            checkpoint::load_into(&files, &mut self.vars, None)?;
+            return Ok(Some(best.epoch));
+        }
+        Ok(None)
+    }
+
+    /// The run's log so far.
+    pub fn log(&self, stage: &str) -> TrainLog {
+        TrainLog {
+            stage: stage.to_string(),
+            pooling: self.model_config.pooling.name().to_string(),
+            classes: self.classes.clone(),
+            monitor: self.config.monitor,
+            epochs: self.records.clone(),
+            best: self.best.clone(),
+            stopped: if self.stopped_early {
+                Some("early_stopping".into())
+            } else if self.next_epoch >= self.config.epochs {
+                Some("epochs".into())
+            } else {
+                None
+            },
+            resumed_at: self.resumed_at,
+            duplicate_sites: self.duplicate_sites,
+        }
+    }
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Cross-entropy of `logits [B, C]` against the bags' labels; with `weights` (per class) the
+/// weighted mean `sum w_y nll / sum w_y`, as `torch.nn.CrossEntropyLoss(weight=...)`.
+pub fn loss(
+    logits: &Tensor,
+    bags: &[&Bag],
+    weights: Option<&[f32]>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let labels: Vec<u32> = bags.iter().map(|b| b.label_index as u32).collect();
+    let n = labels.len();
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let targets = Tensor::from_vec(labels.clone(), (n, 1), device)?;
+    let nll = log_probs.gather(&targets, 1)?.squeeze(1)?.neg()?;
+    match weights {
+        None => nll.mean_all(),
+        Some(w) => {
+            let per_bag: Vec<f32> = labels
+                .iter()
+                .map(|&l| w.get(l as usize).copied().unwrap_or(0.0))
+                .collect();
+            let total: f32 = per_bag.iter().sum();
+            let per_bag = Tensor::from_vec(per_bag, n, device)?.to_dtype(nll.dtype())?;
+            (nll * per_bag)?.sum_all()? / f64::from(total.max(f32::MIN_POSITIVE))
+        }
+    }
+}
+
+/// Writes `log` as pretty JSON to `path` (through a temporary file).
+pub fn write_log(path: &Path, log: &TrainLog) -> Result<(), TrainError> {
+    let io = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let json = serde_json::to_vec_pretty(log).map_err(|e| io(std::io::Error::other(e)))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Trains `trainer` until done on a fixed set of bags (every epoch sees the same bags):
+/// the engine-free loop used by tests, benchmarks and the synthetic example.
+pub fn fit(trainer: &mut Trainer, bags: &[Bag]) -> Result<Vec<EpochRecord>, TrainError> {
+    let mut records = Vec::new();
+    while !trainer.is_done() {
+        records.push(trainer.run_epoch(bags)?.record);
+    }
+    Ok(records)
+}

@@ -1,0 +1,455 @@
+//! The `train` stage: SparseConvMIL or a MIL baseline trained on the bags that `sample` (+
+//! `sparse_map`, `augment`) emits every epoch. At each `EndOfEpoch` it trains one epoch on
+//! the epoch's train bags, validates on its val bags, writes `checkpoints/{last,best}` and
+//! `train_log.json` into the run's output folder, and closes its inputs when the last epoch is
+//! done (or early stopping triggers). It then emits one prediction per val/test slide from the
+//! best model, for `evaluate`.
+//!
+//! Fed by a stage that sends each slide once without epoch markers (e.g. features straight
+//! into `sparse_map`), it trains every epoch on those same bags.
+
+pub mod checkpoint;
+#[path = "loop.rs"]
+pub mod epochs;
+pub mod error;
+pub mod input;
+pub mod optim;
+pub mod record;
+pub mod synthetic;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use candle_core::Device;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tessera_pipeline::{
+    check_running, BuildContext, Column, DeviceSpec, InputSpec, ParamIssue, SlideHandle, Stage,
+    StageContext, StageError, StageKind, StageResult,
+};
+
+use crate::models::{Bag, GlobalPool, ModelConfig, Pooling, Split};
+use crate::predictions::{predictions_schema, to_batch, Prediction};
+use epochs::{write_log, TrainConfig, Trainer};
+use error::TrainError;
+use input::BagRows;
+use optim::AdamConfig;
+use record::Monitor;
+
+/// Parameters of the `train` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainParams {
+    /// The model: `sparseconvmil` (needs `map_i`, `map_j` from a `sparse_map` stage),
+    /// instance-level `instance_max` / `instance_mean` / `instance_lse`, embedding-level
+    /// `max` / `mean` / `lse`, `attention` or `gated_attention` (Ilse et al. 2018).
+    pub pooling: Pooling,
+    /// sparseconvmil: output channels of each 2D submanifold convolution (with bias, each
+    /// followed by ReLU). The original uses two layers of 32 or 128.
+    pub sparse_channels: Vec<usize>,
+    /// sparseconvmil: kernel side of the submanifold convolutions (odd).
+    pub sparse_kernel: usize,
+    /// sparseconvmil: batch-norm over active sites after each convolution.
+    pub sparse_batch_norm: bool,
+    /// sparseconvmil: global pooling of the sparse map, `avg` (original) or `max`.
+    pub sparse_pool: GlobalPool,
+    /// attention / gated_attention: hidden units of the attention network (128, 512, 2048).
+    pub attention_hidden: usize,
+    /// instance_lse / lse: sharpness r of `(1/r) log mean exp(r x)`.
+    pub lse_r: f64,
+    /// Hidden units of the classifier head shared by every model (0: one linear layer).
+    /// The original SparseConvMIL head has 32.
+    pub head_hidden: usize,
+    /// Dropout before the head while training (0 disables; dropout is not seeded).
+    pub dropout: f32,
+    /// Number of epochs (a resumed run continues up to this total).
+    pub epochs: usize,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// L2 weight decay added to the gradients (torch.optim.Adam semantics, not AdamW's
+    /// decoupled decay).
+    pub weight_decay: f64,
+    /// Bags per optimizer step (the original uses 2).
+    pub batch_size: usize,
+    /// Weight the cross-entropy by inverse class frequency of the training slides.
+    pub class_weighted: bool,
+    /// What selects the best checkpoint and drives early stopping: `val_loss`, `val_auc`
+    /// or `val_balanced_accuracy`.
+    pub monitor: Monitor,
+    /// Stop after this many epochs without improvement of `monitor` (0: never stop early).
+    pub patience: usize,
+    /// Continue training from a checkpoint (`.../checkpoints/last.safetensors`, its `.json`,
+    /// or the `checkpoints` folder): weights, optimizer state and epoch counter are restored
+    /// and training runs from the saved epoch + 1 up to `epochs`. Relative to the experiment
+    /// file.
+    pub resume: Option<PathBuf>,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        let adam = AdamConfig::default();
+        TrainParams {
+            pooling: Pooling::Sparseconvmil,
+            sparse_channels: vec![32, 32],
+            sparse_kernel: 3,
+            sparse_batch_norm: false,
+            sparse_pool: GlobalPool::Avg,
+            attention_hidden: 128,
+            lse_r: 1.0,
+            head_hidden: 32,
+            dropout: 0.0,
+            epochs: 100,
+            lr: adam.lr,
+            weight_decay: adam.weight_decay,
+            batch_size: 2,
+            class_weighted: false,
+            monitor: Monitor::ValLoss,
+            patience: 0,
+            resume: None,
+        }
+    }
+}
+
+impl TrainParams {
+    /// The architecture for embeddings of width `input_dim` and `n_classes` classes.
+    pub fn model_config(&self, input_dim: usize, n_classes: usize) -> ModelConfig {
+        ModelConfig {
+            pooling: self.pooling,
+            input_dim,
+            n_classes,
+            head_hidden: self.head_hidden,
+            dropout: self.dropout,
+            sparse_channels: self.sparse_channels.clone(),
+            sparse_kernel: self.sparse_kernel,
+            sparse_batch_norm: self.sparse_batch_norm,
+            sparse_pool: self.sparse_pool,
+            attention_hidden: self.attention_hidden,
+            lse_r: self.lse_r,
+        }
+    }
+
+    /// The optimisation settings, seeded by the experiment's seed.
+    pub fn train_config(&self, seed: u64) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            optimizer: AdamConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..AdamConfig::default()
+            },
+            class_weighted: self.class_weighted,
+            monitor: self.monitor,
+            patience: self.patience,
+            seed,
+        }
+    }
+}
+
+impl StageKind for TrainParams {
+    const KIND: &'static str = "train";
+    const VERSION: &'static str = "1";
+    const ABOUT: &'static str =
+        "Trains SparseConvMIL or a MIL baseline (max/mean/LSE, attention) on per-epoch bags; writes checkpoints and train_log.json, emits val/test predictions";
+
+    fn input_spec(&self) -> InputSpec {
+        let mut columns = vec![
+            Column::exact("slide_id", DataType::Utf8),
+            Column::embedding("embedding"),
+            Column::exact("split", DataType::Utf8),
+            Column::exact("label", DataType::Utf8),
+        ];
+        if self.pooling.is_spatial() {
+            columns.push(Column::exact("map_i", DataType::Int64));
+            columns.push(Column::exact("map_j", DataType::Int64));
+        }
+        InputSpec::Tables(vec![columns])
+    }
+
+    fn output_schema(&self, _inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+        Ok(predictions_schema())
+    }
+
+    fn validate(&self) -> Result<(), ParamIssue> {
+        let positive = |field: &str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ParamIssue::new(field, "must be positive"))
+            }
+        };
+        positive("epochs", self.epochs > 0)?;
+        positive("batch_size", self.batch_size > 0)?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(ParamIssue::new("lr", "must be a positive number"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(ParamIssue::new("weight_decay", "must be zero or positive"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ParamIssue::new("dropout", "must lie in [0, 1)"));
+        }
+        if !(self.lse_r.is_finite() && self.lse_r > 0.0) {
+            return Err(ParamIssue::new("lse_r", "must be a positive number"));
+        }
+        positive("attention_hidden", self.attention_hidden > 0)?;
+        if self.pooling.is_spatial() {
+            if self.sparse_channels.is_empty() || self.sparse_channels.contains(&0) {
+                return Err(ParamIssue::new(
+                    "sparse_channels",
+                    "needs at least one layer, each with a positive channel count",
+                ));
+            }
+            if self.sparse_kernel.is_multiple_of(2) {
+                return Err(ParamIssue::new(
+                    "sparse_kernel",
+                    "submanifold kernels must be odd (3 is usual)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
+        let device = match &ctx.device {
+            DeviceSpec::Cpu => Device::Cpu,
+            DeviceSpec::Cuda(n) => Device::new_cuda(*n)
+                .map_err(|e| StageError::other(format!("opening device cuda:{n}"), e))?,
+        };
+        let classes = crate::splits::classes(&ctx.slides);
+        if classes.len() < 2 {
+            return Err(StageError::msg(format!(
+                "training needs at least two classes in the dataset's `label` column, found {classes:?}"
+            )));
+        }
+        Ok(Box::new(TrainStage {
+            params: self.clone(),
+            resume: self.resume.as_ref().map(|p| ctx.resolve(p)),
+            classes,
+            device,
+            trainer: None,
+            rows: HashMap::new(),
+            epoch_bags: Vec::new(),
+            last_bags: Vec::new(),
+            seen: BTreeMap::new(),
+            epochs_received: 0,
+        }))
+    }
+
+    fn parallel(&self) -> bool {
+        false
+    }
+
+    fn cacheable(&self) -> bool {
+        false
+    }
+}
+
+/// The running stage.
+struct TrainStage {
+    params: TrainParams,
+    resume: Option<PathBuf>,
+    classes: Vec<String>,
+    device: Device,
+    /// Created with the first bag (its embedding width fixes the model).
+    trainer: Option<Trainer>,
+    /// Rows of slides still arriving, by dataset index.
+    rows: HashMap<usize, BagRows>,
+    /// Bags completed in the current epoch.
+    epoch_bags: Vec<Bag>,
+    /// The bags of the last epoch trained on (for predictions and for upstreams that stop).
+    last_bags: Vec<Bag>,
+    /// Every slide received, to end each exactly once.
+    seen: BTreeMap<usize, SlideHandle>,
+    epochs_received: u64,
+}
+
+impl TrainStage {
+    fn trainer(&mut self, ctx: &StageContext, dim: usize) -> Result<&mut Trainer, TrainError> {
+        if self.trainer.is_none() {
+            let model = self.params.model_config(dim, self.classes.len());
+            let mut trainer = Trainer::new(
+                model,
+                self.params.train_config(ctx.seed()),
+                self.classes.clone(),
+                self.device.clone(),
+            )?
+            .with_checkpoints(ctx.out_dir().join("checkpoints"));
+            if let Some(path) = &self.resume {
+                let meta = trainer.resume(path)?;
+                tracing::info!(stage = ctx.stage_name(), checkpoint = %path.display(), epoch = meta.epoch, "resuming training at epoch {}", meta.epoch + 1);
+            }
+            self.trainer = Some(trainer);
+        }
+        self.trainer
+            .as_mut()
+            .ok_or_else(|| TrainError::NoTrainingBags(0))
+    }
+
+    /// Trains one epoch on `bags` unless training is already over.
+    fn train_on(&mut self, ctx: &mut StageContext, bags: &[Bag]) -> StageResult {
+        let Some(dim) = bags.first().map(|b| b.dim) else {
+            return Ok(());
+        };
+        let stage = ctx.stage_name().to_string();
+        let epochs = self.params.epochs;
+        let trainer = self.trainer(ctx, dim)?;
+        if trainer.is_done() {
+            return Ok(());
+        }
+        let outcome = trainer.run_epoch(bags)?;
+        let r = &outcome.record;
+        let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+        tracing::info!(
+            stage = %stage,
+            epoch = r.epoch,
+            train_loss = r.train_loss,
+            val_loss = ?r.val_loss,
+            val_auc = ?r.val_auc,
+            seconds = r.seconds,
+            best = r.best,
+            "epoch {}/{epochs}",
+            r.epoch + 1
+        );
+        ctx.set_progress_message(format!(
+            "epoch {}/{epochs} loss {:.4} val loss {} auc {} ({:.1}s)",
+            r.epoch + 1,
+            r.train_loss,
+            fmt(r.val_loss),
+            fmt(r.val_auc),
+            r.seconds
+        ));
+        if r.val_bags == 0 && r.epoch == 0 {
+            ctx.warn(
+                None,
+                "no validation slides: the last epoch's model is used, and early stopping is off",
+            );
+        }
+        let log = trainer.log(&stage);
+        write_log(&ctx.out_dir().join("train_log.json"), &log)?;
+        Ok(())
+    }
+
+    fn is_done(&self) -> bool {
+        self.trainer.as_ref().is_some_and(Trainer::is_done)
+    }
+}
+
+impl Stage for TrainStage {
+    fn on_batch(
+        &mut self,
+        _ctx: &mut StageContext,
+        _input: usize,
+        slide: &SlideHandle,
+        batch: RecordBatch,
+    ) -> StageResult {
+        self.seen
+            .entry(slide.index)
+            .or_insert_with(|| slide.clone());
+        let spatial = self.params.pooling.is_spatial();
+        self.rows
+            .entry(slide.index)
+            .or_default()
+            .append(&slide.id, &batch, spatial)?;
+        Ok(())
+    }
+
+    fn on_slide_end(
+        &mut self,
+        ctx: &mut StageContext,
+        _input: usize,
+        slide: &SlideHandle,
+    ) -> StageResult {
+        self.seen
+            .entry(slide.index)
+            .or_insert_with(|| slide.clone());
+        let rows = self.rows.remove(&slide.index).unwrap_or_default();
+        match rows.into_bag(&slide.id, &self.classes)? {
+            Some(bag) => self.epoch_bags.push(bag),
+            None => ctx.warn(
+                Some(slide),
+                "no instances reached training; the slide is left out",
+            ),
+        }
+        Ok(())
+    }
+
+    fn on_slide_failed(&mut self, _ctx: &mut StageContext, slide: &SlideHandle) {
+        self.rows.remove(&slide.index);
+    }
+
+    fn on_epoch_end(&mut self, ctx: &mut StageContext, _epoch: u64) -> StageResult {
+        self.epochs_received += 1;
+        let bags = std::mem::take(&mut self.epoch_bags);
+        if bags.is_empty() {
+            ctx.warn(
+                None,
+                format!(
+                    "upstream epoch {} brought no bags",
+                    self.epochs_received - 1
+                ),
+            );
+            return Ok(());
+        }
+        self.train_on(ctx, &bags)?;
+        self.last_bags = bags;
+        if self.is_done() {
+            ctx.close_inputs();
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
+        if !self.epoch_bags.is_empty() {
+            // Rows after the last epoch marker: an upstream that sends each slide once.
+            self.last_bags = std::mem::take(&mut self.epoch_bags);
+            if self.epochs_received > 0 && !self.is_done() {
+                ctx.warn(
+                    None,
+                    "upstream ended mid-epoch; training continues on the last bags received",
+                );
+            }
+        } else if self.epochs_received > 0 && !self.is_done() && !self.last_bags.is_empty() {
+            ctx.warn(None, "upstream stopped sending epochs before `epochs` was reached; training continues on the last epoch's bags");
+        }
+        let bags = std::mem::take(&mut self.last_bags);
+        while !bags.is_empty() && !self.is_done() {
+            check_running(ctx)?;
+            self.train_on(ctx, &bags)?;
+        }
+        let stage = ctx.stage_name().to_string();
+        if let Some(trainer) = self.trainer.as_mut() {
+            if let Some(epoch) = trainer.load_best()? {
+                tracing::info!(stage = %stage, "predicting with the best model (epoch {})", epoch + 1);
+            }
+            write_log(&ctx.out_dir().join("train_log.json"), &trainer.log(&stage))?;
+            let held_out: Vec<&Bag> = bags.iter().filter(|b| b.split != Split::Train).collect();
+            let probs = trainer.predict(&held_out)?;
+            let by_id: HashMap<&str, &SlideHandle> =
+                self.seen.values().map(|s| (s.id.as_str(), s)).collect();
+            for (bag, probs) in held_out.iter().zip(probs) {
+                let Some(slide) = by_id.get(bag.slide_id.as_str()) else {
+                    continue;
+                };
+                let label = &self.classes[bag.label_index];
+                let prediction = Prediction::from_probs(
+                    &bag.slide_id,
+                    bag.split.as_str(),
+                    label,
+                    &self.classes,
+                    probs,
+                )?;
+                ctx.emit(slide, to_batch(&[prediction])?)?;
+            }
+        } else if !self.seen.is_empty() {
+            ctx.warn(None, "no bag reached training; nothing was trained");
+        }
+        let slides: Vec<SlideHandle> = self.seen.values().cloned().collect();
+        for slide in &slides {
+            ctx.end_slide(slide)?;
+        }
+        Ok(())
+    }
+}

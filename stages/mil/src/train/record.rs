@@ -1,0 +1,142 @@
+//! What training remembers about each epoch: the per-epoch record (logged, written to
+//! `train_log.json`, stored in checkpoints) and the model-selection criterion.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 0-based epoch number.
+    pub epoch: usize,
+    /// Optimizer steps taken so far (all epochs).
+    pub step: u64,
+    /// Mean training loss over the epoch's bags (class-weighted when enabled).
+    pub train_loss: f64,
+    pub train_bags: usize,
+    /// Mean unweighted cross-entropy on the validation bags.
+    pub val_loss: Option<f64>,
+    /// Macro one-vs-rest ROC AUC on the validation bags.
+    pub val_auc: Option<f64>,
+    pub val_balanced_accuracy: Option<f64>,
+    pub val_bags: usize,
+    /// Wall-clock seconds of the epoch (training + validation).
+    pub seconds: f64,
+    /// Whether this epoch became the best so far (and was saved as `best`).
+    pub best: bool,
+}
+
+/// The validation quantity that selects the best epoch and drives early stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Monitor {
+    /// Validation cross-entropy (lower is better).
+    #[default]
+    ValLoss,
+    /// Validation macro ROC AUC (higher is better; ties broken by lower loss).
+    ValAuc,
+    /// Validation balanced accuracy (higher is better; ties broken by lower loss).
+    ValBalancedAccuracy,
+}
+
+/// The best epoch so far and its score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestRecord {
+    pub epoch: usize,
+    /// The monitored value (as reported, not negated); `None` without validation data, when
+    /// the latest epoch is the best by definition.
+    pub value: Option<f64>,
+    /// Validation loss of that epoch (tie-break for the higher-is-better monitors).
+    pub loss: Option<f64>,
+}
+
+impl Monitor {
+    /// The monitored value of `record`, `None` without validation data.
+    pub fn value(self, record: &EpochRecord) -> Option<f64> {
+        match self {
+            Monitor::ValLoss => record.val_loss,
+            Monitor::ValAuc => record.val_auc,
+            Monitor::ValBalancedAccuracy => record.val_balanced_accuracy,
+        }
+    }
+
+    /// Whether `record` beats `best` (any value beats no best).
+    pub fn improves(self, record: &EpochRecord, best: Option<&BestRecord>) -> bool {
+        let Some(value) = self.value(record) else {
+            return false;
+        };
+        if !value.is_finite() {
+            return false;
+        }
+        let Some(best_value) = best.and_then(|b| b.value) else {
+            return true;
+        };
+        let loss = record.val_loss.unwrap_or(f64::INFINITY);
+        let best_loss = best.and_then(|b| b.loss).unwrap_or(f64::INFINITY);
+        match self {
+            Monitor::ValLoss => value < best_value,
+            Monitor::ValAuc | Monitor::ValBalancedAccuracy => {
+                value > best_value || (value == best_value && loss < best_loss)
+            }
+        }
+    }
+}
+
+/// The whole run's log, written as `train_log.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainLog {
+    pub stage: String,
+    pub pooling: String,
+    pub classes: Vec<String>,
+    pub monitor: Monitor,
+    pub epochs: Vec<EpochRecord>,
+    pub best: Option<BestRecord>,
+    /// Why training ended: `epochs`, `early_stopping`, `inputs_ended`.
+    pub stopped: Option<String>,
+    /// Epoch training resumed from (the checkpoint's epoch + 1), if resumed.
+    pub resumed_at: Option<usize>,
+    /// Instances dropped because two shared a sparse-map cell (should be 0: the sparse-map
+    /// stage resolves collisions).
+    pub duplicate_sites: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(loss: f64, auc: f64) -> EpochRecord {
+        EpochRecord {
+            epoch: 0,
+            step: 0,
+            train_loss: 0.0,
+            train_bags: 0,
+            val_loss: Some(loss),
+            val_auc: Some(auc),
+            val_balanced_accuracy: None,
+            val_bags: 1,
+            seconds: 0.0,
+            best: false,
+        }
+    }
+
+    #[test]
+    fn monitors_compare_in_the_right_direction() {
+        let best = BestRecord {
+            epoch: 0,
+            value: Some(0.5),
+            loss: Some(0.5),
+        };
+        assert!(Monitor::ValLoss.improves(&rec(0.4, 0.0), Some(&best)));
+        assert!(!Monitor::ValLoss.improves(&rec(0.6, 1.0), Some(&best)));
+        let best_auc = BestRecord {
+            epoch: 0,
+            value: Some(0.8),
+            loss: Some(0.5),
+        };
+        assert!(Monitor::ValAuc.improves(&rec(0.9, 0.9), Some(&best_auc)));
+        assert!(Monitor::ValAuc.improves(&rec(0.4, 0.8), Some(&best_auc)));
+        assert!(!Monitor::ValAuc.improves(&rec(0.6, 0.8), Some(&best_auc)));
+        assert!(!Monitor::ValBalancedAccuracy.improves(&rec(0.1, 0.9), None));
+        assert!(!Monitor::ValLoss.improves(&rec(f64::NAN, 0.9), None));
+    }
+}

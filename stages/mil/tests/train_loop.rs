@@ -1,0 +1,214 @@
+//! The training loop without the engine: checkpoints, resume, non-finite losses, early
+//! stopping, class weights.
+
+use candle_core::Device;
+use tessera_mil::models::{Bag, Pooling};
+use tessera_mil::train::checkpoint::{read_meta, CheckpointFiles};
+use tessera_mil::train::epochs::{fit, Trainer};
+use tessera_mil::train::error::TrainError;
+use tessera_mil::train::record::Monitor;
+use tessera_mil::train::synthetic::{spatial_slides, to_bags, SpatialConfig, CLASSES};
+use tessera_mil::train::TrainParams;
+
+fn bags() -> Vec<Bag> {
+    let config = SpatialConfig::new(40, 16, 4, 1);
+    to_bags(&spatial_slides(&config).unwrap(), 4)
+}
+
+fn trainer(params: &TrainParams) -> Trainer {
+    let classes = CLASSES.iter().map(|c| c.to_string()).collect();
+    Trainer::new(
+        params.model_config(4, 2),
+        params.train_config(5),
+        classes,
+        Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn weights(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<_> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bags = bags();
+    let params = |epochs| TrainParams {
+        epochs,
+        pooling: Pooling::Sparseconvmil,
+        ..TrainParams::default()
+    };
+
+    let mut first = trainer(&params(2)).with_checkpoints(dir.path().join("a"));
+    fit(&mut first, &bags).unwrap();
+    let files = CheckpointFiles::new(&dir.path().join("a"), "last");
+    let meta = read_meta(&files).unwrap();
+    assert_eq!(
+        (meta.epoch, meta.step),
+        (1, 24),
+        "2 epochs of 24 train bags in batches of 2"
+    );
+    assert!(files.optimizer.is_file());
+
+    let mut resumed = trainer(&params(4)).with_checkpoints(dir.path().join("b"));
+    resumed.resume(&files.weights).unwrap();
+    assert_eq!(resumed.next_epoch(), 2);
+    let records = fit(&mut resumed, &bags).unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.epoch).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(records.last().unwrap().step, 48);
+    assert_eq!(resumed.log("train").resumed_at, Some(2));
+
+    // Same seed, same data: resuming reproduces the uninterrupted run (optimizer state
+    // included; a fresh Adam would diverge).
+    let mut straight = trainer(&params(4)).with_checkpoints(dir.path().join("c"));
+    fit(&mut straight, &bags).unwrap();
+    let a = weights(&dir.path().join("b/last.safetensors"));
+    let c = weights(&dir.path().join("c/last.safetensors"));
+    assert_eq!(a.len(), c.len());
+    for ((na, va), (_, vc)) in a.iter().zip(&c) {
+        let diff = va
+            .iter()
+            .zip(vc)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "{na}: resumed and straight runs differ by {diff}"
+        );
+    }
+}
+
+#[test]
+fn resume_refuses_another_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer(&TrainParams {
+        epochs: 1,
+        pooling: Pooling::Mean,
+        ..TrainParams::default()
+    })
+    .with_checkpoints(dir.path());
+    fit(&mut t, &bags()).unwrap();
+    let mut other = trainer(&TrainParams {
+        epochs: 2,
+        pooling: Pooling::Max,
+        ..TrainParams::default()
+    });
+    let err = other.resume(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("differs"), "{err}");
+}
+
+#[test]
+fn non_finite_loss_names_epoch_and_batch_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bags = bags();
+    // No hidden layer: a ReLU would turn NaN into 0 (max semantics) and hide it.
+    let params = TrainParams {
+        epochs: 3,
+        pooling: Pooling::Mean,
+        head_hidden: 0,
+        ..TrainParams::default()
+    };
+    let mut t = trainer(&params).with_checkpoints(dir.path());
+    t.run_epoch(&bags).unwrap();
+    let before = std::fs::read(dir.path().join("last.safetensors")).unwrap();
+    for bag in bags.iter_mut() {
+        bag.embeddings[0] = f32::NAN;
+    }
+    let err = t.run_epoch(&bags).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TrainError::NonFiniteLoss {
+                epoch: 1,
+                batch: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("epoch 1, batch 0") && message.contains("spatial_"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("last.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(
+        read_meta(&CheckpointFiles::new(dir.path(), "last"))
+            .unwrap()
+            .epoch,
+        0
+    );
+}
+
+#[test]
+fn early_stopping_stops_after_patience_epochs_without_improvement() {
+    // A tiny learning rate on a chance-level task: validation AUC barely moves, loss does.
+    let params = TrainParams {
+        epochs: 50,
+        pooling: Pooling::Mean,
+        monitor: Monitor::ValBalancedAccuracy,
+        patience: 2,
+        lr: 1e-9,
+        ..TrainParams::default()
+    };
+    let mut t = trainer(&params);
+    let records = fit(&mut t, &bags()).unwrap();
+    assert!(t.stopped_early());
+    assert!(records.len() < 50);
+    let best = t.best().unwrap().epoch;
+    assert_eq!(
+        records.len(),
+        best + 1 + 2,
+        "stops `patience` epochs after the best"
+    );
+    assert_eq!(t.load_best().unwrap(), Some(best));
+}
+
+#[test]
+fn class_weights_are_inverse_frequencies() {
+    let mut bags = bags();
+    for b in bags.iter_mut().take(6) {
+        b.label_index = 0;
+    }
+    let t = trainer(&TrainParams::default());
+    let refs: Vec<&Bag> = bags.iter().take(8).collect();
+    // 7 of class 0, 1 of class 1 among the first 8.
+    let w = t.class_weights(&refs);
+    assert!(
+        (w[0] - 8.0 / 14.0).abs() < 1e-6 && (w[1] - 4.0).abs() < 1e-6,
+        "{w:?}"
+    );
+}
+
+#[test]
+fn weighted_loss_is_the_torch_weighted_mean() {
+    let dev = Device::Cpu;
+    let logits = candle_core::Tensor::new(&[[2.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev).unwrap();
+    let bags = bags();
+    let picked: Vec<&Bag> = vec![&bags[0], &bags[1], &bags[2]]; // labels 0, 1, 0
+    let w = [0.5f32, 2.0];
+    let got = tessera_mil::train::epochs::loss(&logits, &picked, Some(&w), &dev)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let nll = |l: [f64; 2], y: usize| -(l[y] - (l[0].exp() + l[1].exp()).ln());
+    let expected =
+        (0.5 * nll([2.0, 0.0], 0) + 2.0 * nll([0.0, 1.0], 1) + 0.5 * nll([1.0, 1.0], 0)) / 3.0;
+    assert!(
+        (f64::from(got) - expected).abs() < 1e-5,
+        "{got} vs {expected}"
+    );
+}

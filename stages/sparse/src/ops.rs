@@ -1,0 +1,332 @@
+//! Candle operations over a rulebook: the CPU custom ops (deterministic parallel kernels with
+//! a backward pass) and the device-generic fallback built from `index_select`, `matmul` and
+//! `index_add`, which candle differentiates itself (used on CUDA and for other dtypes).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::kernels::{self, Float};
+use crate::rulebook::{cached, NbrMap, PairTensors, Rulebook};
+
+/// Which map of the rulebook drives an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Input sites -> output sites (convolution).
+    Forward,
+    /// Output sites -> input sites (input gradient, transposed convolution).
+    Backward,
+}
+
+impl Direction {
+    fn flip(self) -> Self {
+        match self {
+            Direction::Forward => Direction::Backward,
+            Direction::Backward => Direction::Forward,
+        }
+    }
+
+    fn slot(self) -> usize {
+        match self {
+            Direction::Forward => 0,
+            Direction::Backward => 1,
+        }
+    }
+}
+
+fn map_of(rb: &Rulebook, dir: Direction) -> &NbrMap {
+    match dir {
+        Direction::Forward => rb.forward_map(),
+        Direction::Backward => rb.backward_map(),
+    }
+}
+
+/// Sparse convolution `y[r] = sum_k x[map[r, k]] * w[k]` of features `x: [src, C_in]` with
+/// weights `w: [K, C_in, C_out]`, differentiable in both.
+///
+/// On CPU with f32/f64 it runs the deterministic blocked kernels of [`crate::kernels`]; on any
+/// other device or dtype it runs per-offset `index_select -> matmul -> index_add`.
+pub fn sparse_conv(
+    x: &Tensor,
+    w: &Tensor,
+    rb: &Arc<Rulebook>,
+    dir: Direction,
+) -> candle_core::Result<Tensor> {
+    let map = map_of(rb, dir);
+    let (src, cin) = x.dims2()?;
+    let (k, wcin, cout) = w.dims3()?;
+    if src != map.src_rows || k != map.k || wcin != cin {
+        candle_core::bail!(
+            "sparse_conv: features {:?} and weight {:?} do not fit a rulebook of {} sites and {} offsets",
+            x.shape(),
+            w.shape(),
+            map.src_rows,
+            map.k
+        );
+    }
+    if x.dtype() != w.dtype() {
+        candle_core::bail!(
+            "sparse_conv: dtype mismatch {:?} vs {:?}",
+            x.dtype(),
+            w.dtype()
+        );
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            ConvOp {
+                rb: rb.clone(),
+                dir,
+            },
+        )
+    } else {
+        generic_conv(x, w, rb, dir, cout)
+    }
+}
+
+/// Per-offset gather/matmul/scatter with candle ops (autograd by candle).
+fn generic_conv(
+    x: &Tensor,
+    w: &Tensor,
+    rb: &Rulebook,
+    dir: Direction,
+    cout: usize,
+) -> candle_core::Result<Tensor> {
+    let map = map_of(rb, dir);
+    let pairs: PairTensors = cached(&rb.pair_cache[dir.slot()], x.device(), || {
+        let mut v = Vec::with_capacity(map.k);
+        for k in 0..map.k {
+            let (dst, src) = map.pairs(k);
+            v.push(if dst.is_empty() {
+                None
+            } else {
+                let n = dst.len();
+                Some((
+                    Tensor::from_vec(dst, n, x.device())?,
+                    Tensor::from_vec(src, n, x.device())?,
+                ))
+            });
+        }
+        Ok(Arc::new(v))
+    })?;
+    let mut out = Tensor::zeros((map.rows, cout), x.dtype(), x.device())?;
+    for (k, p) in pairs.iter().enumerate() {
+        if let Some((dst, src)) = p {
+            let prod = x.index_select(src, 0)?.matmul(&w.get(k)?)?;
+            out = out.index_add(dst, &prod, 0)?;
+        }
+    }
+    Ok(out)
+}
+
+fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("sparse op: {what} must be contiguous"),
+    }
+}
+
+/// The CPU convolution op (see [`sparse_conv`]).
+struct ConvOp {
+    rb: Arc<Rulebook>,
+    dir: Direction,
+}
+
+fn run_conv<T: Float>(
+    map: &NbrMap,
+    x: &[T],
+    lx: &Layout,
+    w: &[T],
+    lw: &Layout,
+) -> candle_core::Result<(Vec<T>, Shape)> {
+    let (_, cin) = lx.shape().dims2()?;
+    let (_, _, cout) = lw.shape().dims3()?;
+    let x = contiguous_slice(x, lx, "features")?;
+    let w = contiguous_slice(w, lw, "weight")?;
+    Ok((
+        kernels::gather_conv(map, x, cin, w, cout),
+        Shape::from((map.rows, cout)),
+    ))
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "sparse-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let map = map_of(&self.rb, self.dir);
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (v, s) = run_conv(map, x, l1, w, l2)?;
+                Ok((CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                let (v, s) = run_conv(map, x, l1, w, l2)?;
+                Ok((CpuStorage::F64(v), s))
+            }
+            _ => candle_core::bail!("sparse-conv: only f32/f64 on cpu"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let wt = w.transpose(1, 2)?.contiguous()?;
+        let gx = sparse_conv(&grad, &wt, &self.rb, self.dir.flip())?;
+        let gw = x.contiguous()?.apply_op2_no_bwd(
+            &grad,
+            &WeightGradOp {
+                rb: self.rb.clone(),
+                dir: self.dir,
+            },
+        )?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// `gw[k] = sum_r x[map[r, k]]^T g[r]`: the weight gradient of [`ConvOp`].
+struct WeightGradOp {
+    rb: Arc<Rulebook>,
+    dir: Direction,
+}
+
+fn run_wgrad<T: Float>(
+    map: &NbrMap,
+    x: &[T],
+    lx: &Layout,
+    g: &[T],
+    lg: &Layout,
+) -> candle_core::Result<(Vec<T>, Shape)> {
+    let (_, cin) = lx.shape().dims2()?;
+    let (_, cout) = lg.shape().dims2()?;
+    let x = contiguous_slice(x, lx, "features")?;
+    let g = contiguous_slice(g, lg, "gradient")?;
+    Ok((
+        kernels::weight_grad(map, x, cin, g, cout),
+        Shape::from((map.k, cin, cout)),
+    ))
+}
+
+impl CustomOp2 for WeightGradOp {
+    fn name(&self) -> &'static str {
+        "sparse-conv-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let map = map_of(&self.rb, self.dir);
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                let (v, s) = run_wgrad(map, x, l1, g, l2)?;
+                Ok((CpuStorage::F32(v), s))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                let (v, s) = run_wgrad(map, x, l1, g, l2)?;
+                Ok((CpuStorage::F64(v), s))
+            }
+            _ => candle_core::bail!("sparse-conv-weight-grad: only f32/f64 on cpu"),
+        }
+    }
+}
+
+/// Gathers, for every output row, its `K` neighbours' features (a `fill` row where inactive):
+/// `[n_out, K, C]`. Used by pooling; differentiable by candle (`index_select`).
+pub fn gather_neighbours(x: &Tensor, rb: &Rulebook, fill: f64) -> candle_core::Result<Tensor> {
+    let map = rb.forward_map();
+    let (n, c) = x.dims2()?;
+    if n != map.src_rows {
+        candle_core::bail!(
+            "gather_neighbours: {n} rows for a rulebook of {} sites",
+            map.src_rows
+        );
+    }
+    let idx = cached(&rb.gather_cache, x.device(), || {
+        let pad = map.src_rows as u32;
+        let v: Vec<u32> = map
+            .idx
+            .iter()
+            .map(|&s| if s == crate::rulebook::NONE { pad } else { s })
+            .collect();
+        Tensor::from_vec(v, map.rows * map.k, x.device())
+    })?;
+    let fill_row = Tensor::full(fill, (1, c), x.device())?.to_dtype(x.dtype())?;
+    let padded = Tensor::cat(&[x, &fill_row], 0)?;
+    padded.index_select(&idx, 0)?.reshape((map.rows, map.k, c))
+}
+
+/// Number of active inputs of every output row, `[n_out, 1]` in `dtype`.
+pub fn active_counts(
+    rb: &Rulebook,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let t = cached(&rb.count_cache, device, || {
+        let map = rb.forward_map();
+        let v: Vec<f32> = map
+            .idx
+            .chunks(map.k.max(1))
+            .map(|r| r.iter().filter(|&&s| s != crate::rulebook::NONE).count() as f32)
+            .collect();
+        Tensor::from_vec(v, (map.rows, 1), device)
+    })?;
+    t.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Var};
+
+    use super::*;
+    use crate::coords::CoordSet;
+    use crate::rulebook::RuleKey;
+    use crate::testutil::*;
+
+    /// The device-generic path (what CUDA runs) equals the CPU kernels, values and gradients.
+    #[test]
+    fn generic_path_matches_cpu_kernels() {
+        let cs = CoordSet::new(random_coords(3, 2, 12, 12, 0.3), 2).expect("coords");
+        for key in [RuleKey::submanifold(3), RuleKey::strided(3, 2)] {
+            let rb = cs.rulebook(key).expect("rb");
+            for dir in [Direction::Forward, Direction::Backward] {
+                let src = match dir {
+                    Direction::Forward => rb.n_in(),
+                    Direction::Backward => rb.n_out(),
+                };
+                let x = Var::from_tensor(&rand_tensor(1, &[src, 3], DType::F64)).expect("x");
+                let w = Var::from_tensor(&rand_tensor(2, &[9, 3, 2], DType::F64)).expect("w");
+                let a = sparse_conv(x.as_tensor(), w.as_tensor(), &rb, dir).expect("cpu");
+                let b = generic_conv(x.as_tensor(), w.as_tensor(), &rb, dir, 2).expect("generic");
+                assert_close(&a, &b, 1e-12, "forward");
+                let r = rand_tensor(3, a.dims(), DType::F64);
+                let ga = (&a * &r)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("ga");
+                let gb = (&b * &r)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("gb");
+                for t in [x.as_tensor(), w.as_tensor()] {
+                    assert_close(ga.get(t).expect("a"), gb.get(t).expect("b"), 1e-12, "grad");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! tessera's built-in stages, registered the same way a user's crate registers its own.
+
+pub use tessera_embed as embed;
+pub use tessera_mil as mil;
+pub use tessera_sparse as sparse;
+pub use tessera_tile as tile;
+
+use tessera_pipeline::Registry;
+
+/// Adds every built-in stage kind to `registry`.
+pub fn register_builtins(registry: &mut Registry) -> &mut Registry {
+    registry.register::<tessera_tile::TileParams>();
+    registry.register::<tessera_embed::EmbedParams>();
+    registry.register::<tessera_embed::FeaturesParams>();
+    registry.register::<tessera_mil::SampleParams>();
+    registry.register::<tessera_mil::SparseMapParams>();
+    registry.register::<tessera_mil::AugmentParams>();
+    registry.register::<tessera_mil::EvaluateParams>();
+    registry.register::<tessera_mil::train::TrainParams>();
+    registry
+}
+
+/// A registry holding the built-in stages.
+pub fn builtin_registry() -> Registry {
+    let mut registry = Registry::new();
+    register_builtins(&mut registry);
+    registry
+}

@@ -1,0 +1,46 @@
+//! tessera's tiling stage (`kind: tile`) and the slide reading it is built on.
+//!
+//! A slide is opened with OpenSlide (any format it reads), tiled at a **physical** resolution
+//! (`mpp` or `magnification`, through the slide's mpp or the dataset's `mpp` override),
+//! tissue is detected on a low-resolution overview (HSV saturation, median blur, Otsu,
+//! closing), tiles with enough tissue are kept, a thumbnail with the mask and the grid is
+//! written, and the tile table (`slide_id, x, y, tile_size, level, mpp, tissue_fraction`, plus
+//! `pixels, pixels_size`) streams downstream in batches read by a pool of threads.
+//!
+//! [`SlideReader`] is the reusable part for other stages: open a slide, ask its geometry and
+//! mpp, read a tile of any level-0 size at any output size.
+
+pub mod batch;
+pub mod error;
+pub mod grid;
+pub mod pixels;
+pub mod plan;
+pub mod pool;
+pub mod reader;
+pub mod resample;
+pub mod resolution;
+pub mod stage;
+pub mod thumbnail;
+pub mod tissue;
+
+pub use error::{TileError, TileResult};
+pub use reader::{LevelInfo, Overview, Rect, SlideReader};
+pub use resolution::{Target, TileGeometry};
+pub use stage::{TileParams, TileStage};
+pub use tissue::{Mask, TissueParams};
+
+#[cfg(test)]
+pub(crate) mod test_data {
+    use std::path::PathBuf;
+
+    /// The shared test slides (see /work/shared/data/slides/README.md); `TESSERA_TEST_SLIDES`
+    /// points elsewhere.
+    pub fn slide_path(name: &str) -> PathBuf {
+        let dir = std::env::var_os("TESSERA_TEST_SLIDES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/slides")
+            });
+        dir.join(name)
+    }
+}
