@@ -45,6 +45,11 @@ impl Graph {
     /// Assembles and checks a graph from stages given in code (tests, embedding programs).
     /// `stages`: (name, configured stage, kind, version, input names, cache).
     pub fn from_parts(parts: Vec<StagePart>) -> Result<Graph, String> {
+        Self::from_parts_in(parts, std::path::Path::new("."))
+    }
+
+    /// [`Graph::from_parts`], resolving relative paths in parameters against `base_dir`.
+    pub fn from_parts_in(parts: Vec<StagePart>, base_dir: &std::path::Path) -> Result<Graph, String> {
         let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
         let mut stages = Vec::new();
         for p in &parts {
@@ -70,7 +75,7 @@ impl Graph {
                     })?;
                 }
             }
-            schemas[i] = Some(p.stage.output_schema(&input_schemas).map_err(|e| format!("stage `{}`: {e}", p.name))?);
+            schemas[i] = Some(p.stage.output_schema(&input_schemas, base_dir).map_err(|e| format!("stage `{}`: {e}", p.name))?);
         }
         let mut graph_stages = Vec::new();
         for (i, (p, inputs)) in stages.into_iter().enumerate() {
@@ -277,7 +282,7 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
             on_error: sc.on_error,
         })
         .collect();
-    Graph::from_parts(parts).map_err(|message| {
+    Graph::from_parts_in(parts, &exp.base_dir).map_err(|message| {
         // Point schema errors at the consumer's `inputs:` line.
         let stage = message
             .strip_prefix("stage `")

@@ -27,7 +27,8 @@ pub trait ConfiguredStage: Send + Sync {
     /// Parameters with defaults filled in, as canonical JSON (sorted keys): part of cache keys.
     fn canonical_params(&self) -> serde_json::Value;
     fn input_spec(&self) -> InputSpec;
-    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef>;
+    /// The output schema, with relative paths in parameters resolved against `base_dir`.
+    fn output_schema(&self, inputs: &[SchemaRef], base_dir: &std::path::Path) -> StageResult<SchemaRef>;
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String>;
     fn uncached_columns(&self) -> Vec<String>;
     fn parallel(&self) -> bool;
@@ -74,8 +75,8 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     fn input_spec(&self) -> InputSpec {
         self.0.input_spec()
     }
-    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
-        self.0.output_schema(inputs)
+    fn output_schema(&self, inputs: &[SchemaRef], base_dir: &std::path::Path) -> StageResult<SchemaRef> {
+        self.0.output_schema_at(inputs, base_dir)
     }
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String> {
         self.0.cache_salt(ctx)

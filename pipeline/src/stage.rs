@@ -98,6 +98,13 @@ pub trait StageKind:
     /// for a source). Called before anything runs, to type-check the graph.
     fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef>;
 
+    /// Like `output_schema`, for stages whose schema depends on a file named in their
+    /// parameters: `base_dir` is the experiment's folder, against which relative paths resolve.
+    fn output_schema_at(&self, inputs: &[SchemaRef], base_dir: &Path) -> StageResult<SchemaRef> {
+        let _ = base_dir;
+        self.output_schema(inputs)
+    }
+
     /// Checks parameter values beyond their types; the error names the offending field.
     fn validate(&self) -> Result<(), ParamIssue> {
         Ok(())

@@ -113,7 +113,7 @@ impl Harness {
             false,
             1,
         ));
-        let graph = Graph::from_parts(parts)?;
+        let graph = Graph::from_parts_in(parts, &self.out_dir)?;
         let settings = RunSettings {
             name: "harness".into(),
             seed: self.seed,
@@ -159,7 +159,7 @@ impl ConfiguredStage for Feed {
     fn input_spec(&self) -> InputSpec {
         InputSpec::Dataset
     }
-    fn output_schema(&self, _: &[SchemaRef]) -> StageResult<SchemaRef> {
+    fn output_schema(&self, _: &[SchemaRef], _: &std::path::Path) -> StageResult<SchemaRef> {
         Ok(self.schema.clone())
     }
     fn cache_salt(&self, _: &BuildContext) -> StageResult<String> {
@@ -205,7 +205,7 @@ impl ConfiguredStage for Collect {
     fn input_spec(&self) -> InputSpec {
         InputSpec::Tables(vec![vec![]])
     }
-    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+    fn output_schema(&self, inputs: &[SchemaRef], _: &std::path::Path) -> StageResult<SchemaRef> {
         Ok(inputs[0].clone())
     }
     fn cache_salt(&self, _: &BuildContext) -> StageResult<String> {

@@ -391,10 +391,19 @@ impl StageKind for FeaturesParams {
         InputSpec::Dataset
     }
 
-    fn output_schema(&self, _inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
-        // The engine gives no experiment folder here: relative paths resolve against the
-        // working directory, which is where `tessera run` is usually started.
-        let layout = self.layout(None);
+    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+        self.output_schema_at(inputs, Path::new("."))
+    }
+
+    fn output_schema_at(&self, _inputs: &[SchemaRef], base_dir: &Path) -> StageResult<SchemaRef> {
+        let layout = Layout::of(&self.path, |p| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                base_dir.join(p)
+            }
+        });
         let files = layout
             .files()
             .map_err(|e| StageError::other("listing the features files", e))?;
