@@ -26,15 +26,24 @@ pub const IDENTITY_SPAN: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cache {path}: {source}")]
-    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
     #[error("cache {path}: not a complete entry ({reason})")]
     Invalid { path: PathBuf, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_path_buf(), source }
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Everything that determines one stage's output for one slide.
@@ -56,7 +65,14 @@ pub struct KeyParts<'a> {
 /// Hashes key parts into a 32-hex-digit content key.
 pub fn content_key(parts: &KeyParts<'_>) -> String {
     let mut h = blake3::Hasher::new();
-    for field in [parts.kind, parts.version, parts.params, parts.salt, parts.slide_id, parts.slide_identity] {
+    for field in [
+        parts.kind,
+        parts.version,
+        parts.params,
+        parts.salt,
+        parts.slide_id,
+        parts.slide_identity,
+    ] {
         h.update(&(field.len() as u64).to_le_bytes());
         h.update(field.as_bytes());
     }
@@ -115,7 +131,10 @@ impl Cache {
 
     /// Where the entry of `kind` with `key` lives: `ROOT/KIND/KE/KEY.parquet`.
     pub fn entry_path(&self, kind: &str, key: &str) -> PathBuf {
-        self.root.join(kind).join(&key[..2.min(key.len())]).join(format!("{key}.parquet"))
+        self.root
+            .join(kind)
+            .join(&key[..2.min(key.len())])
+            .join(format!("{key}.parquet"))
     }
 
     /// Whether a complete entry exists: its Parquet footer reads and names the same key.
@@ -162,17 +181,31 @@ impl Cache {
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
-        let mut kv: Vec<KeyValue> =
-            metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+        let mut kv: Vec<KeyValue> = metadata
+            .into_iter()
+            .map(|(k, v)| KeyValue::new(k, v))
+            .collect();
         kv.push(KeyValue::new("tessera.key".to_string(), key.to_string()));
-        kv.push(KeyValue::new("tessera.tool".to_string(), TOOL_VERSION.to_string()));
+        kv.push(KeyValue::new(
+            "tessera.tool".to_string(),
+            TOOL_VERSION.to_string(),
+        ));
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
             .set_key_value_metadata(Some(kv))
             .build();
-        let writer = ArrowWriter::try_new(file, schema, Some(props))
-            .map_err(|source| CacheError::Parquet { path: tmp_path.clone(), source })?;
-        Ok(PendingEntry { tmp_path, final_path, writer: Some(writer), rows: 0 })
+        let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|source| {
+            CacheError::Parquet {
+                path: tmp_path.clone(),
+                source,
+            }
+        })?;
+        Ok(PendingEntry {
+            tmp_path,
+            final_path,
+            writer: Some(writer),
+            rows: 0,
+        })
     }
 }
 
@@ -189,9 +222,10 @@ impl PendingEntry {
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), CacheError> {
         self.rows += batch.num_rows();
         match self.writer.as_mut() {
-            Some(w) => w
-                .write(batch)
-                .map_err(|source| CacheError::Parquet { path: self.tmp_path.clone(), source }),
+            Some(w) => w.write(batch).map_err(|source| CacheError::Parquet {
+                path: self.tmp_path.clone(),
+                source,
+            }),
             None => Ok(()),
         }
     }
@@ -199,9 +233,10 @@ impl PendingEntry {
     /// Closes the file, flushes it to disk and renames it to its real name.
     pub fn finish(mut self) -> Result<PathBuf, CacheError> {
         if let Some(w) = self.writer.take() {
-            let file = w
-                .into_inner()
-                .map_err(|source| CacheError::Parquet { path: self.tmp_path.clone(), source })?;
+            let file = w.into_inner().map_err(|source| CacheError::Parquet {
+                path: self.tmp_path.clone(),
+                source,
+            })?;
             file.sync_all().map_err(io_err(&self.tmp_path))?;
         }
         fs::rename(&self.tmp_path, &self.final_path).map_err(io_err(&self.final_path))?;
@@ -226,23 +261,41 @@ impl Drop for PendingEntry {
 /// Reads every batch of a Parquet file.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, CacheError> {
     let file = File::open(path).map_err(io_err(path))?;
-    let perr = |source| CacheError::Parquet { path: path.to_path_buf(), source };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.build().map_err(perr)?;
+    let perr = |source| CacheError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(perr)?
+        .build()
+        .map_err(perr)?;
     reader
-        .map(|b| b.map_err(|e| CacheError::Invalid { path: path.to_path_buf(), reason: e.to_string() }))
+        .map(|b| {
+            b.map_err(|e| CacheError::Invalid {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        })
         .collect()
 }
 
 /// Reads a Parquet file's key-value metadata (footer only).
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, CacheError> {
     let file = File::open(path).map_err(io_err(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|source| CacheError::Parquet { path: path.to_path_buf(), source })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| CacheError::Parquet {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(builder
         .metadata()
         .file_metadata()
         .key_value_metadata()
-        .map(|kv| kv.iter().filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v))).collect())
+        .map(|kv| {
+            kv.iter()
+                .filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v)))
+                .collect()
+        })
         .unwrap_or_default())
 }
 
@@ -293,7 +346,9 @@ pub fn list_entries(root: &Path) -> Result<Vec<EntryInfo>, CacheError> {
 /// The key of a complete entry, from its file name.
 pub fn entry_key(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
-    name.strip_suffix(".parquet").filter(|k| !k.starts_with('.')).map(str::to_string)
+    name.strip_suffix(".parquet")
+        .filter(|k| !k.starts_with('.'))
+        .map(str::to_string)
 }
 
 #[cfg(test)]
@@ -310,7 +365,10 @@ mod tests {
         ]));
         RecordBatch::try_new(
             schema,
-            vec![Arc::new(StringArray::from(vec!["a", "a"])), Arc::new(Int64Array::from(vec![1, 2]))],
+            vec![
+                Arc::new(StringArray::from(vec!["a", "a"])),
+                Arc::new(Int64Array::from(vec![1, 2])),
+            ],
         )
         .unwrap()
     }
@@ -320,7 +378,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path());
         let b = batch();
-        let mut pending = cache.begin("tile", "abcdef", b.schema(), BTreeMap::new()).unwrap();
+        let mut pending = cache
+            .begin("tile", "abcdef", b.schema(), BTreeMap::new())
+            .unwrap();
         pending.write(&b).unwrap();
         assert!(!cache.is_valid("tile", "abcdef"));
         pending.finish().unwrap();
@@ -336,12 +396,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path());
         let b = batch();
-        let mut pending = cache.begin("tile", "k1k1", b.schema(), BTreeMap::new()).unwrap();
+        let mut pending = cache
+            .begin("tile", "k1k1", b.schema(), BTreeMap::new())
+            .unwrap();
         pending.write(&b).unwrap();
         drop(pending);
         assert!(list_entries(dir.path()).unwrap().is_empty());
 
-        let mut pending = cache.begin("tile", "k2k2", b.schema(), BTreeMap::new()).unwrap();
+        let mut pending = cache
+            .begin("tile", "k2k2", b.schema(), BTreeMap::new())
+            .unwrap();
         pending.write(&b).unwrap();
         let path = pending.finish().unwrap();
         let bytes = fs::read(&path).unwrap();
@@ -364,9 +428,27 @@ mod tests {
         };
         let k = content_key(&base);
         assert_eq!(k.len(), 32);
-        assert_ne!(k, content_key(&KeyParts { salt: "w2", ..base.clone() }));
-        assert_ne!(k, content_key(&KeyParts { params: "{\"a\":1}", ..base.clone() }));
-        assert_ne!(k, content_key(&KeyParts { input_keys: &[], ..base.clone() }));
+        assert_ne!(
+            k,
+            content_key(&KeyParts {
+                salt: "w2",
+                ..base.clone()
+            })
+        );
+        assert_ne!(
+            k,
+            content_key(&KeyParts {
+                params: "{\"a\":1}",
+                ..base.clone()
+            })
+        );
+        assert_ne!(
+            k,
+            content_key(&KeyParts {
+                input_keys: &[],
+                ..base.clone()
+            })
+        );
     }
 
     #[test]

@@ -17,7 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "SparseConvMIL and MIL baselines on whole-slide images, as a YAML-declared DAG of cached stages")]
+#[command(
+    name = "tessera",
+    version,
+    about = "SparseConvMIL and MIL baselines on whole-slide images, as a YAML-declared DAG of cached stages"
+)]
 struct Cli {
     /// More logging (-v: debug, -vv: trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -99,7 +103,11 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -116,12 +124,22 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
                 "{}: ok — {} stages ({}), {} slides",
                 experiment.display(),
                 graph.stages.len(),
-                graph.order.iter().map(|&i| graph.stages[i].name.as_str()).collect::<Vec<_>>().join(" -> "),
+                graph
+                    .order
+                    .iter()
+                    .map(|&i| graph.stages[i].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" -> "),
                 exp.slides.len()
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { experiment, sets, out, quiet } => run(&experiment, &sets, out, quiet, registry),
+        Command::Run {
+            experiment,
+            sets,
+            out,
+            quiet,
+        } => run(&experiment, &sets, out, quiet, registry),
         Command::Stages { kind } => {
             print_stages(registry, kind.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -131,20 +149,33 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&experiment_json_schema(registry))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&experiment_json_schema(registry))?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 /// Loads and checks an experiment; the error is the full message to print.
-pub fn load_and_check(file: &Path, sets: &[String], registry: &Registry) -> Result<(Experiment, Graph), String> {
+pub fn load_and_check(
+    file: &Path,
+    sets: &[String],
+    registry: &Registry,
+) -> Result<(Experiment, Graph), String> {
     let exp = load_experiment(file, sets).map_err(|e| e.to_string())?;
     let graph = build_graph(&exp, registry).map_err(|e| e.to_string())?;
     Ok((exp, graph))
 }
 
-fn run(file: &Path, sets: &[String], out: Option<PathBuf>, quiet: bool, registry: &Registry) -> anyhow::Result<ExitCode> {
+fn run(
+    file: &Path,
+    sets: &[String],
+    out: Option<PathBuf>,
+    quiet: bool,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
     let (mut exp, graph) = match load_and_check(file, sets, registry) {
         Ok(x) => x,
         Err(message) => {
@@ -155,7 +186,8 @@ fn run(file: &Path, sets: &[String], out: Option<PathBuf>, quiet: bool, registry
     if let Some(out) = out {
         exp.out_dir = out;
     }
-    std::fs::create_dir_all(&exp.out_dir).with_context(|| format!("creating {}", exp.out_dir.display()))?;
+    std::fs::create_dir_all(&exp.out_dir)
+        .with_context(|| format!("creating {}", exp.out_dir.display()))?;
     write_resolved(&exp, &graph)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
@@ -178,17 +210,38 @@ fn run(file: &Path, sets: &[String], out: Option<PathBuf>, quiet: bool, registry
         progress: !quiet && std::io::stderr().is_terminal(),
     };
     let report = execute(&graph, &settings)?;
-    println!("{:<16} {:<12} {:>8} {:>8} {:>10} {:>6} {:>6} {:>8} {:>6}", "stage", "kind", "in", "out", "rows out", "hits", "miss", "seconds", "errors");
+    println!(
+        "{:<16} {:<12} {:>8} {:>8} {:>10} {:>6} {:>6} {:>8} {:>6}",
+        "stage", "kind", "in", "out", "rows out", "hits", "miss", "seconds", "errors"
+    );
     for s in &report.stages {
         println!(
             "{:<16} {:<12} {:>8} {:>8} {:>10} {:>6} {:>6} {:>8.2} {:>6}",
-            s.name, s.kind, s.items_in, s.items_out, s.rows_out, s.cache_hits, s.cache_misses, s.seconds, s.errors.len()
+            s.name,
+            s.kind,
+            s.items_in,
+            s.items_out,
+            s.rows_out,
+            s.cache_hits,
+            s.cache_misses,
+            s.seconds,
+            s.errors.len()
         );
     }
     for e in &report.errors {
-        eprintln!("error: stage `{}`, slide `{}`: {}", e.stage, e.slide.as_deref().unwrap_or("-"), e.message);
+        eprintln!(
+            "error: stage `{}`, slide `{}`: {}",
+            e.stage,
+            e.slide.as_deref().unwrap_or("-"),
+            e.message
+        );
     }
-    println!("{:?} in {:.1} s; report: {}", report.status, report.seconds, exp.out_dir.join("run.json").display());
+    println!(
+        "{:?} in {:.1} s; report: {}",
+        report.status,
+        report.seconds,
+        exp.out_dir.join("run.json").display()
+    );
     Ok(match report.status {
         RunStatus::Ok => ExitCode::SUCCESS,
         RunStatus::Failed => ExitCode::from(1),
@@ -205,7 +258,8 @@ fn write_resolved(exp: &Experiment, graph: &Graph) -> anyhow::Result<()> {
         }
     }
     let path = exp.out_dir.join("experiment.yaml");
-    std::fs::write(&path, serde_yaml_ng::to_string(&config)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_yaml_ng::to_string(&config)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -218,10 +272,20 @@ fn print_stages(registry: &Registry, kind: Option<&str>) -> anyhow::Result<()> {
         return Ok(());
     };
     let Some(k) = registry.get(kind) else {
-        let hint = crate::registry::did_you_mean(kind, registry.names()).map(|m| format!(" (did you mean `{m}`?)")).unwrap_or_default();
-        bail!("unknown stage kind `{kind}`{hint}; known: {}", registry.names().join(", "));
+        let hint = crate::registry::did_you_mean(kind, registry.names())
+            .map(|m| format!(" (did you mean `{m}`?)"))
+            .unwrap_or_default();
+        bail!(
+            "unknown stage kind `{kind}`{hint}; known: {}",
+            registry.names().join(", ")
+        );
     };
-    println!("{} (version {}): {}\n\nparameters:", k.kind(), k.version(), k.about());
+    println!(
+        "{} (version {}): {}\n\nparameters:",
+        k.kind(),
+        k.version(),
+        k.about()
+    );
     let schema = k.params_schema();
     let defaults = k.default_params();
     if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
@@ -229,10 +293,21 @@ fn print_stages(registry: &Registry, kind: Option<&str>) -> anyhow::Result<()> {
             let ty = prop
                 .get("type")
                 .map(|t| t.to_string().replace('"', ""))
-                .or_else(|| prop.get("$ref").and_then(|r| r.as_str()).map(|r| r.rsplit('/').next().unwrap_or(r).to_string()))
+                .or_else(|| {
+                    prop.get("$ref")
+                        .and_then(|r| r.as_str())
+                        .map(|r| r.rsplit('/').next().unwrap_or(r).to_string())
+                })
                 .unwrap_or_else(|| "value".into());
-            let default = defaults.get(name).map(|d| d.to_string()).unwrap_or_default();
-            let about = prop.get("description").and_then(|d| d.as_str()).unwrap_or("").replace('\n', " ");
+            let default = defaults
+                .get(name)
+                .map(|d| d.to_string())
+                .unwrap_or_default();
+            let about = prop
+                .get("description")
+                .and_then(|d| d.as_str())
+                .unwrap_or("")
+                .replace('\n', " ");
             println!("  {name:<22} {ty:<18} default {default:<14} {about}");
         }
     }
@@ -253,7 +328,8 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
         CacheCommand::Ls { target } => {
             let dir = cache_dir_of(&target, registry)?;
             let entries = list_entries(&dir)?;
-            let mut kinds: std::collections::BTreeMap<&str, (usize, u64, usize)> = Default::default();
+            let mut kinds: std::collections::BTreeMap<&str, (usize, u64, usize)> =
+                Default::default();
             for e in &entries {
                 let k = kinds.entry(e.kind.as_str()).or_default();
                 if e.temporary {
@@ -264,16 +340,27 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
                 }
             }
             println!("cache {}", dir.display());
-            println!("{:<14} {:>8} {:>12} {:>10}", "kind", "entries", "MiB", "temporary");
+            println!(
+                "{:<14} {:>8} {:>12} {:>10}",
+                "kind", "entries", "MiB", "temporary"
+            );
             for (kind, (n, bytes, tmp)) in kinds {
-                println!("{kind:<14} {n:>8} {:>12.2} {tmp:>10}", bytes as f64 / (1 << 20) as f64);
+                println!(
+                    "{kind:<14} {n:>8} {:>12.2} {tmp:>10}",
+                    bytes as f64 / (1 << 20) as f64
+                );
             }
         }
-        CacheCommand::Gc { target, keep, dry_run } => {
+        CacheCommand::Gc {
+            target,
+            keep,
+            dry_run,
+        } => {
             let dir = cache_dir_of(&target, registry)?;
             let mut keep_keys: Option<HashSet<String>> = None;
             for exp_file in &keep {
-                let (exp, graph) = load_and_check(exp_file, &[], registry).map_err(anyhow::Error::msg)?;
+                let (exp, graph) =
+                    load_and_check(exp_file, &[], registry).map_err(anyhow::Error::msg)?;
                 let keys = crate::runner::plan_keys(&graph, &exp)?;
                 keep_keys.get_or_insert_with(HashSet::new).extend(keys);
             }
@@ -284,15 +371,24 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
                     _ => false,
                 };
                 if e.temporary || unused {
-                    println!("{} {}", if dry_run { "would remove" } else { "remove" }, e.path.display());
+                    println!(
+                        "{} {}",
+                        if dry_run { "would remove" } else { "remove" },
+                        e.path.display()
+                    );
                     if !dry_run {
-                        std::fs::remove_file(&e.path).with_context(|| format!("removing {}", e.path.display()))?;
+                        std::fs::remove_file(&e.path)
+                            .with_context(|| format!("removing {}", e.path.display()))?;
                     }
                     removed += 1;
                     bytes += e.bytes;
                 }
             }
-            println!("{removed} files, {:.2} MiB {}", bytes as f64 / (1 << 20) as f64, if dry_run { "would be freed" } else { "freed" });
+            println!(
+                "{removed} files, {:.2} MiB {}",
+                bytes as f64 / (1 << 20) as f64,
+                if dry_run { "would be freed" } else { "freed" }
+            );
         }
     }
     Ok(())
@@ -301,7 +397,8 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
 /// The JSON Schema of experiment files, with each stage kind's parameters.
 pub fn experiment_json_schema(registry: &Registry) -> serde_json::Value {
     use serde_json::{json, Value};
-    let mut root = serde_json::to_value(schemars::schema_for!(crate::config::ExperimentConfig)).unwrap_or_default();
+    let mut root = serde_json::to_value(schemars::schema_for!(crate::config::ExperimentConfig))
+        .unwrap_or_default();
     let mut defs = root.get("$defs").cloned().unwrap_or_else(|| json!({}));
     let mut branches = Vec::new();
     for k in registry.kinds() {

@@ -143,7 +143,12 @@ pub struct Experiment {
 
 impl Experiment {
     /// Points at the line of a key path (`["stages", "tiles", "params", "tile_size"]`).
-    pub fn error_at(&self, path: &[&str], stage: Option<&str>, message: impl Into<String>) -> ConfigError {
+    pub fn error_at(
+        &self,
+        path: &[&str],
+        stage: Option<&str>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
             line: locate(&self.source, path),
@@ -157,11 +162,19 @@ impl Experiment {
 /// here too, so a broken dataset is reported before any work.
 pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, ConfigErrors> {
     let err = |line: Option<usize>, message: String| {
-        ConfigErrors(vec![ConfigError { file: file.to_path_buf(), line, stage: None, message }])
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            line,
+            stage: None,
+            message,
+        }])
     };
     let text = std::fs::read_to_string(file).map_err(|e| err(None, format!("cannot read: {e}")))?;
     let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
-        err(e.location().map(|l| l.line()), format!("not valid YAML: {e}"))
+        err(
+            e.location().map(|l| l.line()),
+            format!("not valid YAML: {e}"),
+        )
     })?;
     for set in sets {
         apply_set(&mut value, set).map_err(|m| err(None, format!("--set {set}: {m}")))?;
@@ -172,31 +185,64 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         serde_yaml_ng::to_string(&value).unwrap_or_else(|_| text.clone())
     };
     let config: ExperimentConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path: Vec<String> = e.path().to_string().split('.').map(str::to_string).collect();
-        let refs: Vec<&str> = path.iter().map(String::as_str).filter(|s| *s != "?").collect();
+        let path: Vec<String> = e
+            .path()
+            .to_string()
+            .split('.')
+            .map(str::to_string)
+            .collect();
+        let refs: Vec<&str> = path
+            .iter()
+            .map(String::as_str)
+            .filter(|s| *s != "?")
+            .collect();
         let inner = e.into_inner().to_string();
         let line = locate(&source, &refs).or_else(|| {
             // serde_yaml_ng reports "at line N column M" for unknown fields
-            inner.split("at line ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok())
+            inner
+                .split("at line ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
         });
         let mut message = inner;
         if let Some(hint) = unknown_field_hint(&message) {
             message.push_str(&hint);
         }
+        // Name the field: serde's message alone ("invalid type: ...") does not.
+        let top_level_unknown = refs.len() == 1 && message.starts_with("unknown field");
+        if !refs.is_empty() && refs != ["."] && !top_level_unknown {
+            message = format!("`{}`: {message}", refs.join("."));
+        }
         err(line, message)
     })?;
     let base_dir = file
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
     let device = config
         .device
         .parse::<DeviceSpec>()
         .map_err(|m| err(locate(&source, &["device"]), m))?;
     if config.channel_capacity == 0 {
-        return Err(err(locate(&source, &["channel_capacity"]), "channel_capacity must be at least 1".into()));
+        return Err(err(
+            locate(&source, &["channel_capacity"]),
+            "channel_capacity must be at least 1".into(),
+        ));
     }
     let cache_dir = std::env::var_os("TESSERA_CACHE_DIR")
         .map(PathBuf::from)
@@ -207,8 +253,18 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         .map(resolve)
         .unwrap_or_else(|| base_dir.join("out").join(&config.name));
     let dataset = resolve(&config.dataset);
-    let slides = read_dataset(&dataset).map_err(|e| err(locate(&source, &["dataset"]), e.to_string()))?;
-    Ok(Experiment { config, file: file.to_path_buf(), base_dir, source, device, cache_dir, out_dir, slides })
+    let slides =
+        read_dataset(&dataset).map_err(|e| err(locate(&source, &["dataset"]), e.to_string()))?;
+    Ok(Experiment {
+        config,
+        file: file.to_path_buf(),
+        base_dir,
+        source,
+        device,
+        cache_dir,
+        out_dir,
+        slides,
+    })
 }
 
 /// serde lists the expected fields in its unknown-field message; add the closest one.
@@ -220,7 +276,15 @@ fn unknown_field_hint(message: &str) -> Option<String> {
 }
 
 /// Top-level fields that `--set NAME=VALUE` addresses directly.
-const TOP_LEVEL: &[&str] = &["name", "seed", "device", "cache_dir", "out_dir", "dataset", "channel_capacity"];
+const TOP_LEVEL: &[&str] = &[
+    "name",
+    "seed",
+    "device",
+    "cache_dir",
+    "out_dir",
+    "dataset",
+    "channel_capacity",
+];
 /// Stage fields that `--set STAGE.FIELD=VALUE` addresses (others go to `params`).
 const STAGE_FIELDS: &[&str] = &["workers", "cache", "on_error", "inputs", "kind"];
 
@@ -229,7 +293,8 @@ const STAGE_FIELDS: &[&str] = &["workers", "cache", "on_error", "inputs", "kind"
 pub fn apply_set(root: &mut serde_yaml_ng::Value, set: &str) -> Result<(), String> {
     use serde_yaml_ng::Value;
     let (path, raw) = set.split_once('=').ok_or("expected PATH=VALUE")?;
-    let value: Value = serde_yaml_ng::from_str(raw).map_err(|e| format!("value is not YAML: {e}"))?;
+    let value: Value =
+        serde_yaml_ng::from_str(raw).map_err(|e| format!("value is not YAML: {e}"))?;
     let parts: Vec<&str> = path.trim().split('.').collect();
     let mut keys: Vec<&str> = Vec::new();
     match parts.as_slice() {
@@ -239,7 +304,12 @@ pub fn apply_set(root: &mut serde_yaml_ng::Value, set: &str) -> Result<(), Strin
             keys.extend(["stages", stage, "params"]);
             keys.extend(rest.iter().copied());
         }
-        _ => return Err(format!("`{path}` is neither a top-level field ({}) nor STAGE.PARAM", TOP_LEVEL.join(", "))),
+        _ => {
+            return Err(format!(
+                "`{path}` is neither a top-level field ({}) nor STAGE.PARAM",
+                TOP_LEVEL.join(", ")
+            ))
+        }
     }
     let mut node = root;
     for (i, key) in keys.iter().enumerate() {
@@ -260,7 +330,10 @@ pub fn apply_set(root: &mut serde_yaml_ng::Value, set: &str) -> Result<(), Strin
             return Ok(());
         }
         if i == 1 && keys[0] == "stages" && !map.contains_key(&k) {
-            let known: Vec<String> = map.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+            let known: Vec<String> = map
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect();
             let hint = crate::registry::did_you_mean(key, known.iter().map(String::as_str))
                 .map(|m| format!(" (did you mean `{m}`?)"))
                 .unwrap_or_default();
@@ -292,7 +365,12 @@ pub fn locate(text: &str, path: &[&str]) -> Option<usize> {
                 }
             }
             let body = trimmed.trim_start_matches("- ");
-            let name = body.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
+            let name = body
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(|c| c == '"' || c == '\'');
             if name == *key && body.contains(':') {
                 hit = Some((i, indent));
                 break;
@@ -323,10 +401,19 @@ mod tests {
 
     #[test]
     fn locates_nested_keys_by_indentation() {
-        assert_eq!(locate(YAML, &["stages", "tiles", "params", "tile_size"]), Some(6));
-        assert_eq!(locate(YAML, &["stages", "embed", "params", "tile_size"]), Some(10));
+        assert_eq!(
+            locate(YAML, &["stages", "tiles", "params", "tile_size"]),
+            Some(6)
+        );
+        assert_eq!(
+            locate(YAML, &["stages", "embed", "params", "tile_size"]),
+            Some(10)
+        );
         assert_eq!(locate(YAML, &["stages", "embed", "kind"]), Some(8));
-        assert_eq!(locate(YAML, &["stages", "embed", "params", "nope"]), Some(9));
+        assert_eq!(
+            locate(YAML, &["stages", "embed", "params", "nope"]),
+            Some(9)
+        );
     }
 
     #[test]
@@ -336,10 +423,16 @@ mod tests {
         apply_set(&mut v, "tiles.workers=3").unwrap();
         apply_set(&mut v, "seed=7").unwrap();
         apply_set(&mut v, "embed.model.depth=18").unwrap();
-        assert_eq!(v["stages"]["tiles"]["params"]["tile_size"].as_i64(), Some(512));
+        assert_eq!(
+            v["stages"]["tiles"]["params"]["tile_size"].as_i64(),
+            Some(512)
+        );
         assert_eq!(v["stages"]["tiles"]["workers"].as_i64(), Some(3));
         assert_eq!(v["seed"].as_i64(), Some(7));
-        assert_eq!(v["stages"]["embed"]["params"]["model"]["depth"].as_i64(), Some(18));
+        assert_eq!(
+            v["stages"]["embed"]["params"]["model"]["depth"].as_i64(),
+            Some(18)
+        );
         let err = apply_set(&mut v, "tilez.tile_size=1").unwrap_err();
         assert!(err.contains("did you mean `tiles`"), "{err}");
     }

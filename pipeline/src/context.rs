@@ -77,7 +77,13 @@ impl StageContext {
         }
         self.shared.stats.add_rows_out(batch.num_rows());
         self.write_cache(slide, Some(&batch))?;
-        self.send_to_needing(slide, Message::Batch { slide: slide.clone(), batch })
+        self.send_to_needing(
+            slide,
+            Message::Batch {
+                slide: slide.clone(),
+                batch,
+            },
+        )
     }
 
     /// Declares that every row about `slide` has been emitted: completes its cache entry
@@ -95,7 +101,12 @@ impl StageContext {
         }
         self.shared.stats.add_item_out();
         self.shared.progress.inc(1);
-        self.send_to_needing(slide, Message::SlideEnd { slide: slide.clone() })
+        self.send_to_needing(
+            slide,
+            Message::SlideEnd {
+                slide: slide.clone(),
+            },
+        )
     }
 
     /// Tells the engine this stage wants no more input (a training loop that reached its last
@@ -167,27 +178,38 @@ impl StageContext {
     /// Drops what was written to the cache for a failed slide and tells consumers.
     pub(crate) fn abort_slide(&mut self, slide: &SlideHandle) {
         self.pending.remove(&slide.index);
-        let _ = self.send_to_needing(slide, Message::SlideFailed { slide: slide.clone() });
+        let _ = self.send_to_needing(
+            slide,
+            Message::SlideFailed {
+                slide: slide.clone(),
+            },
+        );
     }
 
     fn write_cache(&mut self, slide: &SlideHandle, batch: Option<&RecordBatch>) -> StageResult {
-        let Some(cache) = self.shared.cache.as_ref() else { return Ok(()) };
+        let Some(cache) = self.shared.cache.as_ref() else {
+            return Ok(());
+        };
         if self.run.plan.state(self.shared.index, slide.index) != SlideState::Compute {
             return Ok(());
         }
-        let Some(Some(key)) = cache.keys.get(slide.index) else { return Ok(()) };
-        if !self.pending.contains_key(&slide.index) {
+        let Some(Some(key)) = cache.keys.get(slide.index) else {
+            return Ok(());
+        };
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.pending.entry(slide.index) {
             let mut metadata = cache.metadata.clone();
             metadata.insert("tessera.slide_id".into(), slide.id.clone());
             let entry = cache
                 .cache
                 .begin(&cache.kind, key, cache.schema.clone(), metadata)
                 .map_err(|e| StageError::other("starting a cache entry", e))?;
-            self.pending.insert(slide.index, entry);
+            slot.insert(entry);
         }
         if let (Some(batch), Some(entry)) = (batch, self.pending.get_mut(&slide.index)) {
             let projected = project(batch, &cache.schema, &cache.uncached)?;
-            entry.write(&projected).map_err(|e| StageError::other("writing the cache entry", e))?;
+            entry
+                .write(&projected)
+                .map_err(|e| StageError::other("writing the cache entry", e))?;
         }
         Ok(())
     }
@@ -241,7 +263,11 @@ impl StageContext {
 }
 
 /// Keeps the persisted columns of a batch, in the cache schema's order.
-fn project(batch: &RecordBatch, schema: &SchemaRef, uncached: &[String]) -> StageResult<RecordBatch> {
+fn project(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    uncached: &[String],
+) -> StageResult<RecordBatch> {
     if uncached.is_empty() && batch.schema().fields() == schema.fields() {
         return Ok(batch.clone());
     }
@@ -250,7 +276,10 @@ fn project(batch: &RecordBatch, schema: &SchemaRef, uncached: &[String]) -> Stag
         .iter()
         .map(|f| {
             batch.column_by_name(f.name()).cloned().ok_or_else(|| {
-                StageError::msg(format!("emitted batch lacks declared column `{}`", f.name()))
+                StageError::msg(format!(
+                    "emitted batch lacks declared column `{}`",
+                    f.name()
+                ))
             })
         })
         .collect::<StageResult<Vec<_>>>()?;

@@ -49,33 +49,56 @@ impl Graph {
     }
 
     /// [`Graph::from_parts`], resolving relative paths in parameters against `base_dir`.
-    pub fn from_parts_in(parts: Vec<StagePart>, base_dir: &std::path::Path) -> Result<Graph, String> {
+    pub fn from_parts_in(
+        parts: Vec<StagePart>,
+        base_dir: &std::path::Path,
+    ) -> Result<Graph, String> {
         let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
         let mut stages = Vec::new();
         for p in &parts {
             let inputs = p
                 .inputs
                 .iter()
-                .map(|i| names.iter().position(|n| n == i).ok_or_else(|| format!("stage `{}`: unknown input `{i}`", p.name)))
+                .map(|i| {
+                    names
+                        .iter()
+                        .position(|n| n == i)
+                        .ok_or_else(|| format!("stage `{}`: unknown input `{i}`", p.name))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             stages.push((p, inputs));
         }
         let edges: Vec<Vec<usize>> = stages.iter().map(|(_, i)| i.clone()).collect();
         let order = topological_order(&edges).map_err(|cycle| {
-            format!("cycle: {}", cycle.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>().join(" -> "))
+            format!(
+                "cycle: {}",
+                cycle
+                    .iter()
+                    .map(|&i| names[i].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            )
         })?;
         let mut schemas: Vec<Option<SchemaRef>> = vec![None; stages.len()];
         for &i in &order {
             let (p, inputs) = &stages[i];
-            let input_schemas: Vec<SchemaRef> = inputs.iter().filter_map(|&j| schemas[j].clone()).collect();
+            let input_schemas: Vec<SchemaRef> =
+                inputs.iter().filter_map(|&j| schemas[j].clone()).collect();
             if let InputSpec::Tables(reqs) = p.stage.input_spec() {
                 for (k, (req, schema)) in reqs.iter().zip(&input_schemas).enumerate() {
                     check_columns(schema, req).map_err(|m| {
-                        format!("stage `{}` input {k} from `{}`: {m}", p.name, names[inputs[k]])
+                        format!(
+                            "stage `{}` input {k} from `{}`: {m}",
+                            p.name, names[inputs[k]]
+                        )
                     })?;
                 }
             }
-            schemas[i] = Some(p.stage.output_schema(&input_schemas, base_dir).map_err(|e| format!("stage `{}`: {e}", p.name))?);
+            schemas[i] = Some(
+                p.stage
+                    .output_schema(&input_schemas, base_dir)
+                    .map_err(|e| format!("stage `{}`: {e}", p.name))?,
+            );
         }
         let mut graph_stages = Vec::new();
         for (i, (p, inputs)) in stages.into_iter().enumerate() {
@@ -93,7 +116,11 @@ impl Graph {
             });
         }
         let consumers = consumers_of(&graph_stages);
-        Ok(Graph { stages: graph_stages, order, consumers })
+        Ok(Graph {
+            stages: graph_stages,
+            order,
+            consumers,
+        })
     }
 }
 
@@ -180,19 +207,24 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
             errors.push(exp.error_at(
                 &["stages", name, "kind"],
                 Some(name),
-                format!("unknown stage kind `{}`{hint} (known kinds: {})", sc.kind, known.join(", ")),
+                format!(
+                    "unknown stage kind `{}`{hint} (known kinds: {})",
+                    sc.kind,
+                    known.join(", ")
+                ),
             ));
             continue;
         };
         if sc.workers == 0 {
-            errors.push(exp.error_at(&["stages", name, "workers"], Some(name), "workers must be at least 1"));
+            errors.push(exp.error_at(
+                &["stages", name, "workers"],
+                Some(name),
+                "workers must be at least 1",
+            ));
         }
-        match check_param_names(&sc.params, &kind.params_schema()) {
-            Err((field, message)) => {
-                errors.push(exp.error_at(&["stages", name, "params", &field], Some(name), message));
-                continue;
-            }
-            Ok(()) => {}
+        if let Err((field, message)) = check_param_names(&sc.params, &kind.params_schema()) {
+            errors.push(exp.error_at(&["stages", name, "params", &field], Some(name), message));
+            continue;
         }
         match kind.configure(sc.params.clone()) {
             Ok(c) => {
@@ -200,7 +232,10 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
                     errors.push(exp.error_at(
                         &["stages", name, "workers"],
                         Some(name),
-                        format!("kind `{}` keeps state across slides and runs as one worker", sc.kind),
+                        format!(
+                            "kind `{}` keeps state across slides and runs as one worker",
+                            sc.kind
+                        ),
                     ));
                 }
                 if sc.cache && !c.cacheable() {
@@ -216,7 +251,11 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
             Err(issue) => {
                 let mut path = vec!["stages", name.as_str(), "params"];
                 path.extend(issue.field.split('.').filter(|s| !s.is_empty()));
-                let at = if issue.field.is_empty() { String::new() } else { format!("parameter `{}`: ", issue.field) };
+                let at = if issue.field.is_empty() {
+                    String::new()
+                } else {
+                    format!("parameter `{}`: ", issue.field)
+                };
                 errors.push(exp.error_at(&path, Some(name), format!("{at}{}", issue.message)));
             }
         }
@@ -242,11 +281,18 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
                     Some(name),
                     format!("kind `{}` reads the dataset and takes no inputs", sc.kind),
                 )),
-                InputSpec::Tables(reqs) if reqs.len() != sc.inputs.len() => errors.push(exp.error_at(
-                    &["stages", name, "inputs"],
-                    Some(name),
-                    format!("kind `{}` takes {} input(s), {} given", sc.kind, reqs.len(), sc.inputs.len()),
-                )),
+                InputSpec::Tables(reqs) if reqs.len() != sc.inputs.len() => {
+                    errors.push(exp.error_at(
+                        &["stages", name, "inputs"],
+                        Some(name),
+                        format!(
+                            "kind `{}` takes {} input(s), {} given",
+                            sc.kind,
+                            reqs.len(),
+                            sc.inputs.len()
+                        ),
+                    ))
+                }
                 _ => {}
             }
         }
@@ -255,7 +301,12 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
     let edges: Vec<Vec<usize>> = cfg
         .stages
         .values()
-        .map(|sc| sc.inputs.iter().filter_map(|i| names.iter().position(|n| n == i)).collect())
+        .map(|sc| {
+            sc.inputs
+                .iter()
+                .filter_map(|i| names.iter().position(|n| n == i))
+                .collect()
+        })
         .collect();
     if let Err(cycle) = topological_order(&edges) {
         let on: Vec<&str> = cycle.iter().map(|&i| names[i]).collect();
@@ -274,7 +325,11 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
         .map(|(name, sc)| StagePart {
             name: name.clone(),
             kind: sc.kind.clone(),
-            version: versions.get(name.as_str()).copied().unwrap_or("").to_string(),
+            version: versions
+                .get(name.as_str())
+                .copied()
+                .unwrap_or("")
+                .to_string(),
             stage: configured[name.as_str()].clone(),
             inputs: sc.inputs.clone(),
             workers: sc.workers,
@@ -288,15 +343,29 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
             .strip_prefix("stage `")
             .and_then(|r| r.split('`').next())
             .map(str::to_string);
-        let line = stage.as_deref().and_then(|s| crate::config::locate(&exp.source, &["stages", s, "inputs"]));
-        ConfigErrors(vec![ConfigError { file: exp.file.clone(), line, stage: None, message }])
+        let line = stage
+            .as_deref()
+            .and_then(|s| crate::config::locate(&exp.source, &["stages", s, "inputs"]));
+        ConfigErrors(vec![ConfigError {
+            file: exp.file.clone(),
+            line,
+            stage: None,
+            message,
+        }])
     })
 }
 
 /// Rejects parameter names the kind does not have, suggesting the closest one.
-fn check_param_names(params: &serde_json::Value, schema: &serde_json::Value) -> Result<(), (String, String)> {
-    let Some(given) = params.as_object() else { return Ok(()) };
-    let Some(props) = schema.get("properties").and_then(|p| p.as_object()) else { return Ok(()) };
+fn check_param_names(
+    params: &serde_json::Value,
+    schema: &serde_json::Value,
+) -> Result<(), (String, String)> {
+    let Some(given) = params.as_object() else {
+        return Ok(());
+    };
+    let Some(props) = schema.get("properties").and_then(|p| p.as_object()) else {
+        return Ok(());
+    };
     for key in given.keys() {
         if !props.contains_key(key) {
             let known: Vec<&str> = props.keys().map(String::as_str).collect();
@@ -305,7 +374,10 @@ fn check_param_names(params: &serde_json::Value, schema: &serde_json::Value) -> 
                 .unwrap_or_default();
             return Err((
                 key.clone(),
-                format!("unknown parameter `{key}`{hint}; parameters are: {}", known.join(", ")),
+                format!(
+                    "unknown parameter `{key}`{hint}; parameters are: {}",
+                    known.join(", ")
+                ),
             ));
         }
     }
@@ -318,7 +390,10 @@ mod tests {
 
     #[test]
     fn orders_and_finds_cycles() {
-        assert_eq!(topological_order(&[vec![], vec![0], vec![1]]).unwrap(), vec![0, 1, 2]);
+        assert_eq!(
+            topological_order(&[vec![], vec![0], vec![1]]).unwrap(),
+            vec![0, 1, 2]
+        );
         let cycle = topological_order(&[vec![], vec![0, 2], vec![1]]).unwrap_err();
         assert_eq!(cycle.first(), cycle.last());
         assert!(cycle.contains(&1) && cycle.contains(&2) && !cycle.contains(&0));

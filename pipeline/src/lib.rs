@@ -30,8 +30,8 @@ pub use stage::{check_running, BuildContext, DeviceSpec, ParamIssue, Stage, Stag
 /// Re-exported so stage crates use the engine's exact Arrow version.
 pub use arrow;
 
+pub mod cli;
 pub mod config;
 pub mod graph;
 pub mod runner;
 pub mod testing;
-pub mod cli;

@@ -9,7 +9,10 @@ use arrow::record_batch::RecordBatch;
 pub enum Message {
     /// Rows about one slide. A slide's rows may come in several batches (a large slide's
     /// tiles are streamed, never held whole).
-    Batch { slide: SlideHandle, batch: RecordBatch },
+    Batch {
+        slide: SlideHandle,
+        batch: RecordBatch,
+    },
     /// Every batch about this slide has been sent on this edge.
     SlideEnd { slide: SlideHandle },
     /// The slide failed upstream: drop whatever was gathered for it.

@@ -36,10 +36,15 @@ impl Plan {
     pub fn counts(&self, stage: usize) -> (usize, usize, usize) {
         let states = &self.states[stage];
         let count = |s| states.iter().filter(|x| **x == s).count();
-        (count(SlideState::Compute), count(SlideState::Replay), count(SlideState::Skip))
+        (
+            count(SlideState::Compute),
+            count(SlideState::Replay),
+            count(SlideState::Skip),
+        )
     }
 }
 
+#[allow(clippy::needless_range_loop)] // states[stage][slide] and states[consumer][slide]
 /// Decides every state, walking stages from the sinks up: a stage is needed for a slide when
 /// a consumer computes it (or the stage is a sink); a needed, cached stage whose entry is valid
 /// replays it.
@@ -57,7 +62,9 @@ pub fn decide(
     for &stage in order.iter().rev() {
         for slide in 0..n_slides {
             let needed = consumers[stage].is_empty()
-                || consumers[stage].iter().any(|&c| states[c][slide] == SlideState::Compute);
+                || consumers[stage]
+                    .iter()
+                    .any(|&c| states[c][slide] == SlideState::Compute);
             states[stage][slide] = if !needed {
                 SlideState::Skip
             } else if cache_enabled[stage] && cached(stage, slide) {
@@ -79,9 +86,13 @@ mod tests {
     fn cached_embeddings_skip_tiling() {
         // tile(0) -> embed(1) -> train(2); embed cached for slide 0 only.
         let consumers = vec![vec![1], vec![2], vec![]];
-        let states = decide(&[0, 1, 2], &consumers, &[true, true, false], 2, |s, slide| {
-            s == 1 && slide == 0
-        });
+        let states = decide(
+            &[0, 1, 2],
+            &consumers,
+            &[true, true, false],
+            2,
+            |s, slide| s == 1 && slide == 0,
+        );
         assert_eq!(states[2], vec![Compute, Compute]);
         assert_eq!(states[1], vec![Replay, Compute]);
         assert_eq!(states[0], vec![Skip, Compute]);
@@ -91,7 +102,9 @@ mod tests {
     fn fan_out_keeps_upstream_when_one_branch_misses() {
         // src(0) -> a(1), src(0) -> b(2); a cached, b not.
         let consumers = vec![vec![1, 2], vec![], vec![]];
-        let states = decide(&[0, 1, 2], &consumers, &[false, true, false], 1, |s, _| s == 1);
+        let states = decide(&[0, 1, 2], &consumers, &[false, true, false], 1, |s, _| {
+            s == 1
+        });
         assert_eq!(states[1], vec![Replay]);
         assert_eq!(states[0], vec![Compute]);
     }

@@ -28,7 +28,11 @@ pub trait ConfiguredStage: Send + Sync {
     fn canonical_params(&self) -> serde_json::Value;
     fn input_spec(&self) -> InputSpec;
     /// The output schema, with relative paths in parameters resolved against `base_dir`.
-    fn output_schema(&self, inputs: &[SchemaRef], base_dir: &std::path::Path) -> StageResult<SchemaRef>;
+    fn output_schema(
+        &self,
+        inputs: &[SchemaRef],
+        base_dir: &std::path::Path,
+    ) -> StageResult<SchemaRef>;
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String>;
     fn uncached_columns(&self) -> Vec<String>;
     fn parallel(&self) -> bool;
@@ -57,7 +61,11 @@ impl<K: StageKind> DynKind for Kind<K> {
         serde_json::to_value(K::default()).unwrap_or_default()
     }
     fn configure(&self, params: serde_json::Value) -> Result<Arc<dyn ConfiguredStage>, ParamIssue> {
-        let params = if params.is_null() { serde_json::json!({}) } else { params };
+        let params = if params.is_null() {
+            serde_json::json!({})
+        } else {
+            params
+        };
         let parsed: K = serde_path_to_error::deserialize(params).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { String::new() } else { path };
@@ -75,7 +83,11 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     fn input_spec(&self) -> InputSpec {
         self.0.input_spec()
     }
-    fn output_schema(&self, inputs: &[SchemaRef], base_dir: &std::path::Path) -> StageResult<SchemaRef> {
+    fn output_schema(
+        &self,
+        inputs: &[SchemaRef],
+        base_dir: &std::path::Path,
+    ) -> StageResult<SchemaRef> {
         self.0.output_schema_at(inputs, base_dir)
     }
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String> {
@@ -133,7 +145,10 @@ impl Registry {
 }
 
 /// The closest candidate to `word`, if close enough to be a plausible typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))

@@ -44,7 +44,8 @@ impl StageStats {
         self.cache_misses.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn add_busy(&self, d: std::time::Duration) {
-        self.busy_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.busy_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
@@ -72,6 +73,7 @@ pub struct StageReport {
 }
 
 impl StageReport {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_stats(
         name: &str,
         kind: &str,

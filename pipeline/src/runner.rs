@@ -48,16 +48,24 @@ pub enum RunError {
     #[error("stage `{stage}`: {source}")]
     Build { stage: String, source: StageError },
     #[error("output folder {path}: {source}")]
-    OutDir { path: PathBuf, source: std::io::Error },
+    OutDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing {path}: {source}")]
-    Report { path: PathBuf, source: std::io::Error },
+    Report {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the graph to completion (or failure, or interruption) and writes `out_dir/run.json`.
 pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunError> {
     let started = Instant::now();
-    std::fs::create_dir_all(&settings.out_dir)
-        .map_err(|source| RunError::OutDir { path: settings.out_dir.clone(), source })?;
+    std::fs::create_dir_all(&settings.out_dir).map_err(|source| RunError::OutDir {
+        path: settings.out_dir.clone(),
+        source,
+    })?;
     let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
     let cache = Cache::new(&settings.cache_dir);
     let build_ctx = |stage: usize, worker: usize| BuildContext {
@@ -82,7 +90,10 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
             workers.push(
                 s.stage
                     .build(&build_ctx(i, w))
-                    .map_err(|source| RunError::Build { stage: s.name.clone(), source })?,
+                    .map_err(|source| RunError::Build {
+                        stage: s.name.clone(),
+                        source,
+                    })?,
             );
         }
         built.push(workers);
@@ -90,19 +101,26 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
 
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicBool::new(false));
-    let run = Arc::new(RunShared { cancel: stop.clone(), plan: plan.clone() });
+    let run = Arc::new(RunShared {
+        cancel: stop.clone(),
+        plan: plan.clone(),
+    });
     let multi = MultiProgress::with_draw_target(if settings.progress {
         ProgressDrawTarget::stderr()
     } else {
         ProgressDrawTarget::hidden()
     });
-    let style = ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
 
     // One inbox per stage.
-    let inboxes: Vec<(Sender<Envelope>, Receiver<Envelope>)> =
-        graph.stages.iter().map(|_| bounded(settings.channel_capacity)).collect();
+    let inboxes: Vec<(Sender<Envelope>, Receiver<Envelope>)> = graph
+        .stages
+        .iter()
+        .map(|_| bounded(settings.channel_capacity))
+        .collect();
     let shared: Vec<Arc<StageShared>> = graph
         .stages
         .iter()
@@ -148,7 +166,12 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
             run: run.clone(),
             outputs: graph.consumers[i]
                 .iter()
-                .map(|&(c, k)| Edge { sender: inboxes[c].0.clone(), input_index: k, consumer: c, alive: true })
+                .map(|&(c, k)| Edge {
+                    sender: inboxes[c].0.clone(),
+                    input_index: k,
+                    consumer: c,
+                    alive: true,
+                })
                 .collect(),
             pending: HashMap::new(),
             build: build_ctx(i, w),
@@ -157,11 +180,14 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
         let receivers: Vec<Receiver<Envelope>> = if workers.len() == 1 {
             vec![inboxes[i].1.clone()]
         } else {
-            let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers.len()).map(|_| bounded(2)).unzip();
+            let (senders, receivers): (Vec<_>, Vec<_>) =
+                (0..workers.len()).map(|_| bounded(2)).unzip();
             let inbox = inboxes[i].1.clone();
             let n_inputs = gs.inputs.len().max(1);
             let stop = stop.clone();
-            handles.push(thread::spawn(move || dispatch(inbox, senders, n_inputs, stop)));
+            handles.push(thread::spawn(move || {
+                dispatch(inbox, senders, n_inputs, stop)
+            }));
             receivers
         };
         for (w, (stage, rx)) in workers.into_iter().zip(receivers).enumerate() {
@@ -176,7 +202,10 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     stop.store(true, Ordering::Relaxed);
-                    return Err(RunError::Build { stage: gs.name.clone(), source: StageError::Io(e) });
+                    return Err(RunError::Build {
+                        stage: gs.name.clone(),
+                        source: StageError::Io(e),
+                    });
                 }
             }
         }
@@ -195,7 +224,10 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
         done.store(true, Ordering::Relaxed);
         let _ = handle.join();
     }
-    let interrupted = settings.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    let interrupted = settings
+        .interrupt
+        .as_ref()
+        .is_some_and(|f| f.load(Ordering::Relaxed));
     let status = if failed.load(Ordering::Relaxed) {
         RunStatus::Failed
     } else if interrupted {
@@ -214,7 +246,14 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
         all_errors.extend(errors.iter().cloned());
         let (_, _, skipped) = plan.counts(i);
         stages.push(StageReport::from_stats(
-            &s.name, &s.kind, s.workers, s.cache, skipped as u64, &sh.stats, errors, warnings,
+            &s.name,
+            &s.kind,
+            s.workers,
+            s.cache,
+            skipped as u64,
+            &sh.stats,
+            errors,
+            warnings,
         ));
     }
     let report = RunReport {
@@ -258,7 +297,12 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
         workers: graph.stages[stage].workers,
         worker,
     };
-    let plan = make_plan(graph, &settings, &Cache::new(&settings.cache_dir), &build_ctx)?;
+    let plan = make_plan(
+        graph,
+        &settings,
+        &Cache::new(&settings.cache_dir),
+        &build_ctx,
+    )?;
     Ok(plan.keys.into_iter().flatten().flatten().collect())
 }
 
@@ -288,12 +332,20 @@ fn make_plan(
         let salt = s
             .stage
             .cache_salt(&build_ctx(i, 0))
-            .map_err(|source| RunError::Build { stage: s.name.clone(), source })?;
+            .map_err(|source| RunError::Build {
+                stage: s.name.clone(),
+                source,
+            })?;
         let params = serde_json::to_string(&s.stage.canonical_params()).unwrap_or_default();
         for (slide_index, slide) in settings.slides.iter().enumerate() {
-            let input_keys: Option<Vec<String>> =
-                s.inputs.iter().map(|&j| keys[j][slide_index].clone()).collect();
-            let Some(input_keys) = input_keys else { continue };
+            let input_keys: Option<Vec<String>> = s
+                .inputs
+                .iter()
+                .map(|&j| keys[j][slide_index].clone())
+                .collect();
+            let Some(input_keys) = input_keys else {
+                continue;
+            };
             if identities[slide_index].starts_with("unreadable") && s.source {
                 continue;
             }
@@ -303,19 +355,32 @@ fn make_plan(
                 params: &params,
                 salt: &salt,
                 slide_id: &slide.id,
-                slide_identity: if s.source { &identities[slide_index] } else { "" },
+                slide_identity: if s.source {
+                    &identities[slide_index]
+                } else {
+                    ""
+                },
                 input_keys: &input_keys,
             }));
         }
     }
-    let consumers: Vec<Vec<usize>> =
-        graph.consumers.iter().map(|c| c.iter().map(|&(s, _)| s).collect()).collect();
+    let consumers: Vec<Vec<usize>> = graph
+        .consumers
+        .iter()
+        .map(|c| c.iter().map(|&(s, _)| s).collect())
+        .collect();
     let cache_enabled: Vec<bool> = graph.stages.iter().map(|s| s.cache).collect();
-    let states = decide(&graph.order, &consumers, &cache_enabled, n, |stage, slide| {
-        keys[stage][slide]
-            .as_deref()
-            .is_some_and(|k| cache.is_valid(&graph.stages[stage].kind, k))
-    });
+    let states = decide(
+        &graph.order,
+        &consumers,
+        &cache_enabled,
+        n,
+        |stage, slide| {
+            keys[stage][slide]
+                .as_deref()
+                .is_some_and(|k| cache.is_valid(&graph.stages[stage].kind, k))
+        },
+    );
     Ok(Plan { states, keys })
 }
 
@@ -348,18 +413,26 @@ fn stage_cache(graph: &Graph, i: usize, cache: &Cache, plan: &Plan) -> StageCach
 }
 
 /// Sends each slide to the sources that compute it and to the cached stages that replay it.
-fn feed(graph: &Graph, plan: &Plan, slides: &[SlideHandle], senders: &[Sender<Envelope>], stop: &AtomicBool) {
+fn feed(
+    graph: &Graph,
+    plan: &Plan,
+    slides: &[SlideHandle],
+    senders: &[Sender<Envelope>],
+    stop: &AtomicBool,
+) {
     for slide in slides {
         for &i in &graph.order {
             let message = match plan.state(i, slide.index) {
-                SlideState::Compute if graph.stages[i].source => Message::SlideEnd { slide: slide.clone() },
-                SlideState::Replay => Message::Replay { slide: slide.clone() },
+                SlideState::Compute if graph.stages[i].source => Message::SlideEnd {
+                    slide: slide.clone(),
+                },
+                SlideState::Replay => Message::Replay {
+                    slide: slide.clone(),
+                },
                 _ => continue,
             };
-            if !send_or_stop(&senders[i], (0, message), stop) {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
+            if !send_or_stop(&senders[i], (0, message), stop) && stop.load(Ordering::Relaxed) {
+                return;
             }
         }
     }
@@ -383,12 +456,19 @@ fn send_or_stop(sender: &Sender<Envelope>, mut envelope: Envelope, stop: &Atomic
 
 /// Routes a multi-worker stage's inbox: all messages about one slide go to the same worker;
 /// a new slide goes to the least busy worker.
-fn dispatch(inbox: Receiver<Envelope>, workers: Vec<Sender<Envelope>>, n_inputs: usize, stop: Arc<AtomicBool>) {
+fn dispatch(
+    inbox: Receiver<Envelope>,
+    workers: Vec<Sender<Envelope>>,
+    n_inputs: usize,
+    stop: Arc<AtomicBool>,
+) {
     let mut assigned: HashMap<usize, (usize, usize)> = HashMap::new();
     let mut next = 0usize;
     let mut least_busy = |workers: &[Sender<Envelope>]| {
         let min = workers.iter().map(Sender::len).min().unwrap_or(0);
-        let candidates: Vec<usize> = (0..workers.len()).filter(|&w| workers[w].len() == min).collect();
+        let candidates: Vec<usize> = (0..workers.len())
+            .filter(|&w| workers[w].len() == min)
+            .collect();
         next += 1;
         candidates[next % candidates.len()]
     };
@@ -400,7 +480,9 @@ fn dispatch(inbox: Receiver<Envelope>, workers: Vec<Sender<Envelope>>, n_inputs:
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let worker = match &envelope.1 {
-            Message::Batch { slide, .. } | Message::SlideEnd { slide } | Message::SlideFailed { slide } => {
+            Message::Batch { slide, .. }
+            | Message::SlideEnd { slide }
+            | Message::SlideFailed { slide } => {
                 let w = match assigned.get(&slide.index) {
                     Some(&(w, _)) => w,
                     None => {
@@ -456,6 +538,8 @@ fn worker_loop(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let t0 = Instant::now();
+        // A failure on a slide's last message must not swallow its next appearance (epochs).
+        let last_of_slide = matches!(message, Message::SlideEnd { .. } | Message::Replay { .. });
         let (slide, result) = match message {
             Message::Batch { slide, batch } => {
                 if failed_slides.contains(&slide.index) {
@@ -494,7 +578,9 @@ fn worker_loop(
             record_error(&ctx, slide.as_ref(), &err);
             match slide {
                 Some(slide) if policy == ErrorPolicy::Skip => {
-                    failed_slides.insert(slide.index);
+                    if !last_of_slide {
+                        failed_slides.insert(slide.index);
+                    }
                     stage.on_slide_failed(&mut ctx, &slide);
                     ctx.abort_slide(&slide);
                 }
@@ -525,12 +611,24 @@ fn worker_loop(
     }
 }
 
-fn replay(stage: &mut dyn Stage, ctx: &mut StageContext, slide: &SlideHandle) -> Result<(), StageError> {
-    let cache = ctx.shared.cache.as_ref().ok_or_else(|| StageError::msg("replay without a cache"))?;
-    let key = cache.keys[slide.index].clone().ok_or_else(|| StageError::msg("replay without a cache key"))?;
+fn replay(
+    stage: &mut dyn Stage,
+    ctx: &mut StageContext,
+    slide: &SlideHandle,
+) -> Result<(), StageError> {
+    let cache = ctx
+        .shared
+        .cache
+        .as_ref()
+        .ok_or_else(|| StageError::msg("replay without a cache"))?;
+    let key = cache.keys[slide.index]
+        .clone()
+        .ok_or_else(|| StageError::msg("replay without a cache key"))?;
     let kind = cache.kind.clone();
     let batches = cache.cache.read(&kind, &key).map_err(|e| {
-        StageError::msg(format!("{e}; the corrupt cache entry was removed: run again to recompute it"))
+        StageError::msg(format!(
+            "{e}; the corrupt cache entry was removed: run again to recompute it"
+        ))
     })?;
     ctx.shared.stats.add_cache_hit();
     stage.replay(ctx, slide, batches)

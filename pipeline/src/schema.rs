@@ -48,15 +48,24 @@ pub struct Column {
 impl Column {
     /// A required column of an exact type.
     pub fn exact(name: &'static str, ty: DataType) -> Self {
-        Column { name, ty: ColumnType::Exact(ty) }
+        Column {
+            name,
+            ty: ColumnType::Exact(ty),
+        }
     }
     /// A required embedding column of any width.
     pub fn embedding(name: &'static str) -> Self {
-        Column { name, ty: ColumnType::Embedding }
+        Column {
+            name,
+            ty: ColumnType::Embedding,
+        }
     }
     /// A required column of any type.
     pub fn any(name: &'static str) -> Self {
-        Column { name, ty: ColumnType::Any }
+        Column {
+            name,
+            ty: ColumnType::Any,
+        }
     }
 }
 
@@ -92,7 +101,11 @@ pub fn tile_key_columns() -> Vec<Column> {
 
 /// The embedding column type for width `dim`.
 pub fn embedding_type(dim: usize, half: bool) -> DataType {
-    let item = if half { DataType::Float16 } else { DataType::Float32 };
+    let item = if half {
+        DataType::Float16
+    } else {
+        DataType::Float32
+    };
     DataType::FixedSizeList(Arc::new(Field::new("item", item, true)), dim as i32)
 }
 
@@ -106,17 +119,31 @@ pub fn embeddings_schema(dim: usize, half: bool) -> SchemaRef {
 /// A mismatch between what an input provides and what a stage requires.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ColumnMismatch {
-    Missing { column: &'static str, wanted: String },
-    WrongType { column: &'static str, wanted: String, found: String },
+    Missing {
+        column: &'static str,
+        wanted: String,
+    },
+    WrongType {
+        column: &'static str,
+        wanted: String,
+        found: String,
+    },
 }
 
 impl std::fmt::Display for ColumnMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ColumnMismatch::Missing { column, wanted } => {
-                write!(f, "needs column `{column}` ({wanted}), which it does not produce")
+                write!(
+                    f,
+                    "needs column `{column}` ({wanted}), which it does not produce"
+                )
             }
-            ColumnMismatch::WrongType { column, wanted, found } => {
+            ColumnMismatch::WrongType {
+                column,
+                wanted,
+                found,
+            } => {
                 write!(f, "needs column `{column}` as {wanted}, but it is {found}")
             }
         }
@@ -128,7 +155,10 @@ pub fn check_columns(schema: &Schema, required: &[Column]) -> Result<(), ColumnM
     for col in required {
         match schema.field_with_name(col.name) {
             Err(_) => {
-                return Err(ColumnMismatch::Missing { column: col.name, wanted: col.ty.describe() })
+                return Err(ColumnMismatch::Missing {
+                    column: col.name,
+                    wanted: col.ty.describe(),
+                })
             }
             Ok(field) if !col.ty.accepts(field.data_type()) => {
                 return Err(ColumnMismatch::WrongType {
@@ -142,6 +172,14 @@ pub fn check_columns(schema: &Schema, required: &[Column]) -> Result<(), ColumnM
     }
     Ok(())
 }
+
+/// Name of the column carrying a tile's pixels downstream of tiling: RGB8, row-major,
+/// `pixels_size x pixels_size x 3` bytes, at the tiling stage's target resolution.
+pub const PIXELS: &str = "pixels";
+/// Name of the column giving the side, in pixels, of each row's `pixels`.
+pub const PIXELS_SIZE: &str = "pixels_size";
+/// Name of the embedding column.
+pub const EMBEDDING: &str = "embedding";
 
 #[cfg(test)]
 mod tests {
@@ -164,11 +202,3 @@ mod tests {
         assert!(err.to_string().contains("Int64"), "{err}");
     }
 }
-
-/// Name of the column carrying a tile's pixels downstream of tiling: RGB8, row-major,
-/// `pixels_size x pixels_size x 3` bytes, at the tiling stage's target resolution.
-pub const PIXELS: &str = "pixels";
-/// Name of the column giving the side, in pixels, of each row's `pixels`.
-pub const PIXELS_SIZE: &str = "pixels_size";
-/// Name of the embedding column.
-pub const EMBEDDING: &str = "embedding";

@@ -36,9 +36,17 @@ pub enum DatasetError {
     #[error("dataset {path}: {source}")]
     Read { path: PathBuf, source: csv::Error },
     #[error("dataset {path}: missing required column `{column}` (columns are: {found})")]
-    MissingColumn { path: PathBuf, column: String, found: String },
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        found: String,
+    },
     #[error("dataset {path}, line {line}: {message}")]
-    Row { path: PathBuf, line: u64, message: String },
+    Row {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
     #[error("dataset {path}: no slides")]
     Empty { path: PathBuf },
 }
@@ -49,10 +57,16 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_path(path)
-        .map_err(|source| DatasetError::Read { path: path.to_path_buf(), source })?;
+        .map_err(|source| DatasetError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let headers = reader
         .headers()
-        .map_err(|source| DatasetError::Read { path: path.to_path_buf(), source })?
+        .map_err(|source| DatasetError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
         .clone();
     let column = |name: &str| headers.iter().position(|h| h == name);
     let id_col = column("slide_id").ok_or_else(|| DatasetError::MissingColumn {
@@ -61,17 +75,29 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
         found: headers.iter().collect::<Vec<_>>().join(","),
     })?;
     let known = ["slide_id", "path", "label", "split", "case_id", "mpp"];
-    let (path_col, label_col, split_col, case_col, mpp_col) =
-        (column("path"), column("label"), column("split"), column("case_id"), column("mpp"));
+    let (path_col, label_col, split_col, case_col, mpp_col) = (
+        column("path"),
+        column("label"),
+        column("split"),
+        column("case_id"),
+        column("mpp"),
+    );
     let base = path.parent().unwrap_or(Path::new("."));
     let mut slides = Vec::new();
     let mut seen = HashSet::new();
     for (row_index, record) in reader.records().enumerate() {
-        let record =
-            record.map_err(|source| DatasetError::Read { path: path.to_path_buf(), source })?;
-        let line = record.position().map(|p| p.line()).unwrap_or(row_index as u64 + 2);
+        let record = record.map_err(|source| DatasetError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let line = record
+            .position()
+            .map(|p| p.line())
+            .unwrap_or(row_index as u64 + 2);
         let field = |col: Option<usize>| {
-            col.and_then(|c| record.get(c)).filter(|v| !v.is_empty()).map(str::to_string)
+            col.and_then(|c| record.get(c))
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
         };
         let id = field(Some(id_col)).ok_or_else(|| DatasetError::Row {
             path: path.to_path_buf(),
@@ -130,7 +156,9 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
         }));
     }
     if slides.is_empty() {
-        return Err(DatasetError::Empty { path: path.to_path_buf() });
+        return Err(DatasetError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(slides)
 }
@@ -146,7 +174,10 @@ mod tests {
         std::fs::write(&csv, "slide_id,path,label,split,site\na,slides/a.svs,tumor,train,x\nb,/abs/b.svs,normal,,y\n").unwrap();
         let slides = read_dataset(&csv).unwrap();
         assert_eq!(slides.len(), 2);
-        assert_eq!(slides[0].path.as_deref(), Some(dir.path().join("slides/a.svs").as_path()));
+        assert_eq!(
+            slides[0].path.as_deref(),
+            Some(dir.path().join("slides/a.svs").as_path())
+        );
         assert_eq!(slides[1].path.as_deref(), Some(Path::new("/abs/b.svs")));
         assert_eq!(slides[0].split.as_deref(), Some("train"));
         assert_eq!(slides[1].split, None);

@@ -146,7 +146,10 @@ pub struct ParamIssue {
 
 impl ParamIssue {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ParamIssue { field: field.into(), message: message.into() }
+        ParamIssue {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -169,7 +172,12 @@ pub trait Stage: Send {
     /// Every row about `slide` has arrived on input `input`. Sources are called here once per
     /// slide of the dataset (with `input == 0` and no batches before) and do their work here.
     /// The default ends the slide downstream, which suits one-input streaming transforms.
-    fn on_slide_end(&mut self, ctx: &mut StageContext, input: usize, slide: &SlideHandle) -> StageResult {
+    fn on_slide_end(
+        &mut self,
+        ctx: &mut StageContext,
+        input: usize,
+        slide: &SlideHandle,
+    ) -> StageResult {
         let _ = input;
         ctx.end_slide(slide)
     }
@@ -192,7 +200,12 @@ pub trait Stage: Send {
 
     /// The slide's output is in the cache: emit it. `cached` holds the persisted columns;
     /// stages with [`StageKind::uncached_columns`] re-create those here.
-    fn replay(&mut self, ctx: &mut StageContext, slide: &SlideHandle, cached: Vec<RecordBatch>) -> StageResult {
+    fn replay(
+        &mut self,
+        ctx: &mut StageContext,
+        slide: &SlideHandle,
+        cached: Vec<RecordBatch>,
+    ) -> StageResult {
         for batch in cached {
             ctx.emit(slide, batch)?;
         }

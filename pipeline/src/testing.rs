@@ -67,7 +67,11 @@ pub struct HarnessOutput {
 impl HarnessOutput {
     /// Total rows emitted for a slide.
     pub fn rows_of(&self, slide_id: &str) -> usize {
-        self.batches.iter().filter(|(s, _)| s == slide_id).map(|(_, b)| b.num_rows()).sum()
+        self.batches
+            .iter()
+            .filter(|(s, _)| s == slide_id)
+            .map(|(_, b)| b.num_rows())
+            .sum()
     }
 }
 
@@ -102,13 +106,31 @@ impl Harness {
         let mut input_names = Vec::new();
         for (i, (schema, batches)) in self.inputs.iter().enumerate() {
             let name = format!("input{i}");
-            parts.push(part(&name, Arc::new(Feed { schema: schema.clone(), batches: batches.clone() }), vec![], false, 1));
+            parts.push(part(
+                &name,
+                Arc::new(Feed {
+                    schema: schema.clone(),
+                    batches: batches.clone(),
+                }),
+                vec![],
+                false,
+                1,
+            ));
             input_names.push(name);
         }
-        parts.push(part(K::KIND, configured, input_names, self.cache, self.workers));
+        parts.push(part(
+            K::KIND,
+            configured,
+            input_names,
+            self.cache,
+            self.workers,
+        ));
         parts.push(part(
             "collect",
-            Arc::new(Collect { sink: collected.clone(), epochs: self.epochs }),
+            Arc::new(Collect {
+                sink: collected.clone(),
+                epochs: self.epochs,
+            }),
             vec![K::KIND.to_string()],
             false,
             1,
@@ -133,7 +155,13 @@ impl Harness {
     }
 }
 
-fn part(name: &str, stage: Arc<dyn ConfiguredStage>, inputs: Vec<String>, cache: bool, workers: usize) -> StagePart {
+fn part(
+    name: &str,
+    stage: Arc<dyn ConfiguredStage>,
+    inputs: Vec<String>,
+    cache: bool,
+    workers: usize,
+) -> StagePart {
     StagePart {
         name: name.to_string(),
         kind: name.to_string(),
@@ -175,7 +203,9 @@ impl ConfiguredStage for Feed {
         true
     }
     fn build(&self, _: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        Ok(Box::new(FeedRun { batches: self.batches.clone() }))
+        Ok(Box::new(FeedRun {
+            batches: self.batches.clone(),
+        }))
     }
 }
 
@@ -184,7 +214,12 @@ struct FeedRun {
 }
 
 impl Stage for FeedRun {
-    fn on_slide_end(&mut self, ctx: &mut StageContext, _: usize, slide: &SlideHandle) -> StageResult {
+    fn on_slide_end(
+        &mut self,
+        ctx: &mut StageContext,
+        _: usize,
+        slide: &SlideHandle,
+    ) -> StageResult {
         for (_, batch) in self.batches.iter().filter(|(i, _)| *i == slide.index) {
             ctx.emit(slide, batch.clone())?;
         }
@@ -221,7 +256,10 @@ impl ConfiguredStage for Collect {
         false
     }
     fn build(&self, _: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        Ok(Box::new(CollectRun { sink: self.sink.clone(), epochs: self.epochs }))
+        Ok(Box::new(CollectRun {
+            sink: self.sink.clone(),
+            epochs: self.epochs,
+        }))
     }
 }
 
@@ -231,7 +269,13 @@ struct CollectRun {
 }
 
 impl Stage for CollectRun {
-    fn on_batch(&mut self, _: &mut StageContext, _: usize, slide: &SlideHandle, batch: RecordBatch) -> StageResult {
+    fn on_batch(
+        &mut self,
+        _: &mut StageContext,
+        _: usize,
+        slide: &SlideHandle,
+        batch: RecordBatch,
+    ) -> StageResult {
         if let Ok(mut s) = self.sink.lock() {
             s.batches.push((slide.id.clone(), batch));
         }

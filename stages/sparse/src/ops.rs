@@ -183,16 +183,26 @@ impl CustomOp2 for ConvOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let wt = w.transpose(1, 2)?.contiguous()?;
-        let gx = sparse_conv(&grad, &wt, &self.rb, self.dir.flip())?;
-        let gw = x.contiguous()?.apply_op2_no_bwd(
-            &grad,
-            &WeightGradOp {
-                rb: self.rb.clone(),
-                dir: self.dir,
-            },
-        )?;
-        Ok((Some(gx), Some(gw)))
+        // The input gradient (a whole convolution) is only computed when something upstream
+        // of `x` is tracked: a first layer on constant embeddings skips it.
+        let gx = if x.track_op() {
+            let wt = w.transpose(1, 2)?.contiguous()?;
+            Some(sparse_conv(&grad, &wt, &self.rb, self.dir.flip())?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.contiguous()?.apply_op2_no_bwd(
+                &grad,
+                &WeightGradOp {
+                    rb: self.rb.clone(),
+                    dir: self.dir,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
     }
 }
 
@@ -328,5 +338,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An untracked input (e.g. constant embeddings) gets no gradient, and the weight
+    /// gradient is the same as when the input is tracked.
+    #[test]
+    fn untracked_input_skips_input_gradient() {
+        let cs = CoordSet::new(random_coords(5, 1, 16, 16, 0.4), 1).expect("coords");
+        let rb = cs.rulebook(RuleKey::submanifold(3)).expect("rb");
+        let xt = rand_tensor(1, &[rb.n_in(), 4], DType::F64);
+        let w = Var::from_tensor(&rand_tensor(2, &[9, 4, 3], DType::F64)).expect("w");
+        let r = rand_tensor(3, &[rb.n_out(), 3], DType::F64);
+        let loss = |x: &Tensor| {
+            let y = sparse_conv(x, w.as_tensor(), &rb, Direction::Forward).expect("conv");
+            (&y * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward")
+        };
+        let g_const = loss(&xt);
+        assert!(g_const.get(&xt).is_none());
+        let xv = Var::from_tensor(&xt).expect("x");
+        let g_var = loss(xv.as_tensor());
+        assert!(g_var.get(xv.as_tensor()).is_some());
+        assert_close(
+            g_const.get(w.as_tensor()).expect("gw"),
+            g_var.get(w.as_tensor()).expect("gw"),
+            0.0,
+            "weight grad",
+        );
     }
 }

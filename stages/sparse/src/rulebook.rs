@@ -243,61 +243,65 @@ fn neighbour_map(
     let k = kernel * kernel;
     let n = dst.keys.len();
     let (kernel_i, stride_i) = (kernel as i64, stride as i64);
-    let mut sorted = vec![NONE; n * k];
-    sorted
-        .par_chunks_mut(SEARCH_CHUNK * k)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let s0 = c * SEARCH_CHUNK;
-            let s1 = s0 + out.len() / k;
-            let mut s = s0;
-            while s < s1 {
-                let r = dst.row_of(s);
-                let row = dst.rows[r];
-                let row_end = (dst.row_start[r + 1] as usize).min(s1);
-                let base = row_i(row) * stride_i - pad - row_i(row);
-                for di in 0..kernel_i {
-                    let Some(seg) = row_shift(row, base + di).and_then(|sr| src.row_range(sr))
-                    else {
-                        continue;
-                    };
-                    let mut p = seg.start;
-                    for t in s..row_end {
-                        let lo = key_j(dst.keys[t]) * stride_i - pad;
-                        while p < seg.end && key_j(src.keys[p]) < lo {
-                            p += 1;
-                        }
-                        let mut q = p;
+    // Rows are written straight to their feature row (`dst.feature_row`), each exactly once
+    // (the map from sorted position to feature row is a bijection), so there is no sorted
+    // intermediate table to permute afterwards.
+    let mut idx: Vec<u32> = Vec::with_capacity(n * k);
+    let base_ptr = SendPtr(idx.as_mut_ptr());
+    (0..n.div_ceil(SEARCH_CHUNK)).into_par_iter().for_each(|c| {
+        let base_ptr = &base_ptr;
+        let s0 = c * SEARCH_CHUNK;
+        let s1 = (s0 + SEARCH_CHUNK).min(n);
+        let row_of = |t: usize| -> &mut [u32] {
+            // SAFETY: `feature_row` is a bijection onto 0..n, so row `t`'s k entries are
+            // inside the allocation and touched by this task only; they are initialised
+            // (to NONE) before the slice is formed.
+            unsafe {
+                let p = base_ptr.0.add(dst.feature_row(t) as usize * k);
+                std::slice::from_raw_parts_mut(p, k)
+            }
+        };
+        for t in s0..s1 {
+            // SAFETY: as above; writes k u32s of this task's own row (all bits set = NONE).
+            unsafe {
+                std::ptr::write_bytes(base_ptr.0.add(dst.feature_row(t) as usize * k), 0xFF, k)
+            };
+        }
+        let mut s = s0;
+        while s < s1 {
+            let r = dst.row_of(s);
+            let row = dst.rows[r];
+            let row_end = (dst.row_start[r + 1] as usize).min(s1);
+            let base = row_i(row) * stride_i - pad - row_i(row);
+            for di in 0..kernel_i {
+                let Some(seg) = row_shift(row, base + di).and_then(|sr| src.row_range(sr)) else {
+                    continue;
+                };
+                let mut p = seg.start;
+                for t in s..row_end {
+                    let lo = key_j(dst.keys[t]) * stride_i - pad;
+                    while p < seg.end && key_j(src.keys[p]) < lo {
+                        p += 1;
+                    }
+                    let mut q = p;
+                    if q < seg.end && key_j(src.keys[q]) - lo < kernel_i {
+                        let out = row_of(t);
                         while q < seg.end {
                             let dj = key_j(src.keys[q]) - lo;
                             if dj >= kernel_i {
                                 break;
                             }
-                            out[(t - s0) * k + (di * kernel_i + dj) as usize] = src.feature_row(q);
+                            out[(di * kernel_i + dj) as usize] = src.feature_row(q);
                             q += 1;
                         }
                     }
                 }
-                s = row_end;
             }
-        });
-    let idx = match &dst.perm {
-        None => sorted,
-        Some(perm) => {
-            let mut inv = vec![0u32; n];
-            for (s, &row) in perm.iter().enumerate() {
-                inv[row as usize] = s as u32;
-            }
-            let mut idx = vec![NONE; n * k];
-            idx.par_chunks_mut(k)
-                .zip(inv.par_iter())
-                .for_each(|(o, &s)| {
-                    let s = s as usize;
-                    o.copy_from_slice(&sorted[s * k..(s + 1) * k]);
-                });
-            idx
+            s = row_end;
         }
-    };
+    });
+    // SAFETY: every one of the n rows (k entries each) was initialised above.
+    unsafe { idx.set_len(n * k) };
     NbrMap {
         rows: n,
         src_rows: src.keys.len(),
@@ -305,6 +309,14 @@ fn neighbour_map(
         idx,
     }
 }
+
+/// A raw pointer shared by tasks that write disjoint rows.
+struct SendPtr(*mut u32);
+
+// SAFETY: only used for disjoint writes, see `neighbour_map`.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
 
 /// Transposed map of a submanifold rulebook: offset `k` backwards is offset `K - 1 - k`.
 fn mirror(fwd: &NbrMap) -> NbrMap {
