@@ -388,11 +388,6 @@ pub fn locate(text: &str, path: &[&str]) -> Option<usize> {
     found
 }
 
-/// Loads the dataset of an experiment file without checking the rest (used by `cache gc`).
-pub fn dataset_of(exp: &Experiment) -> &[SlideHandle] {
-    &exp.slides
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,17 +68,8 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
     })?;
     let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
     let cache = Cache::new(&settings.cache_dir);
-    let build_ctx = |stage: usize, worker: usize| BuildContext {
-        stage_name: graph.stages[stage].name.clone(),
-        seed: settings.seed,
-        device: settings.device.clone(),
-        out_dir: settings.out_dir.clone(),
-        cache_dir: settings.cache_dir.clone(),
-        base_dir: settings.base_dir.clone(),
-        slides: slides.clone(),
-        workers: graph.stages[stage].workers,
-        worker,
-    };
+    let build_ctx =
+        |stage: usize, worker: usize| build_context(graph, settings, &slides, stage, worker);
 
     let plan = Arc::new(make_plan(graph, settings, &cache, &build_ctx)?);
 
@@ -271,6 +262,27 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
     Ok(report)
 }
 
+/// What stage `stage`'s worker `worker` is told about the run.
+fn build_context(
+    graph: &Graph,
+    settings: &RunSettings,
+    slides: &Arc<[SlideHandle]>,
+    stage: usize,
+    worker: usize,
+) -> BuildContext {
+    BuildContext {
+        stage_name: graph.stages[stage].name.clone(),
+        seed: settings.seed,
+        device: settings.device.clone(),
+        out_dir: settings.out_dir.clone(),
+        cache_dir: settings.cache_dir.clone(),
+        base_dir: settings.base_dir.clone(),
+        slides: slides.clone(),
+        workers: graph.stages[stage].workers,
+        worker,
+    }
+}
+
 /// Every cache key an experiment would use (for `cache gc --keep`).
 pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<String>, RunError> {
     let settings = RunSettings {
@@ -286,17 +298,8 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
         progress: false,
     };
     let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
-    let build_ctx = |stage: usize, worker: usize| BuildContext {
-        stage_name: graph.stages[stage].name.clone(),
-        seed: settings.seed,
-        device: settings.device.clone(),
-        out_dir: settings.out_dir.clone(),
-        cache_dir: settings.cache_dir.clone(),
-        base_dir: settings.base_dir.clone(),
-        slides: slides.clone(),
-        workers: graph.stages[stage].workers,
-        worker,
-    };
+    let build_ctx =
+        |stage: usize, worker: usize| build_context(graph, &settings, &slides, stage, worker);
     let plan = make_plan(
         graph,
         &settings,
