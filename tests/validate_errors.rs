@@ -262,3 +262,19 @@ fn several_problems_are_reported_together() {
         "{r:?}"
     );
 }
+
+#[test]
+fn endless_sampling_without_a_stopping_consumer_is_rejected() {
+    let yaml = format!(
+        "{GOOD}  sample:\n    kind: sample\n    inputs: [embed]\n    params:\n      tiles_per_slide: 4\n"
+    );
+    let r = check(&yaml);
+    assert_rejected(
+        &r,
+        line_of(&yaml, "tiles_per_slide") - 1, // its `params:`
+        &["stage `sample`", "set a finite number of epochs"],
+    );
+    // A finite number of epochs ends on its own.
+    let r = check(&format!("{yaml}      epochs: 2\n"));
+    assert!(r.ok(), "{r:?}");
+}

@@ -130,7 +130,10 @@ impl StageContext {
     /// Records a warning about a slide (e.g. "no tissue found"); listed in run.json.
     pub fn warn(&self, slide: Option<&SlideHandle>, message: impl Into<String>) {
         let message = message.into();
-        tracing::warn!(stage = %self.shared.name, slide = slide.map(|s| s.id.as_str()).unwrap_or("-"), "{message}");
+        match slide {
+            Some(s) => tracing::warn!(stage = %self.shared.name, slide = %s.id, "{message}"),
+            None => tracing::warn!(stage = %self.shared.name, "{message}"),
+        }
         if let Ok(mut w) = self.shared.warnings.lock() {
             w.push(ErrorRecord {
                 stage: self.shared.name.clone(),

@@ -187,6 +187,33 @@ pub fn topological_order(inputs: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>
     Err(cycle)
 }
 
+/// Whether some stage downstream of stage `i` closes its inputs. `edges[j]` lists the inputs
+/// of stage `j`.
+fn has_closing_consumer(
+    i: usize,
+    edges: &[Vec<usize>],
+    names: &[&str],
+    configured: &BTreeMap<&str, Arc<dyn ConfiguredStage>>,
+) -> bool {
+    let mut seen = vec![false; edges.len()];
+    let mut stack = vec![i];
+    while let Some(at) = stack.pop() {
+        for (j, inputs) in edges.iter().enumerate() {
+            if inputs.contains(&at) && !seen[j] {
+                seen[j] = true;
+                if configured
+                    .get(names[j])
+                    .is_some_and(|c| c.closes_inputs())
+                {
+                    return true;
+                }
+                stack.push(j);
+            }
+        }
+    }
+    false
+}
+
 /// Checks a whole experiment against the registry and builds its graph. Every problem found
 /// is reported, each with its line in the YAML where it can be found.
 pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, ConfigErrors> {
@@ -315,6 +342,20 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
             Some(on[0]),
             format!("the stages form a cycle: {}", on.join(" -> ")),
         ));
+    }
+    // A stage that emits until it is told to stop needs a downstream stage that tells it.
+    for (i, (name, _)) in cfg.stages.iter().enumerate() {
+        let Some(c) = configured.get(name.as_str()) else {
+            continue;
+        };
+        if c.endless() && !has_closing_consumer(i, &edges, &names, &configured) {
+            errors.push(exp.error_at(
+                &["stages", name, "params", "epochs"],
+                Some(name),
+                "as configured this stage emits until a downstream stage (such as `train`) \
+                 stops it, and none does: set a finite number of epochs",
+            ));
+        }
     }
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));

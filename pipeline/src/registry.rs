@@ -37,6 +37,14 @@ pub trait ConfiguredStage: Send + Sync {
     fn uncached_columns(&self) -> Vec<String>;
     fn parallel(&self) -> bool;
     fn cacheable(&self) -> bool;
+    /// See [`StageKind::endless`].
+    fn endless(&self) -> bool {
+        false
+    }
+    /// See [`StageKind::closes_inputs`].
+    fn closes_inputs(&self) -> bool {
+        false
+    }
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>>;
 }
 
@@ -101,6 +109,12 @@ impl<K: StageKind> ConfiguredStage for Configured<K> {
     }
     fn cacheable(&self) -> bool {
         self.0.cacheable()
+    }
+    fn endless(&self) -> bool {
+        self.0.endless()
+    }
+    fn closes_inputs(&self) -> bool {
+        self.0.closes_inputs()
     }
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
         self.0.build(ctx)

@@ -135,6 +135,18 @@ pub trait StageKind:
     fn cacheable(&self) -> bool {
         true
     }
+
+    /// Whether, as configured, the stage emits until a downstream stage closes its inputs
+    /// (e.g. `sample` with `epochs: 0`). Validation then requires such a consumer, since
+    /// otherwise the run would never end.
+    fn endless(&self) -> bool {
+        false
+    }
+
+    /// Whether the stage closes its inputs when it has had enough (see [`StageKind::endless`]).
+    fn closes_inputs(&self) -> bool {
+        false
+    }
 }
 
 /// A parameter value that passed type checking but is not acceptable.

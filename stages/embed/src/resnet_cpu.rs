@@ -146,20 +146,24 @@ impl Conv {
             let r = r0 + i;
             let (img, rem) = (r / (ho * wo), r % (ho * wo));
             let (oy, ox) = (rem / wo, rem % wo);
+            // Input columns ix = ox*stride + kx - pad for kx in 0..k are consecutive pixels,
+            // so each kernel row is one contiguous copy of its in-image part.
+            let x0 = (ox * self.stride) as isize - self.pad as isize;
+            let kx_lo = (-x0).max(0) as usize;
+            let kx_hi = ((x.w as isize - x0).min(self.k as isize)).max(0) as usize;
+            if kx_lo >= kx_hi {
+                continue;
+            }
             for ky in 0..self.k {
                 let iy = (oy * self.stride + ky) as isize - self.pad as isize;
                 if iy < 0 || iy >= x.h as isize {
                     continue;
                 }
-                for kx in 0..self.k {
-                    let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                    if ix < 0 || ix >= x.w as isize {
-                        continue;
-                    }
-                    let src = ((img * x.h + iy as usize) * x.w + ix as usize) * x.c;
-                    let dst = (ky * self.k + kx) * self.c_in;
-                    row[dst..dst + self.c_in].copy_from_slice(&x.data[src..src + self.c_in]);
-                }
+                let ix = (x0 + kx_lo as isize) as usize;
+                let src = ((img * x.h + iy as usize) * x.w + ix) * x.c;
+                let len = (kx_hi - kx_lo) * self.c_in;
+                let dst = (ky * self.k + kx_lo) * self.c_in;
+                row[dst..dst + len].copy_from_slice(&x.data[src..src + len]);
             }
         }
         buf

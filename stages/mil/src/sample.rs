@@ -138,6 +138,11 @@ impl StageKind for SampleParams {
         false
     }
 
+    /// `epochs: 0` loops until training stops it.
+    fn endless(&self) -> bool {
+        self.epochs == 0
+    }
+
     /// Its output changes every epoch.
     fn cacheable(&self) -> bool {
         false

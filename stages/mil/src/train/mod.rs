@@ -242,6 +242,11 @@ impl StageKind for TrainParams {
         false
     }
 
+    /// Stops the epochs upstream once its own epoch limit or early stopping is reached.
+    fn closes_inputs(&self) -> bool {
+        true
+    }
+
     fn cacheable(&self) -> bool {
         false
     }
