@@ -201,10 +201,7 @@ fn has_closing_consumer(
         for (j, inputs) in edges.iter().enumerate() {
             if inputs.contains(&at) && !seen[j] {
                 seen[j] = true;
-                if configured
-                    .get(names[j])
-                    .is_some_and(|c| c.closes_inputs())
-                {
+                if configured.get(names[j]).is_some_and(|c| c.closes_inputs()) {
                     return true;
                 }
                 stack.push(j);

@@ -184,6 +184,52 @@ fn prefixed_checkpoints_load_with_weights_prefix() {
 }
 
 #[test]
+fn pth_checkpoints_load_like_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_resnet(dir.path(), ResNetDepth::R18, 6);
+    let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let flat = dir.path().join("flat.pth");
+    common::pth::write_pth(&flat, &tensors, None);
+    let nested = dir.path().join("nested.pth");
+    common::pth::write_pth(&nested, &tensors, Some("state_dict"));
+
+    let ts = tiles(2, 32);
+    let refs: Vec<&[u8]> = ts.iter().map(Vec::as_slice).collect();
+    let embed = |p: &std::path::Path| {
+        load_embedder(
+            &spec(
+                Architecture::Resnet18,
+                WeightsSource::File(p.to_path_buf()),
+                32,
+            ),
+            &Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .embed(&refs, 32)
+        .unwrap()
+    };
+    let reference = embed(&path);
+    assert_eq!(max_rel_diff(&embed(&flat), &reference), 0.0);
+    assert_eq!(max_rel_diff(&embed(&nested), &reference), 0.0);
+
+    // A .pth missing a tensor is refused with the file's name, not silently filled in.
+    let partial = dir.path().join("partial.pth");
+    common::pth::write_pth(&partial, &tensors[1..], None);
+    let err = load_embedder(
+        &spec(Architecture::Resnet18, WeightsSource::File(partial), 32),
+        &Device::Cpu,
+    )
+    .err()
+    .expect("a checkpoint missing a tensor must be refused")
+    .to_string();
+    assert!(err.contains("partial.pth"), "{err}");
+}
+
+#[test]
 fn resnet_trains_through_a_varmap() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

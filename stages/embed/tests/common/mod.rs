@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod pth;
+
 use arrow::array::{ArrayRef, BinaryArray, Float64Array, Int32Array, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
