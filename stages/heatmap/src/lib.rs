@@ -1,0 +1,58 @@
+//! The `heatmap` stage: which tiles made a trained MIL model decide what it decided.
+//!
+//! It reads a slide's embeddings (all of its tiles, from `embed` or `features`) and a trained
+//! checkpoint, scores every tile for every class ([`tessera_mil::importance`]: class
+//! activation mapping on the sparse map for SparseConvMIL, attention weights for attention
+//! models, instance scores or gradient x input for the other baselines) and writes, per slide,
+//! under `OUT/heatmaps/`:
+//! - `<slide>.parquet`: `slide_id, x, y, tile_size, score_<class>...` (one row per tile);
+//! - `<slide>.<class>.png`: the scores drawn over the slide's thumbnail;
+//! - `<slide>.<class>.top<k>.png`: the `k` highest-scoring tiles side by side;
+//! - `<slide>.geojson`: one QuPath `tile` feature per tile, scores as measurements.
+
+pub mod geojson;
+pub mod params;
+pub mod render;
+pub mod scores;
+pub mod settings;
+pub mod stage;
+pub mod table;
+
+pub use params::{DrawClasses, HeatmapParams};
+pub use scores::TileScores;
+
+/// Why a heatmap could not be made; every message names the file or slide concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum HeatmapError {
+    #[error(transparent)]
+    Importance(#[from] tessera_mil::importance::ImportanceError),
+    #[error(transparent)]
+    Mil(#[from] tessera_mil::MilError),
+    #[error(transparent)]
+    Tile(#[from] tessera_tile::TileError),
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("writing {path}: {message}")]
+    Write { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<HeatmapError> for tessera_pipeline::StageError {
+    fn from(e: HeatmapError) -> Self {
+        tessera_pipeline::StageError::msg(e)
+    }
+}
+
+/// A slide id made safe as a file name.
+pub fn file_stem(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
