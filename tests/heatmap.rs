@@ -47,8 +47,11 @@ const TRAINING: &str = "
     params: {draw: all, top_k: 3, top_k_px: 32, thumbnail_size: 256}
 ";
 
+/// A tile's position and its per-class scores.
+type Row = ((i64, i64), Vec<f32>);
+
 /// Per-class scores of a heatmap table, by tile position.
-fn read_table(path: &Path) -> (usize, Vec<String>, Vec<((i64, i64), Vec<f32>)>) {
+fn read_table(path: &Path) -> (usize, Vec<String>, Vec<Row>) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()
@@ -92,7 +95,7 @@ fn read_table(path: &Path) -> (usize, Vec<String>, Vec<((i64, i64), Vec<f32>)>) 
             ));
         }
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by_key(|r| r.0);
     (rows.len(), columns, rows)
 }
 

@@ -25,17 +25,41 @@ pub use scores::TileScores;
 #[derive(Debug, thiserror::Error)]
 pub enum HeatmapError {
     #[error(transparent)]
-    Importance(#[from] tessera_mil::importance::ImportanceError),
+    Importance(Box<tessera_mil::importance::ImportanceError>),
     #[error(transparent)]
-    Mil(#[from] tessera_mil::MilError),
+    Mil(Box<tessera_mil::MilError>),
     #[error(transparent)]
-    Tile(#[from] tessera_tile::TileError),
+    Tile(Box<tessera_tile::TileError>),
     #[error(transparent)]
-    Arrow(#[from] arrow::error::ArrowError),
+    Arrow(Box<arrow::error::ArrowError>),
     #[error("writing {path}: {message}")]
     Write { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<tessera_mil::importance::ImportanceError> for HeatmapError {
+    fn from(e: tessera_mil::importance::ImportanceError) -> Self {
+        HeatmapError::Importance(Box::new(e))
+    }
+}
+
+impl From<tessera_mil::MilError> for HeatmapError {
+    fn from(e: tessera_mil::MilError) -> Self {
+        HeatmapError::Mil(Box::new(e))
+    }
+}
+
+impl From<tessera_tile::TileError> for HeatmapError {
+    fn from(e: tessera_tile::TileError) -> Self {
+        HeatmapError::Tile(Box::new(e))
+    }
+}
+
+impl From<arrow::error::ArrowError> for HeatmapError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        HeatmapError::Arrow(Box::new(e))
+    }
 }
 
 impl From<HeatmapError> for tessera_pipeline::StageError {

@@ -176,6 +176,37 @@ pub fn thumbnail(reader: &SlideReader, max_side: u32) -> Result<Overview, Heatma
     Ok(reader.read_overview(downsample)?)
 }
 
+/// For slides without a file (features computed elsewhere): a light grey canvas covering the
+/// tiles' bounding box, longest side about `max_side` px, and the tiles shifted onto it.
+pub fn blank_canvas(tiles: &[ScoredTile], max_side: u32) -> (Overview, Vec<ScoredTile>) {
+    let x0 = tiles.iter().map(|t| t.x).min().unwrap_or(0);
+    let y0 = tiles.iter().map(|t| t.y).min().unwrap_or(0);
+    let x1 = tiles.iter().map(|t| t.x + t.size).max().unwrap_or(1);
+    let y1 = tiles.iter().map(|t| t.y + t.size).max().unwrap_or(1);
+    let (w0, h0) = ((x1 - x0).max(1) as f64, (y1 - y0).max(1) as f64);
+    let scale = (w0.max(h0) / f64::from(max_side.max(1))).max(1e-9);
+    let (w, h) = (
+        ((w0 / scale).round() as usize).max(1),
+        ((h0 / scale).round() as usize).max(1),
+    );
+    let picture = Overview {
+        rgb: vec![235; w * h * 3],
+        width: w,
+        height: h,
+        scale_x: w0 / w as f64,
+        scale_y: h0 / h as f64,
+    };
+    let shifted = tiles
+        .iter()
+        .map(|t| ScoredTile {
+            x: t.x - x0,
+            y: t.y - y0,
+            ..*t
+        })
+        .collect();
+    (picture, shifted)
+}
+
 /// Width of the gap and frame around each tile of a strip.
 const FRAME: usize = 4;
 
@@ -296,5 +327,28 @@ mod tests {
         assert_eq!(px(4, 4), [255, 255, 255], "between the tiles");
         assert_eq!(px(0, 11), VIRIDIS[0], "colour bar starts low");
         assert_eq!(px(9, 11), VIRIDIS[8], "and ends high");
+    }
+
+    #[test]
+    fn blank_canvas_covers_the_tiles_bounding_box() {
+        let tiles = [
+            ScoredTile {
+                x: 1000,
+                y: 500,
+                size: 100,
+                score: 0.0,
+            },
+            ScoredTile {
+                x: 1300,
+                y: 600,
+                size: 100,
+                score: 1.0,
+            },
+        ];
+        let (picture, shifted) = blank_canvas(&tiles, 40);
+        assert_eq!((picture.width, picture.height), (40, 20));
+        assert_eq!((shifted[0].x, shifted[0].y), (0, 0));
+        assert_eq!((shifted[1].x, shifted[1].y), (300, 100));
+        assert!((picture.scale_x - 10.0).abs() < 1e-9);
     }
 }

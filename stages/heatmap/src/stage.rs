@@ -17,7 +17,7 @@ use tessera_pipeline::{
 use tessera_tile::SlideReader;
 
 use crate::params::{DrawClasses, HeatmapParams};
-use crate::render::{overlay, save_png, strip, thumbnail, ColorScale, ScoredTile};
+use crate::render::{blank_canvas, overlay, save_png, strip, thumbnail, ColorScale, ScoredTile};
 use crate::scores::{score_slide, SlideTiles, TileScores};
 use crate::settings::{locate_checkpoint, run_experiment_of, sparse_map_of};
 use crate::table::{to_stream, write_parquet, SCORE_PREFIX};
@@ -158,18 +158,29 @@ impl HeatmapStage {
         }
         let mut notes = Vec::new();
         if self.params.png {
-            match &slide.path {
-                Some(path) => self.draw(&scores, path, &stem)?,
-                None => notes.push("no slide file in the dataset: no PNG heatmap".to_string()),
+            if slide.path.is_none() && self.params.top_k > 0 {
+                notes.push(
+                    "no slide file in the dataset: heatmap drawn on a blank canvas, no top-k strip"
+                        .to_string(),
+                );
             }
+            self.draw(&scores, slide.path.as_deref(), &stem)?;
         }
         Ok((to_stream(&scores)?, notes))
     }
 
     /// The heatmap and top-k strip PNGs of the chosen classes.
-    fn draw(&self, scores: &TileScores, slide: &Path, stem: &str) -> Result<(), HeatmapError> {
-        let reader = SlideReader::open(slide)?;
-        let picture = thumbnail(&reader, self.params.thumbnail_size)?;
+    fn draw(
+        &self,
+        scores: &TileScores,
+        slide: Option<&Path>,
+        stem: &str,
+    ) -> Result<(), HeatmapError> {
+        let reader = slide.map(SlideReader::open).transpose()?;
+        let picture = match &reader {
+            Some(r) => Some(thumbnail(r, self.params.thumbnail_size)?),
+            None => None,
+        };
         let classes: Vec<usize> = match self.params.draw {
             DrawClasses::Predicted => vec![scores.predicted()],
             DrawClasses::All if scores.method.class_specific() => {
@@ -190,13 +201,19 @@ impl HeatmapStage {
                 })
                 .collect();
             let name = file_stem(&scores.classes[c]);
-            let (rgb, w, h) = overlay(&picture, &tiles, scale, self.params.alpha);
+            let (rgb, w, h) = match &picture {
+                Some(p) => overlay(p, &tiles, scale, self.params.alpha),
+                None => {
+                    let (p, shifted) = blank_canvas(&tiles, self.params.thumbnail_size);
+                    overlay(&p, &shifted, scale, 1.0)
+                }
+            };
             save_png(&self.out.join(format!("{stem}.{name}.png")), &rgb, w, h)?;
-            if self.params.top_k > 0 {
+            if let (Some(reader), true) = (&reader, self.params.top_k > 0) {
                 let mut ranked = tiles.clone();
                 ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
                 ranked.truncate(self.params.top_k);
-                let (rgb, w, h) = strip(&reader, &ranked, scale, self.params.top_k_px)?;
+                let (rgb, w, h) = strip(reader, &ranked, scale, self.params.top_k_px)?;
                 let file = format!("{stem}.{name}.top{}.png", self.params.top_k);
                 save_png(&self.out.join(file), &rgb, w, h)?;
             }
