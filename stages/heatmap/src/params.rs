@@ -118,6 +118,10 @@ impl StageKind for HeatmapParams {
                 return Err(ParamIssue::new("checkpoint", "must not be empty"));
             }
         }
+        if let Some(m) = &self.sparse_map {
+            m.validate()
+                .map_err(|i| ParamIssue::new(format!("sparse_map.{}", i.field), i.message))?;
+        }
         Ok(())
     }
 

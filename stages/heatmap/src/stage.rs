@@ -40,10 +40,15 @@ pub struct HeatmapStage {
     scorer: Option<Scorer>,
     /// Embedding batches per slide (dataset index).
     pending: HashMap<usize, Vec<RecordBatch>>,
+    /// When the stage was built: in the waiting mode, the checkpoint must be newer (written by
+    /// this run's training, not left by an earlier run).
+    started: std::time::SystemTime,
     /// Slides whose embeddings are complete, waiting for the checkpoint.
     complete: BTreeMap<usize, SlideHandle>,
     /// Every slide seen on any input, to end each once.
     seen: BTreeMap<usize, SlideHandle>,
+    /// The note about slides without a file was given.
+    warned_no_file: bool,
 }
 
 impl HeatmapStage {
@@ -65,9 +70,11 @@ impl HeatmapStage {
             device,
             checkpoint,
             scorer: None,
+            started: std::time::SystemTime::now(),
             pending: HashMap::new(),
             complete: BTreeMap::new(),
             seen: BTreeMap::new(),
+            warned_no_file: false,
         };
         if stage.params.checkpoint.is_some() {
             stage.scorer = Some(stage.load()?);
@@ -77,6 +84,17 @@ impl HeatmapStage {
 
     fn load(&self) -> Result<Scorer, HeatmapError> {
         let files = locate_checkpoint(&self.checkpoint)?;
+        if self.params.checkpoint.is_none() {
+            let written = std::fs::metadata(&files.meta).and_then(|m| m.modified());
+            // Slack for file systems with coarse timestamps.
+            let slack = std::time::Duration::from_secs(2);
+            if written.map_or(true, |t| t + slack < self.started) {
+                return Err(HeatmapError::Invalid(format!(
+                    "checkpoint {} predates this run: training wrote no checkpoint (see the `train` stage's errors)",
+                    files.meta.display()
+                )));
+            }
+        }
         let model = LoadedModel::load(&files, &self.device)?;
         let sparse_map = if !model.meta.model.pooling.is_spatial() {
             None
@@ -111,7 +129,7 @@ impl HeatmapStage {
         scorer: &Scorer,
         slide: &SlideHandle,
         batches: &[RecordBatch],
-    ) -> Result<(RecordBatch, Vec<String>), HeatmapError> {
+    ) -> Result<RecordBatch, HeatmapError> {
         let tiles = SlideTiles::from_batches(&slide.id, batches)?;
         let scores = score_slide(&scorer.model, &tiles, scorer.sparse_map.as_ref())?;
         std::fs::create_dir_all(&self.out).map_err(|e| HeatmapError::Write {
@@ -156,17 +174,10 @@ impl HeatmapStage {
                 message: e.to_string(),
             })?;
         }
-        let mut notes = Vec::new();
         if self.params.png {
-            if slide.path.is_none() && self.params.top_k > 0 {
-                notes.push(
-                    "no slide file in the dataset: heatmap drawn on a blank canvas, no top-k strip"
-                        .to_string(),
-                );
-            }
             self.draw(&scores, slide.path.as_deref(), &stem)?;
         }
-        Ok((to_stream(&scores)?, notes))
+        to_stream(&scores)
     }
 
     /// The heatmap and top-k strip PNGs of the chosen classes.
@@ -222,16 +233,20 @@ impl HeatmapStage {
     }
 
     fn emit_slide(
-        &self,
+        &mut self,
         ctx: &mut StageContext,
         scorer: &Scorer,
         slide: &SlideHandle,
         batches: &[RecordBatch],
     ) -> StageResult {
-        let (rows, notes) = self.process(scorer, slide, batches)?;
-        for n in notes {
-            ctx.warn(Some(slide), n);
+        if slide.path.is_none() && self.params.png && !self.warned_no_file {
+            self.warned_no_file = true;
+            ctx.warn(
+                None,
+                "slides without a file in the dataset get their heatmap on a blank canvas and no top-k strip",
+            );
         }
+        let rows = self.process(scorer, slide, batches)?;
         ctx.emit(slide, rows)
     }
 }
