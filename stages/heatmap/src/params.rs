@@ -49,7 +49,8 @@ pub struct HeatmapParams {
     pub thumbnail_size: u32,
     /// Opacity of the tile colours over the thumbnail, in [0, 1].
     pub alpha: f32,
-    /// Draw PNGs (needs the slide files; slides without one get only Parquet and GeoJSON).
+    /// Draw PNGs (slides without a file in the dataset are drawn on a blank canvas, without
+    /// top-k strip).
     pub png: bool,
     /// Write the QuPath GeoJSON.
     pub geojson: bool,
