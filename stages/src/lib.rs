@@ -1,6 +1,7 @@
 //! tessera's built-in stages, registered the same way a user's crate registers its own.
 
 pub use tessera_embed as embed;
+pub use tessera_heatmap as heatmap;
 pub use tessera_mil as mil;
 pub use tessera_sparse as sparse;
 pub use tessera_tile as tile;
@@ -17,6 +18,7 @@ pub fn register_builtins(registry: &mut Registry) -> &mut Registry {
     registry.register::<tessera_mil::AugmentParams>();
     registry.register::<tessera_mil::EvaluateParams>();
     registry.register::<tessera_mil::train::TrainParams>();
+    registry.register::<tessera_heatmap::HeatmapParams>();
     registry
 }
 

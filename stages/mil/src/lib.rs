@@ -37,6 +37,7 @@ pub mod augment;
 pub mod columns;
 pub mod error;
 pub mod evaluate;
+pub mod importance;
 pub mod metrics;
 pub mod models;
 pub mod predictions;

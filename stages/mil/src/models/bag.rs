@@ -132,6 +132,22 @@ impl BagBatch {
         &self.features
     }
 
+    /// The same bags with other features `[N, D]` (e.g. a `Var` to differentiate with
+    /// respect to the inputs).
+    pub fn with_features(&self, features: Tensor) -> candle_core::Result<BagBatch> {
+        if features.dims() != self.features.dims() {
+            candle_core::bail!(
+                "replacement features {:?} differ from the batch's {:?}",
+                features.dims(),
+                self.features.dims()
+            );
+        }
+        Ok(BagBatch {
+            features,
+            ..self.clone()
+        })
+    }
+
     /// Number of instances of each bag.
     pub fn lengths(&self) -> &[usize] {
         &self.lengths

@@ -103,11 +103,37 @@ pub struct ModelConfig {
     pub lse_r: f64,
 }
 
+/// A built model with its concrete type, for code that needs more than the logits (the
+/// `heatmap` stage reads activations, attention weights and instance scores).
+#[derive(Debug, Clone)]
+pub enum AnyModel {
+    Sparse(sparse::SparseConvMil),
+    Instance(pooling::InstancePooling),
+    Embedding(pooling::EmbeddingPooling),
+    Attention(attention::AttentionMil),
+}
+
+impl MilModel for AnyModel {
+    fn forward(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            AnyModel::Sparse(m) => m.forward(bags, train),
+            AnyModel::Instance(m) => m.forward(bags, train),
+            AnyModel::Embedding(m) => m.forward(bags, train),
+            AnyModel::Attention(m) => m.forward(bags, train),
+        }
+    }
+}
+
 /// Builds the model `config` describes, creating its parameters through `vb`.
 pub fn build_model(
     config: &ModelConfig,
     vb: &VarBuilder,
 ) -> candle_core::Result<Box<dyn MilModel>> {
+    Ok(Box::new(build_any(config, vb)?))
+}
+
+/// [`build_model`] with the concrete type kept (same parameter names, so checkpoints load).
+pub fn build_any(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<AnyModel> {
     use pooling::{head_for, EmbeddingPooling, InstancePooling, Reduce};
     let c = config;
     let head = |in_dim: usize| head_for(in_dim, c.head_hidden, c.n_classes, c.dropout, vb);
@@ -117,7 +143,7 @@ pub fn build_model(
                 c.input_dim,
                 &c.sparse_channels,
             ))?;
-            Box::new(sparse::SparseConvMil::new(
+            AnyModel::Sparse(sparse::SparseConvMil::new(
                 c.input_dim,
                 &c.sparse_channels,
                 c.sparse_kernel,
@@ -127,25 +153,33 @@ pub fn build_model(
                 vb,
             )?)
         }
-        Pooling::InstanceMax => Box::new(InstancePooling::new(head(c.input_dim)?, Reduce::Max)),
-        Pooling::InstanceMean => Box::new(InstancePooling::new(head(c.input_dim)?, Reduce::Mean)),
-        Pooling::InstanceLse => Box::new(InstancePooling::new(
+        Pooling::InstanceMax => {
+            AnyModel::Instance(InstancePooling::new(head(c.input_dim)?, Reduce::Max))
+        }
+        Pooling::InstanceMean => {
+            AnyModel::Instance(InstancePooling::new(head(c.input_dim)?, Reduce::Mean))
+        }
+        Pooling::InstanceLse => AnyModel::Instance(InstancePooling::new(
             head(c.input_dim)?,
             Reduce::Lse(c.lse_r),
         )),
-        Pooling::Max => Box::new(EmbeddingPooling::new(head(c.input_dim)?, Reduce::Max)),
-        Pooling::Mean => Box::new(EmbeddingPooling::new(head(c.input_dim)?, Reduce::Mean)),
-        Pooling::Lse => Box::new(EmbeddingPooling::new(
+        Pooling::Max => AnyModel::Embedding(EmbeddingPooling::new(head(c.input_dim)?, Reduce::Max)),
+        Pooling::Mean => {
+            AnyModel::Embedding(EmbeddingPooling::new(head(c.input_dim)?, Reduce::Mean))
+        }
+        Pooling::Lse => AnyModel::Embedding(EmbeddingPooling::new(
             head(c.input_dim)?,
             Reduce::Lse(c.lse_r),
         )),
-        Pooling::Attention | Pooling::GatedAttention => Box::new(attention::AttentionMil::new(
-            c.input_dim,
-            c.attention_hidden,
-            c.pooling == Pooling::GatedAttention,
-            head(c.input_dim)?,
-            vb,
-        )?),
+        Pooling::Attention | Pooling::GatedAttention => {
+            AnyModel::Attention(attention::AttentionMil::new(
+                c.input_dim,
+                c.attention_hidden,
+                c.pooling == Pooling::GatedAttention,
+                head(c.input_dim)?,
+                vb,
+            )?)
+        }
     })
 }
 

@@ -58,6 +58,12 @@ impl InstancePooling {
     pub fn new(head: Head, reduce: Reduce) -> Self {
         InstancePooling { head, reduce }
     }
+
+    /// Every instance's class scores (logits) `[B, K_max, classes]`, before pooling; rows past
+    /// a bag's length are padding.
+    pub fn instance_scores(&self, bags: &BagBatch) -> candle_core::Result<Tensor> {
+        self.head.forward(&bags.padded()?.x, false)
+    }
 }
 
 impl MilModel for InstancePooling {

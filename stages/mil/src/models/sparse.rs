@@ -75,8 +75,9 @@ impl SparseConvMil {
         channels.last().copied().unwrap_or(in_dim)
     }
 
-    /// The bag embeddings `[B, C]` (before the head).
-    pub fn embed(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor> {
+    /// The output of the last sparse block (conv, batch-norm, ReLU) over the bags' sites: the
+    /// activations class activation mapping reads. With no blocks, the input embeddings.
+    pub fn activations(&self, bags: &BagBatch, train: bool) -> candle_core::Result<SparseTensor> {
         let sites = bags.sites().ok_or_else(|| {
             candle_core::Error::Msg(
                 "sparseconvmil needs sparse-map positions (`map_i`, `map_j`) for every bag: add a sparse_map stage upstream"
@@ -92,10 +93,25 @@ impl SparseConvMil {
             }
             x = sparse_relu(&x)?;
         }
+        Ok(x)
+    }
+
+    /// Global pooling of [`SparseConvMil::activations`]: the bag embeddings `[B, C]`.
+    pub fn pool(&self, x: &SparseTensor) -> candle_core::Result<Tensor> {
         match self.pool {
-            GlobalPool::Avg => global_avg_pool(&x),
-            GlobalPool::Max => global_max_pool(&x),
+            GlobalPool::Avg => global_avg_pool(x),
+            GlobalPool::Max => global_max_pool(x),
         }
+    }
+
+    /// Logits `[B, classes]` of given last-block activations (pooling, then the head).
+    pub fn classify(&self, x: &SparseTensor, train: bool) -> candle_core::Result<Tensor> {
+        self.head.forward(&self.pool(x)?, train)
+    }
+
+    /// The bag embeddings `[B, C]` (before the head).
+    pub fn embed(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor> {
+        self.pool(&self.activations(bags, train)?)
     }
 }
 
