@@ -25,6 +25,9 @@ fn entries(cache: &Path, kind: &str) -> (Vec<PathBuf>, Vec<PathBuf>) {
             .flatten()
         {
             let name = f.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".claim") {
+                continue; // a run at work (checked gone at the end)
+            }
             if name.ends_with(".tmp") {
                 temporary.push(f.path());
             } else {
