@@ -196,6 +196,16 @@ stages:
         assert_eq!(n, SLIDES, "{ls:?}");
     }
 
+    // The killed run's claims were taken over and released by the re-run.
+    let claims: Vec<_> = ["tile", "embed"]
+        .iter()
+        .flat_map(|k| std::fs::read_dir(cache.join(k)).unwrap().flatten())
+        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".claim"))
+        .map(|f| f.path())
+        .collect();
+    assert!(claims.is_empty(), "{claims:?}");
+
     // Whatever the kill left as temporary files, `cache gc` removes, and nothing else.
     let gc = tessera_with(&["cache", "gc", cache.to_str().unwrap()]);
     assert!(gc.ok(), "{gc:?}");

@@ -114,7 +114,14 @@ fn start_cluster(dir: &Path) -> Result<Cluster, String> {
         return Err("not root: slurmd must run as root to start jobs".into());
     }
     let mut bins = Vec::new();
-    for b in ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo"] {
+    for b in [
+        "munged",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "scontrol",
+        "sinfo",
+    ] {
         bins.push(which(b).ok_or_else(|| {
             format!("`{b}` not found: install Debian's slurm-wlm and munge (scripts/setup.sh)")
         })?);
@@ -239,7 +246,13 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
     std::thread::sleep(Duration::from_millis(500));
     let slurmd = spawn(
         &bins[2],
-        vec!["-D".into(), "-N".into(), host.clone(), "-f".into(), conf_arg],
+        vec![
+            "-D".into(),
+            "-N".into(),
+            host.clone(),
+            "-f".into(),
+            conf_arg,
+        ],
         "slurmd.out",
     )?;
     cluster.daemons.push(("slurmd", slurmd));
@@ -349,8 +362,16 @@ fn dump_logs(dir: &Path) -> String {
 /// Complete entries and other files under one kind of the cache.
 fn cache_files(cache: &Path, kind: &str) -> (usize, Vec<PathBuf>) {
     let (mut complete, mut other) = (0, Vec::new());
-    for shard in std::fs::read_dir(cache.join(kind)).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+    for shard in std::fs::read_dir(cache.join(kind))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for f in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = f.file_name().to_string_lossy().into_owned();
             if name.ends_with(".parquet") && !name.starts_with('.') {
                 complete += 1;
@@ -370,7 +391,9 @@ fn slurm_array_then_dependent_full_run_share_one_cache() {
     let cluster = match start_cluster(&slurm_dir) {
         Ok(c) => c,
         Err(why) => {
-            eprintln!("SKIPPED: Slurm cannot start here: {why}");
+            // Straight to the stderr stream: the test harness's capture would hide `eprintln!`.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: Slurm cannot start here: {why}");
             return;
         }
     };
@@ -471,7 +494,12 @@ stages:
         started.elapsed().as_secs_f64()
     );
     let context = || format!("{}\n{}", dump_logs(&logs), cluster.logs());
-    assert_eq!(array_states.len(), SLIDES, "{array_states:?}\n{}", context());
+    assert_eq!(
+        array_states.len(),
+        SLIDES,
+        "{array_states:?}\n{}",
+        context()
+    );
     assert!(
         array_states.iter().all(|s| s == "COMPLETED"),
         "array tasks: {array_states:?}\n{}",
