@@ -233,3 +233,55 @@ fn a_bad_shard_is_refused_with_a_clear_message() {
         );
     }
 }
+
+#[test]
+fn slurm_without_submit_writes_both_scripts_and_prints_the_commands() {
+    let dir = TempDir::new().unwrap();
+    let exp = setup(dir.path());
+    let out = dir.path().join("out");
+    let r = common::tessera_with(&[
+        "slurm",
+        exp.to_str().unwrap(),
+        "--array",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--gres",
+        "gpu:1",
+        "--time",
+        "01:00:00",
+    ]);
+    assert!(r.ok(), "{r:?}");
+    let array = std::fs::read_to_string(out.join("slurm/shards.sbatch")).unwrap();
+    let full = std::fs::read_to_string(out.join("slurm/full.sbatch")).unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_tessera"))
+        .canonicalize()
+        .unwrap();
+    let cache = dir.path().canonicalize().unwrap().join("cache");
+    for script in [&array, &full] {
+        assert!(
+            script.contains(&format!("exec {} run ", binary.display())),
+            "{script}"
+        );
+        assert!(
+            script.contains(&format!("export TESSERA_CACHE_DIR={}\n", cache.display())),
+            "{script}"
+        );
+        assert!(script.contains("#SBATCH --gres=gpu:1\n"), "{script}");
+    }
+    assert!(array.contains("#SBATCH --array=0-3\n"), "{array}");
+    assert!(
+        array.contains("--shard \"${SLURM_ARRAY_TASK_ID}/4\""),
+        "{array}"
+    );
+    assert!(!full.contains("--shard"), "{full}");
+    assert!(out.join("slurm/logs").is_dir());
+    assert!(r.stdout.contains("sbatch --parsable"), "{r:?}");
+    assert!(r.stdout.contains("--dependency=afterok:"), "{r:?}");
+
+    let bad = common::tessera_with(&["slurm", exp.to_str().unwrap(), "--array", "0"]);
+    assert!(
+        !bad.ok() && bad.stderr.contains("--array must be at least 1"),
+        "{bad:?}"
+    );
+}
