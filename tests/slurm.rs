@@ -126,7 +126,10 @@ fn start_cluster(dir: &Path) -> Result<Cluster, String> {
             format!("`{b}` not found: install Debian's slurm-wlm and munge (scripts/setup.sh)")
         })?);
     }
-    let host = output_of("hostname", &["-s"])
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| output_of("hostname", &[]))
+        .map(|h| h.trim().split('.').next().unwrap_or("").to_string())
         .filter(|h| !h.is_empty())
         .ok_or("no hostname")?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
