@@ -200,6 +200,15 @@ fn two_shards_and_a_full_run_together_leave_one_entry_per_slide() {
     assert_eq!(b, ["s1", "s3", "s5"]);
     // The full run trained on every slide.
     assert_eq!(reports[2]["status"], "ok", "{:#}", reports[2]);
+    // Between the three, every entry was computed exactly once (a full run that waited for
+    // the shards counts what it computed before waiting).
+    for stage in ["tile", "embed"] {
+        let total: u64 = reports
+            .iter()
+            .map(|r| count(r, stage, "cache_misses"))
+            .sum();
+        assert_eq!(total, SLIDES, "{stage}: {reports:#?}");
+    }
     assert!(outs[2].join("metrics.json").exists());
     assert_one_entry_per_slide(&dir.path().join("cache"));
 

@@ -106,10 +106,21 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
             PassOutcome::Busy(_) => unreachable!("per-slide passes defer busy slides"),
         };
     }
+    let started = Instant::now();
     let mut prefetched: Option<RunReport> = None;
     loop {
         let busy = match execute_pass(graph, settings, Pass::Full)? {
-            PassOutcome::Done(report) => return Ok(report),
+            PassOutcome::Done(mut report) => {
+                if let Some(pre) = &prefetched {
+                    // Entries computed before waiting were computed by this run too.
+                    for s in &mut report.stages {
+                        s.cache_misses += pre.stage(&s.name).map_or(0, |p| p.cache_misses);
+                    }
+                    report.seconds = started.elapsed().as_secs_f64();
+                    write_report(settings, &report)?;
+                }
+                return Ok(report);
+            }
             PassOutcome::Busy(busy) => busy,
         };
         if prefetched.is_none() {
@@ -523,10 +534,14 @@ fn execute_pass(
         errors: all_errors,
         shard: shard_report,
     };
-    let path = settings.out_dir.join("run.json");
-    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-    std::fs::write(&path, json).map_err(|source| RunError::Report { path, source })?;
+    write_report(settings, &report)?;
     Ok(PassOutcome::Done(report))
+}
+
+fn write_report(settings: &RunSettings, report: &RunReport) -> Result<(), RunError> {
+    let path = settings.out_dir.join("run.json");
+    let json = serde_json::to_string_pretty(report).unwrap_or_default();
+    std::fs::write(&path, json).map_err(|source| RunError::Report { path, source })
 }
 
 /// What stage `stage`'s worker `worker` is told about the run.
