@@ -25,6 +25,9 @@ fn entries(cache: &Path, kind: &str) -> (Vec<PathBuf>, Vec<PathBuf>) {
             .flatten()
         {
             let name = f.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".claim") {
+                continue; // a run at work (checked gone at the end)
+            }
             if name.ends_with(".tmp") {
                 temporary.push(f.path());
             } else {
@@ -192,6 +195,16 @@ stages:
         let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         assert_eq!(n, SLIDES, "{ls:?}");
     }
+
+    // The killed run's claims were taken over and released by the re-run.
+    let claims: Vec<_> = ["tile", "embed"]
+        .iter()
+        .flat_map(|k| std::fs::read_dir(cache.join(k)).unwrap().flatten())
+        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".claim"))
+        .map(|f| f.path())
+        .collect();
+    assert!(claims.is_empty(), "{claims:?}");
 
     // Whatever the kill left as temporary files, `cache gc` removes, and nothing else.
     let gc = tessera_with(&["cache", "gc", cache.to_str().unwrap()]);

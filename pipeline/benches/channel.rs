@@ -146,6 +146,8 @@ fn time_chain(hops: usize, batches: usize, capacity: usize) -> f64 {
         channel_capacity: capacity,
         interrupt: None,
         progress: false,
+        shard: None,
+        claim_ttl: std::time::Duration::from_secs(600),
     };
     let t0 = Instant::now();
     let report = execute(&graph, &settings).expect("bench run");

@@ -307,6 +307,8 @@ pub struct EntryInfo {
     pub bytes: u64,
     /// A temporary file left by an interrupted write.
     pub temporary: bool,
+    /// A claim file (a process computing the entry, or one that died doing so).
+    pub claim: bool,
 }
 
 /// Every file in the cache, complete or not.
@@ -335,6 +337,7 @@ pub fn list_entries(root: &Path) -> Result<Vec<EntryInfo>, CacheError> {
                     path: file.path(),
                     bytes,
                     temporary: name.ends_with(".tmp"),
+                    claim: crate::claim::is_claim_file(&name),
                 });
             }
         }

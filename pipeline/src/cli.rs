@@ -7,6 +7,8 @@ use crate::graph::{build_graph, Graph};
 use crate::registry::Registry;
 use crate::report::RunStatus;
 use crate::runner::{execute, RunSettings};
+use crate::shard::Shard;
+use crate::slurm::{sbatch, JobSpec, Resources};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::collections::HashSet;
@@ -50,6 +52,42 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Run only shard I of N (0-based, I/N with 0 <= I < N): that shard's slides, balanced
+        /// by file size, through the per-slide cached stages (tiling, embedding) into the
+        /// shared cache. Stages over all slides (sampling, training, evaluation) do not run:
+        /// a later run without --shard does them from the cache.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<Shard>,
+    },
+    /// Write (and with --submit, submit) Slurm scripts: a job array running `run --shard`
+    /// over N shards into the shared cache, then a job running the whole experiment once
+    /// every shard succeeded.
+    Slurm {
+        experiment: PathBuf,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
+        /// Number of array tasks (shards).
+        #[arg(long, value_name = "N")]
+        array: usize,
+        /// Output folder (default: the experiment's out_dir); scripts go to OUT/slurm/.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        partition: Option<String>,
+        /// Generic resources per task, e.g. `gpu:1`.
+        #[arg(long)]
+        gres: Option<String>,
+        /// Wall-time limit per job, e.g. `04:00:00`.
+        #[arg(long, value_name = "HH:MM:SS")]
+        time: Option<String>,
+        #[arg(long)]
+        cpus_per_task: Option<u32>,
+        /// Memory per node, e.g. `32G`.
+        #[arg(long)]
+        mem: Option<String>,
+        /// Submit with sbatch (the follow-up with --dependency=afterok on the array).
+        #[arg(long)]
+        submit: bool,
     },
     /// List the registered stage kinds, or show one kind's parameters and defaults.
     Stages { kind: Option<String> },
@@ -69,8 +107,8 @@ enum CacheCommand {
         /// The cache folder, or an experiment whose cache_dir to use.
         target: PathBuf,
     },
-    /// Remove temporary files left by interrupted runs; with --keep, also every entry that
-    /// none of the given experiments would use.
+    /// Remove temporary files and abandoned claims left by interrupted runs; with --keep,
+    /// also every entry that none of the given experiments would use.
     Gc {
         target: PathBuf,
         /// Experiments whose entries to keep (everything else is removed).
@@ -139,7 +177,29 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             sets,
             out,
             quiet,
-        } => run(&experiment, &sets, out, quiet, registry),
+            shard,
+        } => run(&experiment, &sets, out, quiet, shard, registry),
+        Command::Slurm {
+            experiment,
+            sets,
+            array,
+            out,
+            partition,
+            gres,
+            time,
+            cpus_per_task,
+            mem,
+            submit,
+        } => {
+            let resources = Resources {
+                partition,
+                gres,
+                time,
+                cpus_per_task,
+                mem,
+            };
+            slurm(&experiment, &sets, array, out, resources, submit, registry)
+        }
         Command::Stages { kind } => {
             print_stages(registry, kind.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -174,6 +234,7 @@ fn run(
     sets: &[String],
     out: Option<PathBuf>,
     quiet: bool,
+    shard: Option<Shard>,
     registry: &Registry,
 ) -> anyhow::Result<ExitCode> {
     let (mut exp, graph) = match load_and_check(file, sets, registry) {
@@ -208,6 +269,8 @@ fn run(
         channel_capacity: exp.config.channel_capacity,
         interrupt: Some(interrupt),
         progress: !quiet && std::io::stderr().is_terminal(),
+        shard,
+        claim_ttl: std::time::Duration::from_secs(exp.config.claim_ttl_s),
     };
     let report = execute(&graph, &settings)?;
     println!(
@@ -236,6 +299,27 @@ fn run(
             e.message
         );
     }
+    if let Some(sh) = &report.shard {
+        println!(
+            "shard {}: {} slides{}; stages not run in a shard run: {} (run without --shard for them)",
+            sh.shard.as_deref().unwrap_or("-"),
+            sh.slides.len(),
+            if sh.deferred.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} left to other processes computing them ({})",
+                    sh.deferred.len(),
+                    sh.deferred.join(", ")
+                )
+            },
+            if sh.stages_not_run.is_empty() {
+                "none".to_string()
+            } else {
+                sh.stages_not_run.join(", ")
+            }
+        );
+    }
     println!(
         "{:?} in {:.1} s; report: {}",
         report.status,
@@ -247,6 +331,84 @@ fn run(
         RunStatus::Failed => ExitCode::from(1),
         RunStatus::Cancelled => ExitCode::from(130),
     })
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.exists() {
+        return p
+            .canonicalize()
+            .with_context(|| format!("resolving {}", p.display()));
+    }
+    Ok(std::env::current_dir()?.join(p))
+}
+
+fn slurm(
+    file: &Path,
+    sets: &[String],
+    array: usize,
+    out: Option<PathBuf>,
+    resources: Resources,
+    submit: bool,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
+    let (mut exp, _graph) = match load_and_check(file, sets, registry) {
+        Ok(x) => x,
+        Err(message) => {
+            eprintln!("{message}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if let Some(out) = out {
+        exp.out_dir = out;
+    }
+    std::fs::create_dir_all(&exp.out_dir)
+        .with_context(|| format!("creating {}", exp.out_dir.display()))?;
+    std::fs::create_dir_all(&exp.cache_dir)
+        .with_context(|| format!("creating {}", exp.cache_dir.display()))?;
+    if array > exp.slides.len() {
+        eprintln!(
+            "warning: --array {array} is more than the {} slides: some tasks will have nothing to do",
+            exp.slides.len()
+        );
+    }
+    let spec = JobSpec {
+        name: exp.config.name.clone(),
+        binary: std::env::current_exe()
+            .context("locating the tessera binary")?
+            .canonicalize()
+            .context("locating the tessera binary")?,
+        experiment: absolute(file)?,
+        sets: sets.to_vec(),
+        cache_dir: absolute(&exp.cache_dir)?,
+        out_dir: absolute(&exp.out_dir)?,
+        array,
+        resources,
+    };
+    let (array_script, full_script) = spec.write()?;
+    println!("wrote {}", array_script.display());
+    println!("wrote {}", full_script.display());
+    if !submit {
+        println!("submit with:");
+        println!(
+            "  ARRAY=$(sbatch --parsable {})",
+            crate::slurm::sh_quote(&array_script.to_string_lossy())
+        );
+        println!(
+            "  sbatch --dependency=afterok:${{ARRAY%%;*}} {}",
+            crate::slurm::sh_quote(&full_script.to_string_lossy())
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let array_id = sbatch(&array_script, None)?;
+    println!("submitted shard array: job {array_id} ({array} tasks)");
+    let full_id = sbatch(&full_script, Some(&array_id))?;
+    println!("submitted full run: job {full_id} (after job {array_id} succeeds)");
+    println!(
+        "results: {} (run.json, metrics); logs: {}",
+        spec.out_dir.display(),
+        spec.slurm_dir().join("logs").display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes the experiment as it ran: after `--set`, with every parameter's default filled in.
@@ -315,11 +477,20 @@ fn print_stages(registry: &Registry, kind: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn cache_dir_of(target: &Path, registry: &Registry) -> anyhow::Result<PathBuf> {
+    Ok(cache_dir_and_ttl(target, registry)?.0)
+}
+
+/// The cache folder and claim TTL of a folder (default TTL) or an experiment.
+fn cache_dir_and_ttl(
+    target: &Path,
+    registry: &Registry,
+) -> anyhow::Result<(PathBuf, std::time::Duration)> {
     if target.is_file() {
         let (exp, _) = load_and_check(target, &[], registry).map_err(anyhow::Error::msg)?;
-        Ok(exp.cache_dir)
+        let ttl = std::time::Duration::from_secs(exp.config.claim_ttl_s);
+        Ok((exp.cache_dir, ttl))
     } else {
-        Ok(target.to_path_buf())
+        Ok((target.to_path_buf(), crate::claim::DEFAULT_TTL))
     }
 }
 
@@ -328,11 +499,13 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
         CacheCommand::Ls { target } => {
             let dir = cache_dir_of(&target, registry)?;
             let entries = list_entries(&dir)?;
-            let mut kinds: std::collections::BTreeMap<&str, (usize, u64, usize)> =
+            let mut kinds: std::collections::BTreeMap<&str, (usize, u64, usize, usize)> =
                 Default::default();
             for e in &entries {
                 let k = kinds.entry(e.kind.as_str()).or_default();
-                if e.temporary {
+                if e.claim {
+                    k.3 += 1;
+                } else if e.temporary {
                     k.2 += 1;
                 } else {
                     k.0 += 1;
@@ -341,12 +514,12 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
             }
             println!("cache {}", dir.display());
             println!(
-                "{:<14} {:>8} {:>12} {:>10}",
-                "kind", "entries", "MiB", "temporary"
+                "{:<14} {:>8} {:>12} {:>10} {:>7}",
+                "kind", "entries", "MiB", "temporary", "claims"
             );
-            for (kind, (n, bytes, tmp)) in kinds {
+            for (kind, (n, bytes, tmp, claims)) in kinds {
                 println!(
-                    "{kind:<14} {n:>8} {:>12.2} {tmp:>10}",
+                    "{kind:<14} {n:>8} {:>12.2} {tmp:>10} {claims:>7}",
                     bytes as f64 / (1 << 20) as f64
                 );
             }
@@ -356,7 +529,7 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
             keep,
             dry_run,
         } => {
-            let dir = cache_dir_of(&target, registry)?;
+            let (dir, ttl) = cache_dir_and_ttl(&target, registry)?;
             let mut keep_keys: Option<HashSet<String>> = None;
             for exp_file in &keep {
                 let (exp, graph) =
@@ -370,7 +543,15 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
                     (Some(keys), Some(k)) => !keys.contains(&k),
                     _ => false,
                 };
-                if e.temporary || unused {
+                if e.claim {
+                    // A live claim is a process at work: only abandoned ones go.
+                    if !crate::claim::claim_file_is_stale(&e.path, ttl) {
+                        continue;
+                    }
+                } else if !(e.temporary || unused) {
+                    continue;
+                }
+                {
                     println!(
                         "{} {}",
                         if dry_run { "would remove" } else { "remove" },

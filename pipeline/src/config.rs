@@ -33,6 +33,10 @@ pub struct ExperimentConfig {
     /// Messages each channel between stages holds before the producer blocks.
     #[serde(default = "default_capacity")]
     pub channel_capacity: usize,
+    /// Seconds after which a claim on a cache entry that its holder stopped refreshing is
+    /// taken over (a job killed on another node). Holders refresh every quarter of it.
+    #[serde(default = "default_claim_ttl")]
+    pub claim_ttl_s: u64,
     /// The stages, by name.
     pub stages: BTreeMap<String, StageConfig>,
 }
@@ -80,6 +84,9 @@ fn default_cache_dir() -> PathBuf {
 }
 fn default_capacity() -> usize {
     4
+}
+fn default_claim_ttl() -> u64 {
+    crate::claim::DEFAULT_TTL.as_secs()
 }
 fn default_workers() -> usize {
     1
@@ -238,6 +245,12 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         .device
         .parse::<DeviceSpec>()
         .map_err(|m| err(locate(&source, &["device"]), m))?;
+    if config.claim_ttl_s == 0 {
+        return Err(err(
+            locate(&source, &["claim_ttl_s"]),
+            "claim_ttl_s must be at least 1".into(),
+        ));
+    }
     if config.channel_capacity == 0 {
         return Err(err(
             locate(&source, &["channel_capacity"]),
@@ -284,6 +297,7 @@ const TOP_LEVEL: &[&str] = &[
     "out_dir",
     "dataset",
     "channel_capacity",
+    "claim_ttl_s",
 ];
 /// Stage fields that `--set STAGE.FIELD=VALUE` addresses (others go to `params`).
 const STAGE_FIELDS: &[&str] = &["workers", "cache", "on_error", "inputs", "kind"];

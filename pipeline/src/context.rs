@@ -2,6 +2,7 @@
 //! run's settings. It also writes the stage's cache entries as rows go by.
 
 use crate::cache::{Cache, PendingEntry};
+use crate::claim::{claim_path, ClaimSet};
 use crate::error::{StageError, StageResult};
 use crate::message::{Envelope, Message};
 use crate::plan::{Plan, SlideState};
@@ -39,6 +40,18 @@ pub(crate) struct StageCache {
     pub schema: SchemaRef,
     pub uncached: Vec<String>,
     pub metadata: BTreeMap<String, String>,
+    /// The run's claims: an entry's claim is given up once it is written or abandoned.
+    pub claims: Arc<ClaimSet>,
+}
+
+impl StageCache {
+    /// Gives up this run's claim on the slide's entry, if it holds one.
+    fn release_claim(&self, slide: usize) {
+        if let Some(Some(key)) = self.keys.get(slide) {
+            self.claims
+                .release(&claim_path(&self.cache.entry_path(&self.kind, key)));
+        }
+    }
 }
 
 /// State shared by every worker of one stage.
@@ -94,9 +107,11 @@ impl StageContext {
         }
         self.write_cache(slide, None)?;
         if let Some(entry) = self.pending.remove(&slide.index) {
-            entry
-                .finish()
-                .map_err(|e| StageError::other("completing the cache entry", e))?;
+            let finished = entry.finish();
+            if let Some(cache) = self.shared.cache.as_ref() {
+                cache.release_claim(slide.index);
+            }
+            finished.map_err(|e| StageError::other("completing the cache entry", e))?;
             self.shared.stats.add_cache_miss();
         }
         self.shared.stats.add_item_out();
@@ -181,6 +196,9 @@ impl StageContext {
     /// Drops what was written to the cache for a failed slide and tells consumers.
     pub(crate) fn abort_slide(&mut self, slide: &SlideHandle) {
         self.pending.remove(&slide.index);
+        if let Some(cache) = self.shared.cache.as_ref() {
+            cache.release_claim(slide.index);
+        }
         let _ = self.send_to_needing(
             slide,
             Message::SlideFailed {

@@ -8,6 +8,7 @@
 //! [`Stage`] (the running stage), registered by name in a [`Registry`].
 
 pub mod cache;
+pub mod claim;
 pub mod context;
 pub mod error;
 pub mod message;
@@ -15,14 +16,16 @@ pub mod plan;
 pub mod registry;
 pub mod report;
 pub mod schema;
+pub mod shard;
 pub mod slide;
+pub mod slurm;
 pub mod stage;
 
 pub use context::StageContext;
 pub use error::{StageError, StageResult};
 pub use message::Message;
 pub use registry::{did_you_mean, Registry};
-pub use report::{RunReport, RunStatus, StageReport};
+pub use report::{RunReport, RunStatus, ShardReport, StageReport};
 pub use schema::{Column, ColumnType, InputSpec};
 pub use slide::{Slide, SlideHandle};
 pub use stage::{check_running, BuildContext, DeviceSpec, ParamIssue, Stage, StageKind};

@@ -127,6 +127,23 @@ pub struct RunReport {
     pub stages: Vec<StageReport>,
     /// Every error of every stage, for a quick look.
     pub errors: Vec<ErrorRecord>,
+    /// Present when only the per-slide stages ran (`--shard`): which slides, which stages not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardReport>,
+}
+
+/// What a shard run (`--shard i/n`) covered. It fills the shared cache; the stages that
+/// aggregate over all slides (sampling, training, evaluation...) run in a later full run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardReport {
+    /// `i/n`, 0-based; `null` for the pass a full run makes while others hold claims.
+    pub shard: Option<String>,
+    /// The slides assigned to this shard.
+    pub slides: Vec<String>,
+    /// Slides left to another process that was computing them (its claim was live).
+    pub deferred: Vec<String>,
+    /// Stages that did not run: they are not per-slide cached stages nor feed one.
+    pub stages_not_run: Vec<String>,
 }
 
 impl RunReport {

@@ -4,13 +4,15 @@
 //! whatever the number of slides.
 
 use crate::cache::{content_key, file_identity, Cache, KeyParts, TOOL_VERSION};
+use crate::claim::{claim_path, ClaimInfo, ClaimSet};
 use crate::config::ErrorPolicy;
 use crate::context::{Edge, RunShared, StageCache, StageContext, StageShared};
 use crate::error::StageError;
 use crate::graph::Graph;
 use crate::message::{Envelope, Message};
-use crate::plan::{decide, Plan, SlideState};
-use crate::report::{ErrorRecord, RunReport, RunStatus, StageReport, StageStats};
+use crate::plan::{decide_with, Demand, Plan, SlideState};
+use crate::report::{ErrorRecord, RunReport, RunStatus, ShardReport, StageReport, StageStats};
+use crate::shard::Shard;
 use crate::slide::SlideHandle;
 use crate::stage::{BuildContext, DeviceSpec, Stage};
 use arrow::datatypes::Schema;
@@ -40,6 +42,11 @@ pub struct RunSettings {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Draw progress bars on stderr (only where it is a terminal).
     pub progress: bool,
+    /// Run only this shard's slides, and only the per-slide cached stages (and what feeds
+    /// them), filling the shared cache for a later full run.
+    pub shard: Option<Shard>,
+    /// A claim on a cache entry that its holder stopped refreshing this long is taken over.
+    pub claim_ttl: Duration,
 }
 
 /// Why a run could not start.
@@ -59,8 +66,231 @@ pub enum RunError {
     },
 }
 
+/// Which run a pass makes.
+enum Pass {
+    /// Every stage, every slide.
+    Full,
+    /// The per-slide cached stages (and what feeds them) for the slides in `members`;
+    /// slides another process is computing are deferred to it.
+    PerSlide {
+        shard: Option<Shard>,
+        members: Vec<bool>,
+    },
+}
+
+/// How a pass ended.
+enum PassOutcome {
+    Done(RunReport),
+    /// A full pass found entries other live processes are computing: their claim files.
+    Busy(Vec<(PathBuf, Option<ClaimInfo>)>),
+}
+
 /// Runs the graph to completion (or failure, or interruption) and writes `out_dir/run.json`.
+///
+/// Entries are claimed before they are computed, so that processes sharing the cache never
+/// compute one twice at once. A shard run leaves entries claimed by others to them. A full run
+/// that finds such claims first computes every per-slide entry nobody else is computing, then
+/// waits for the others' claims to go (finished, or abandoned), then runs in full.
 pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunError> {
+    if let Some(shard) = settings.shard {
+        let members = shard.members(&settings.slides);
+        return match execute_pass(
+            graph,
+            settings,
+            Pass::PerSlide {
+                shard: Some(shard),
+                members,
+            },
+        )? {
+            PassOutcome::Done(report) => Ok(report),
+            PassOutcome::Busy(_) => unreachable!("per-slide passes defer busy slides"),
+        };
+    }
+    let started = Instant::now();
+    let mut prefetched: Option<RunReport> = None;
+    loop {
+        let busy = match execute_pass(graph, settings, Pass::Full)? {
+            PassOutcome::Done(mut report) => {
+                if let Some(pre) = &prefetched {
+                    // Entries computed before waiting were computed by this run too.
+                    for s in &mut report.stages {
+                        s.cache_misses += pre.stage(&s.name).map_or(0, |p| p.cache_misses);
+                    }
+                    report.seconds = started.elapsed().as_secs_f64();
+                    write_report(settings, &report)?;
+                }
+                return Ok(report);
+            }
+            PassOutcome::Busy(busy) => busy,
+        };
+        if prefetched.is_none() {
+            let members = vec![true; settings.slides.len()];
+            let pass = Pass::PerSlide {
+                shard: None,
+                members,
+            };
+            if let PassOutcome::Done(report) = execute_pass(graph, settings, pass)? {
+                if report.status != RunStatus::Ok {
+                    return Ok(report);
+                }
+                prefetched = Some(report);
+            }
+        }
+        let holders: HashSet<String> = busy
+            .iter()
+            .filter_map(|(_, h)| h.as_ref().map(ToString::to_string))
+            .collect();
+        tracing::info!(
+            "waiting for {} cache entries that other processes are computing ({})",
+            busy.len(),
+            holders.into_iter().collect::<Vec<_>>().join(", ")
+        );
+        while busy.iter().any(|(path, _)| {
+            path.exists() && !crate::claim::claim_file_is_stale(path, settings.claim_ttl)
+        }) {
+            if settings
+                .interrupt
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::Relaxed))
+            {
+                let mut report = prefetched.take().unwrap_or_else(|| empty_report(settings));
+                report.status = RunStatus::Cancelled;
+                return Ok(report);
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn empty_report(settings: &RunSettings) -> RunReport {
+    RunReport {
+        name: settings.name.clone(),
+        tool: TOOL_VERSION.to_string(),
+        status: RunStatus::Ok,
+        slides: settings.slides.len(),
+        seconds: 0.0,
+        stages: Vec::new(),
+        errors: Vec::new(),
+        shard: None,
+    }
+}
+
+/// Stages a per-slide pass runs: the cached stages whose entries have keys, and everything
+/// upstream of them.
+fn per_slide_stages(graph: &Graph, plan: &Plan) -> Vec<bool> {
+    let mut runs: Vec<bool> = graph
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.cache && plan.keys[i].iter().any(Option::is_some))
+        .collect();
+    for &i in graph.order.iter().rev() {
+        if runs[i] {
+            for &j in &graph.stages[i].inputs {
+                runs[j] = true;
+            }
+        }
+    }
+    runs
+}
+
+/// Claims every entry the plan computes, slide by slide and, within a slide, in topological
+/// order, so that of two processes wanting a slide, whoever claims its first entry gets the
+/// whole slide. A slide with an entry another process holds is given up entirely (its claims
+/// released) and reported busy: (slide index, claim file, holder). The flag says that some
+/// entry turned out complete once claimed (finished meanwhile): the plan is stale.
+fn claim_computed(
+    graph: &Graph,
+    plan: &Plan,
+    cache: &Cache,
+    claims: &ClaimSet,
+) -> (Vec<(usize, PathBuf, Option<ClaimInfo>)>, bool) {
+    let mut busy = Vec::new();
+    let mut done_meanwhile = false;
+    let mut wanted = HashSet::new();
+    let n = plan.states.first().map_or(0, Vec::len);
+    for slide in 0..n {
+        let mut taken = Vec::new();
+        for &i in &graph.order {
+            let s = &graph.stages[i];
+            let Some(Some(key)) = plan.keys[i].get(slide) else {
+                continue;
+            };
+            if !s.cache || plan.state(i, slide) != SlideState::Compute {
+                continue;
+            }
+            let path = claim_path(&cache.entry_path(&s.kind, key));
+            match claims.acquire(&path) {
+                Ok(None) if cache.is_valid(&s.kind, key) => {
+                    claims.release(&path);
+                    done_meanwhile = true;
+                }
+                Ok(None) => taken.push(path),
+                Ok(Some(holder)) => {
+                    for p in taken.drain(..) {
+                        claims.release(&p);
+                    }
+                    busy.push((slide, path, holder));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %path.display(), "cannot claim the cache entry ({e}); computing it unclaimed")
+                }
+            }
+        }
+        wanted.extend(taken);
+    }
+    claims.retain(|p| wanted.contains(p));
+    (busy, done_meanwhile)
+}
+
+/// Plans a pass and claims what it computes, deferring (per-slide passes) or reporting (full
+/// passes) what other processes are computing.
+#[allow(clippy::type_complexity)]
+fn plan_and_claim(
+    graph: &Graph,
+    settings: &RunSettings,
+    cache: &Cache,
+    build_ctx: &dyn Fn(usize, usize) -> BuildContext,
+    pass: &Pass,
+    claims: &ClaimSet,
+) -> Result<Result<(Plan, Vec<bool>), Vec<(PathBuf, Option<ClaimInfo>)>>, RunError> {
+    let n = settings.slides.len();
+    let mut deferred = vec![false; n];
+    loop {
+        let plan = match pass {
+            Pass::Full => make_plan(graph, settings, cache, build_ctx, None)?,
+            Pass::PerSlide { members, .. } => {
+                let wanted: Vec<bool> = members
+                    .iter()
+                    .zip(&deferred)
+                    .map(|(m, d)| *m && !*d)
+                    .collect();
+                make_plan(graph, settings, cache, build_ctx, Some(&wanted))?
+            }
+        };
+        let (busy, done_meanwhile) = claim_computed(graph, &plan, cache, claims);
+        if busy.is_empty() && !done_meanwhile {
+            return Ok(Ok((plan, deferred)));
+        }
+        if matches!(pass, Pass::Full) && !busy.is_empty() {
+            claims.release_all();
+            return Ok(Err(busy.into_iter().map(|(_, p, h)| (p, h)).collect()));
+        }
+        for (slide, path, holder) in busy {
+            if !deferred[slide] {
+                tracing::info!(slide = %settings.slides[slide].id, claim = %path.display(), holder = ?holder.map(|h| h.to_string()), "another process is computing this slide; leaving it to it");
+            }
+            deferred[slide] = true;
+        }
+    }
+}
+
+fn execute_pass(
+    graph: &Graph,
+    settings: &RunSettings,
+    pass: Pass,
+) -> Result<PassOutcome, RunError> {
     let started = Instant::now();
     std::fs::create_dir_all(&settings.out_dir).map_err(|source| RunError::OutDir {
         path: settings.out_dir.clone(),
@@ -71,12 +301,49 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
     let build_ctx =
         |stage: usize, worker: usize| build_context(graph, settings, &slides, stage, worker);
 
-    let plan = Arc::new(make_plan(graph, settings, &cache, &build_ctx)?);
+    let claims = ClaimSet::new(settings.claim_ttl);
+    let (plan, deferred) =
+        match plan_and_claim(graph, settings, &cache, &build_ctx, &pass, &claims)? {
+            Ok(x) => x,
+            Err(busy) => return Ok(PassOutcome::Busy(busy)),
+        };
+    let _heartbeat = claims.heartbeat();
+    let plan = Arc::new(plan);
+    let runs: Vec<bool> = match &pass {
+        Pass::Full => vec![true; graph.stages.len()],
+        Pass::PerSlide { .. } => per_slide_stages(graph, &plan),
+    };
+    let shard_report = match &pass {
+        Pass::Full => None,
+        Pass::PerSlide { shard, members } => Some(ShardReport {
+            shard: shard.map(|s| s.to_string()),
+            slides: slides
+                .iter()
+                .filter(|s| members[s.index])
+                .map(|s| s.id.clone())
+                .collect(),
+            deferred: slides
+                .iter()
+                .filter(|s| deferred[s.index])
+                .map(|s| s.id.clone())
+                .collect(),
+            stages_not_run: graph
+                .order
+                .iter()
+                .filter(|&&i| !runs[i])
+                .map(|&i| graph.stages[i].name.clone())
+                .collect(),
+        }),
+    };
 
     // Build every worker before starting anything, so a bad model path fails fast.
     let mut built: Vec<Vec<Box<dyn Stage>>> = Vec::new();
     for (i, s) in graph.stages.iter().enumerate() {
         let mut workers = Vec::new();
+        if !runs[i] {
+            built.push(workers);
+            continue;
+        }
         for w in 0..s.workers {
             workers.push(
                 s.stage
@@ -128,7 +395,9 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
                 errors: Mutex::new(Vec::new()),
                 warnings: Mutex::new(Vec::new()),
                 progress: bar,
-                cache: s.cache.then(|| stage_cache(graph, i, &cache, &plan)),
+                cache: s
+                    .cache
+                    .then(|| stage_cache(graph, i, &cache, &plan, claims.clone())),
             })
         })
         .collect();
@@ -152,6 +421,9 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
     let mut handles = Vec::new();
     for (i, workers) in built.into_iter().enumerate() {
         let gs = &graph.stages[i];
+        if workers.is_empty() {
+            continue; // not part of this pass
+        }
         let make_ctx = |w: usize| StageContext {
             shared: shared[i].clone(),
             run: run.clone(),
@@ -226,10 +498,15 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
     } else {
         RunStatus::Ok
     };
+    claims.release_all();
     let mut stages = Vec::new();
     let mut all_errors = Vec::new();
     for &i in &graph.order {
         let s = &graph.stages[i];
+        if !runs[i] {
+            shared[i].progress.finish_and_clear();
+            continue;
+        }
         let sh = &shared[i];
         sh.progress.finish();
         let errors = sh.errors.lock().map(|e| e.clone()).unwrap_or_default();
@@ -255,11 +532,16 @@ pub fn execute(graph: &Graph, settings: &RunSettings) -> Result<RunReport, RunEr
         seconds: started.elapsed().as_secs_f64(),
         stages,
         errors: all_errors,
+        shard: shard_report,
     };
+    write_report(settings, &report)?;
+    Ok(PassOutcome::Done(report))
+}
+
+fn write_report(settings: &RunSettings, report: &RunReport) -> Result<(), RunError> {
     let path = settings.out_dir.join("run.json");
-    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-    std::fs::write(&path, json).map_err(|source| RunError::Report { path, source })?;
-    Ok(report)
+    let json = serde_json::to_string_pretty(report).unwrap_or_default();
+    std::fs::write(&path, json).map_err(|source| RunError::Report { path, source })
 }
 
 /// What stage `stage`'s worker `worker` is told about the run.
@@ -296,6 +578,8 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
         channel_capacity: exp.config.channel_capacity,
         interrupt: None,
         progress: false,
+        shard: None,
+        claim_ttl: Duration::from_secs(exp.config.claim_ttl_s),
     };
     let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
     let build_ctx =
@@ -305,16 +589,19 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
         &settings,
         &Cache::new(&settings.cache_dir),
         &build_ctx,
+        None,
     )?;
     Ok(plan.keys.into_iter().flatten().flatten().collect())
 }
 
-/// Works out every cache key and what each stage does for each slide.
+/// Works out every cache key and what each stage does for each slide. With `per_slide`, only
+/// the cache entries of those slides are wanted (a shard); otherwise the sinks' outputs.
 fn make_plan(
     graph: &Graph,
     settings: &RunSettings,
     cache: &Cache,
     build_ctx: &dyn Fn(usize, usize) -> BuildContext,
+    per_slide: Option<&[bool]>,
 ) -> Result<Plan, RunError> {
     let n = settings.slides.len();
     let needs_identity = graph.stages.iter().any(|s| s.source);
@@ -373,11 +660,20 @@ fn make_plan(
         .map(|c| c.iter().map(|&(s, _)| s).collect())
         .collect();
     let cache_enabled: Vec<bool> = graph.stages.iter().map(|s| s.cache).collect();
-    let states = decide(
+    let demand = |stage: usize, slide: usize| match per_slide {
+        None if consumers[stage].is_empty() => Demand::Output,
+        None => Demand::None,
+        Some(members) if members[slide] && cache_enabled[stage] && keys[stage][slide].is_some() => {
+            Demand::Cached
+        }
+        Some(_) => Demand::None,
+    };
+    let states = decide_with(
         &graph.order,
         &consumers,
         &cache_enabled,
         n,
+        demand,
         |stage, slide| {
             keys[stage][slide]
                 .as_deref()
@@ -387,7 +683,13 @@ fn make_plan(
     Ok(Plan { states, keys })
 }
 
-fn stage_cache(graph: &Graph, i: usize, cache: &Cache, plan: &Plan) -> StageCache {
+fn stage_cache(
+    graph: &Graph,
+    i: usize,
+    cache: &Cache,
+    plan: &Plan,
+    claims: Arc<ClaimSet>,
+) -> StageCache {
     let s = &graph.stages[i];
     let uncached = s.stage.uncached_columns();
     let fields: Vec<_> = s
@@ -412,6 +714,7 @@ fn stage_cache(graph: &Graph, i: usize, cache: &Cache, plan: &Plan) -> StageCach
         schema: Arc::new(Schema::new(fields)),
         uncached,
         metadata,
+        claims,
     }
 }
 

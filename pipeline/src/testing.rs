@@ -147,6 +147,8 @@ impl Harness {
             channel_capacity: self.channel_capacity,
             interrupt: None,
             progress: false,
+            shard: None,
+            claim_ttl: std::time::Duration::from_secs(600),
         };
         let report = execute(&graph, &settings).map_err(|e| e.to_string())?;
         let mut out = std::mem::take(&mut *collected.lock().map_err(|e| e.to_string())?);

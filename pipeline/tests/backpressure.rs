@@ -187,6 +187,8 @@ fn run(capacity: usize, slides: usize, batches: usize) -> (i64, i64) {
         channel_capacity: capacity,
         interrupt: None,
         progress: false,
+        shard: None,
+        claim_ttl: std::time::Duration::from_secs(600),
     };
     let report = execute(&graph, &settings).unwrap();
     assert_eq!(report.status, RunStatus::Ok, "{report:?}");
