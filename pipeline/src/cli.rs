@@ -50,6 +50,9 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Points of a sweep run side by side (they share the cache; nothing is computed twice).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// List the registered stage kinds, or show one kind's parameters and defaults.
     Stages { kind: Option<String> },
@@ -113,6 +116,11 @@ fn init_logging(verbose: u8) {
 fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { experiment, sets } => {
+            if let Some(code) =
+                crate::sweep::command::validate_if_sweep(&experiment, &sets, registry)
+            {
+                return Ok(code);
+            }
             let (exp, graph) = match load_and_check(&experiment, &sets, registry) {
                 Ok(x) => x,
                 Err(message) => {
@@ -139,7 +147,20 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             sets,
             out,
             quiet,
-        } => run(&experiment, &sets, out, quiet, registry),
+            jobs,
+        } => {
+            if let Some(code) = crate::sweep::command::run_if_sweep(
+                &experiment,
+                &sets,
+                out.clone(),
+                quiet,
+                jobs,
+                registry,
+            )? {
+                return Ok(code);
+            }
+            run(&experiment, &sets, out, quiet, registry)
+        }
         Command::Stages { kind } => {
             print_stages(registry, kind.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -236,6 +257,9 @@ fn run(
             e.message
         );
     }
+    if let Some(table) = crate::sweep::command::single_run_table(&exp.out_dir) {
+        println!("\n{table}");
+    }
     println!(
         "{:?} in {:.1} s; report: {}",
         report.status,
@@ -250,7 +274,7 @@ fn run(
 }
 
 /// Writes the experiment as it ran: after `--set`, with every parameter's default filled in.
-fn write_resolved(exp: &Experiment, graph: &Graph) -> anyhow::Result<()> {
+pub(crate) fn write_resolved(exp: &Experiment, graph: &Graph) -> anyhow::Result<()> {
     let mut config = exp.config.clone();
     for s in &graph.stages {
         if let Some(sc) = config.stages.get_mut(&s.name) {

@@ -4,6 +4,7 @@
 
 use crate::slide::{read_dataset, SlideHandle};
 use crate::stage::DeviceSpec;
+use crate::sweep::SweepGrid;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -35,6 +36,14 @@ pub struct ExperimentConfig {
     pub channel_capacity: usize,
     /// The stages, by name.
     pub stages: BTreeMap<String, StageConfig>,
+    /// A grid of runs: `STAGE.PARAM` (as for `--set`) -> the values to try. `tessera run`
+    /// runs every combination into `OUT/<point>/` and writes `sweep.json` and the results table.
+    #[serde(default, skip_serializing_if = "SweepGrid::is_empty")]
+    pub sweep: SweepGrid,
+    /// Repeats of every run (every grid point) with these experiment seeds instead of `seed`;
+    /// results are then reported as mean +/- std over seeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
 }
 
 /// One stage of the DAG.
@@ -284,6 +293,7 @@ const TOP_LEVEL: &[&str] = &[
     "out_dir",
     "dataset",
     "channel_capacity",
+    "seeds",
 ];
 /// Stage fields that `--set STAGE.FIELD=VALUE` addresses (others go to `params`).
 const STAGE_FIELDS: &[&str] = &["workers", "cache", "on_error", "inputs", "kind"];

@@ -17,6 +17,7 @@ pub mod report;
 pub mod schema;
 pub mod slide;
 pub mod stage;
+pub mod sweep;
 
 pub use context::StageContext;
 pub use error::{StageError, StageResult};
