@@ -44,7 +44,7 @@ fn misses(point: &serde_json::Value, stage: &str) -> u64 {
         .unwrap_or_else(|| panic!("no `{stage}` in {point:#}"))
 }
 
-fn check_sweep(jobs: &str) {
+fn check_sweep(jobs: &str) -> (TempDir, PathBuf) {
     let dir = TempDir::new().unwrap();
     let (ran, out) = run_sweep(dir.path(), jobs);
     assert!(ran.ok(), "{ran:?}");
@@ -116,11 +116,32 @@ fn check_sweep(jobs: &str) {
     .unwrap();
     let n: usize = reader.map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(n, 4);
+    (dir, out)
 }
 
 #[test]
 fn sweep_tiles_and_embeds_only_in_its_first_point() {
-    check_sweep("1");
+    let (_dir, out) = check_sweep("1");
+    // and `tessera report` draws Figure 2a/2b, ROC and confusion matrix, skipping the bars
+    let r = tessera_with(&["report", out.to_str().unwrap()]);
+    assert!(r.ok(), "{r:?}");
+    for stem in [
+        "balanced_accuracy_vs_downsample",
+        "auc_vs_tiles_per_slide",
+        "roc",
+        "confusion_matrix",
+    ] {
+        for ext in ["png", "svg"] {
+            let f = out.join("figures").join(format!("{stem}.{ext}"));
+            assert!(f.is_file(), "{} missing: {r:?}", f.display());
+        }
+    }
+    assert!(
+        r.stdout.contains(
+            "skipped: per-model comparison bars: the sweep does not vary `train.pooling`"
+        ),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -63,6 +63,12 @@ enum Command {
     },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
+    /// Draw a run's or a sweep's figures (PNG and SVG into OUT/figures/) and print its
+    /// results table.
+    Report {
+        /// The output folder of `tessera run`.
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,6 +175,7 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             cache_command(command, registry)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { out } => crate::sweep::command::report(&out),
         Command::Schema => {
             println!(
                 "{}",

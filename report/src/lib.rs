@@ -12,3 +12,8 @@ pub mod results;
 pub use error::ReportError;
 pub use record::{PointRecord, PointStage, StageTotals, SweepRecord};
 pub use results::{aggregate, ResultsTable};
+pub mod figures;
+pub mod font;
+pub mod roc;
+
+pub use figures::{draw_all, Figures};

@@ -69,22 +69,15 @@ pub struct ResultRow {
 }
 
 impl ResultRow {
-    /// A short label of the row's parameters, e.g. `sparseconvmil, downsample=8`.
-    pub fn label(&self, keys: &[String]) -> String {
+    /// A short label of the row's parameters in the paper's notation, e.g.
+    /// `sparseconvmil, d=8, K=100` (see [`compact`]).
+    pub fn label(&self, _keys: &[String]) -> String {
         if self.params.is_empty() {
             return "run".into();
         }
-        let single = keys.len() == 1;
         self.params
             .iter()
-            .map(|(k, v)| {
-                let v = display_value(v);
-                if single && !is_numeric(&Value::String(v.clone())) {
-                    v
-                } else {
-                    format!("{}={v}", short_key(k))
-                }
-            })
+            .map(|(k, v)| compact(k, v))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -108,16 +101,25 @@ pub fn short_key(key: &str) -> &str {
     key.rsplit('.').next().unwrap_or(key)
 }
 
+/// One parameter in legends: the model name bare, `d` for the downsampling factor, `K` for
+/// tiles per slide, else `param=value`.
+pub fn compact(key: &str, v: &Value) -> String {
+    let value = display_value(v);
+    match short_key(key) {
+        "pooling" => value,
+        "downsample" => format!("d={value}"),
+        "downsample_px" => format!("d={value}px"),
+        "tiles_per_slide" => format!("K={value}"),
+        other => format!("{other}={value}"),
+    }
+}
+
 /// Strings bare, everything else as JSON.
 pub fn display_value(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
-}
-
-fn is_numeric(v: &Value) -> bool {
-    v.as_f64().is_some()
 }
 
 /// Orders values of one key: numbers ascending, then everything else in declaration order.
@@ -424,7 +426,7 @@ mod tests {
             .map(|r| r.param("sparse_map.downsample").unwrap().as_i64().unwrap())
             .collect();
         assert_eq!(order, [1, 8, 32]);
-        assert_eq!(t.rows[0].label(&t.keys), "downsample=1");
+        assert_eq!(t.rows[0].label(&t.keys), "d=1");
     }
 
     #[test]

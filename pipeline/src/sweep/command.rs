@@ -171,3 +171,29 @@ pub fn single_run_table(out_dir: &Path) -> Option<String> {
     record.points.first()?.metrics.as_ref()?;
     Some(tessera_report::aggregate(&record.points, &[]).to_markdown())
 }
+
+/// `tessera report OUT`: the results table (rewritten for a sweep) and every figure the
+/// run has data for.
+pub fn report(out: &Path) -> anyhow::Result<ExitCode> {
+    let record = tessera_report::SweepRecord::read(out)?;
+    let table = if out.join(tessera_report::record::SWEEP_FILE).exists() {
+        write_results(out, &record)?
+    } else {
+        single_run_table(out)
+    };
+    if let Some(table) = table {
+        println!("{table}");
+    }
+    let figures = tessera_report::draw_all(out, &record)?;
+    for path in figures
+        .written
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+    {
+        println!("figure: {} (and .svg)", path.display());
+    }
+    for reason in &figures.skipped {
+        println!("skipped: {reason}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -101,7 +101,10 @@ pub fn plan(
             serde_json::to_string(&values[0]).unwrap_or_default()
         );
         if let Err(m) = apply_set(&mut probe, &set) {
-            errors.push(key_error(key, format!("sweep key `{key}`: {m}")));
+            errors.push(ConfigError {
+                stage: None,
+                ..key_error(key, format!("sweep key `{key}`: {m}"))
+            });
             continue;
         }
         // Each value alone: wrong types and unacceptable values, named by stage and field.
