@@ -5,7 +5,9 @@
 
 use crate::error::ReportError;
 use crate::record::SweepRecord;
-use crate::results::{aggregate, compact, display_value, short_key, ResultRow, ResultsTable, METRICS};
+use crate::results::{
+    aggregate, compact, display_value, short_key, ResultRow, ResultsTable, METRICS,
+};
 use crate::roc::{area, read_scores, roc_curve};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
@@ -164,6 +166,9 @@ fn tick(v: f64) -> String {
     }
 }
 
+/// Lines of a figure: (label, [(x, mean, std)] sorted by x).
+type Series = Vec<(String, Vec<(f64, f64, f64)>)>;
+
 /// One line figure: a metric against a numeric swept parameter.
 struct LineFigure {
     title: String,
@@ -174,8 +179,7 @@ struct LineFigure {
     /// The swept x values (ticks).
     xs: Vec<f64>,
     legend_title: String,
-    /// (label, [(x, mean, std)] sorted by x).
-    series: Vec<(String, Vec<(f64, f64, f64)>)>,
+    series: Series,
 }
 
 fn draw_lines<DB: DrawingBackend>(
@@ -191,13 +195,8 @@ fn draw_lines<DB: DrawingBackend>(
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
     let pad = ((hi - lo) * 0.06).max(0.5);
-    let (mut y0, mut y1) = (0.0f64, 1.0f64);
-    for (_, pts) in &fig.series {
-        for &(_, m, s) in pts {
-            y0 = y0.min(m - s);
-            y1 = y1.max(m + s);
-        }
-    }
+    // The plotted metrics lie in [0, 1]: so do the axis and the error bars.
+    let (y0, y1) = (0.0f64, 1.0f64);
     let mut chart = ChartBuilder::on(&plot)
         .caption(&fig.title, (FONT, 24))
         .margin(18)
@@ -229,7 +228,14 @@ fn draw_lines<DB: DrawingBackend>(
             .map_err(err)?;
         chart
             .draw_series(pts.iter().filter(|p| p.2 > 0.0).map(|&(x, m, s)| {
-                ErrorBar::new_vertical(t(x), m - s, m, m + s, c.stroke_width(2), 10)
+                ErrorBar::new_vertical(
+                    t(x),
+                    (m - s).max(0.0),
+                    m,
+                    (m + s).min(1.0),
+                    c.stroke_width(2),
+                    10,
+                )
             }))
             .map_err(err)?;
         chart
@@ -283,7 +289,7 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
         .iter()
         .filter(|(m, _)| *m == "balanced_accuracy" || *m == "auc")
     {
-        let mut series: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+        let mut series: Series = Vec::new();
         for r in &table.rows {
             let (Some(x), Some(ms)) =
                 (r.param(key).and_then(Value::as_f64), r.metrics.get(*metric))
@@ -411,9 +417,9 @@ fn draw_bars<DB: DrawingBackend>(
                 chart
                     .draw_series(std::iter::once(ErrorBar::new_vertical(
                         x,
-                        ms.mean - ms.std,
+                        (ms.mean - ms.std).max(0.0),
                         ms.mean,
-                        (ms.mean + ms.std).min(1.05),
+                        (ms.mean + ms.std).min(1.0),
                         BLACK.stroke_width(1),
                         6,
                     )))
@@ -494,7 +500,7 @@ fn draw_confusion<DB: DrawingBackend>(
     let n = classes.len();
     let nf = n as f64;
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
+        .caption(title, (FONT, 19))
         .margin(18)
         .x_label_area_size(60)
         .y_label_area_size(110)

@@ -201,7 +201,7 @@ pub fn run_sweep(
     };
     std::thread::scope(|scope| {
         for _ in 0..jobs {
-            scope.spawn(&worker);
+            scope.spawn(worker);
         }
     });
     let mut rec = record
