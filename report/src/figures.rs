@@ -45,9 +45,9 @@ fn color(i: usize) -> RGBColor {
 
 const FONT: &str = "sans-serif";
 /// Width of the legend panel right of the plot.
-const LEGEND_WIDTH: u32 = 290;
+const LEGEND_WIDTH: u32 = 320;
 /// At most this many models/rows in one figure (more would be unreadable).
-const MAX_SERIES: usize = 12;
+const MAX_SERIES: usize = 10;
 
 fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
@@ -100,8 +100,8 @@ fn draw_legend<DB: DrawingBackend>(
         area.draw(&Circle::new((25, y + 8), 4, c.filled()))
             .map_err(err)?;
         let mut text = label.clone();
-        if text.chars().count() > 30 {
-            text = text.chars().take(29).collect::<String>() + "…";
+        if text.chars().count() > 36 {
+            text = text.chars().take(35).collect::<String>() + "…";
         }
         area.draw(&Text::new(text, (48, y), style.clone()))
             .map_err(err)?;
@@ -155,6 +155,15 @@ fn y_ticks<DB: DrawingBackend>(
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// The text with its first letter upper-case (metric names are lower-case in tables).
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 /// Formats an axis value: integers without decimals.
@@ -315,10 +324,10 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
         out.push((
             format!("{metric}_vs_{}", short_key(key)),
             LineFigure {
-                title: format!(
+                title: capitalized(&format!(
                     "{header} vs {}",
                     x_label.split(" (").next().unwrap_or(x_label)
-                ),
+                )),
                 x_label: x_label.to_string(),
                 y_label: format!(
                     "test {header}{}",
@@ -673,19 +682,38 @@ pub fn draw_all(out_dir: &Path, record: &SweepRecord) -> Result<Figures, ReportE
         .filter(|r| r.runs > 0)
         .take(MAX_SERIES)
         .collect();
-    match pooling {
-        Some(_) => {
-            render!(figs, dir, "models", (1150, 620), |root| draw_bars(
-                root,
-                &table,
-                &rows,
-                "Per-model comparison (test split)"
-            ));
+    // With other swept parameters, each model at its best setting (balanced accuracy).
+    let mut best: Vec<&ResultRow> = Vec::new();
+    if let Some(pooling) = pooling {
+        let score = |r: &ResultRow| {
+            r.metrics
+                .get("balanced_accuracy")
+                .map_or(f64::MIN, |m| m.mean)
+        };
+        for r in table.rows.iter().filter(|r| r.runs > 0) {
+            match best
+                .iter_mut()
+                .find(|b| b.param(pooling) == r.param(pooling))
+            {
+                Some(b) if score(r) > score(b) => *b = r,
+                Some(_) => {}
+                None => best.push(r),
+            }
         }
-        None => figs
-            .skipped
-            .push("per-model comparison bars: the sweep does not vary `train.pooling`".into()),
+        best.truncate(MAX_SERIES);
+        let title = if table.keys.len() > 1 {
+            "Per-model comparison (each model at its best setting)"
+        } else {
+            "Per-model comparison (test split)"
+        };
+        render!(figs, dir, "models", (1150, 620), |root| draw_bars(
+            root, &table, &best, title
+        ));
+    } else {
+        figs.skipped
+            .push("per-model comparison bars: the sweep does not vary `train.pooling`".into());
     }
+    let rows = if best.is_empty() { rows } else { best };
 
     // ROC curves, from each row's first point with predictions.
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -717,10 +745,11 @@ pub fn draw_all(out_dir: &Path, record: &SweepRecord) -> Result<Figures, ReportE
             "ROC curves: no predictions.parquet with both classes in its evaluated split".into(),
         );
     } else {
-        let title = if multi_class {
-            "ROC (micro-averaged one-vs-rest, test split)"
-        } else {
-            "ROC curves (test split)"
+        let title = match (multi_class, pooling.is_some() && table.keys.len() > 1) {
+            (true, true) => "ROC (micro-averaged one-vs-rest; each model at its best setting)",
+            (true, false) => "ROC (micro-averaged one-vs-rest, test split)",
+            (false, true) => "ROC curves (each model at its best setting)",
+            (false, false) => "ROC curves (test split)",
         };
         render!(figs, dir, "roc", (1050, 640), |root| draw_roc(
             root, &curves, title

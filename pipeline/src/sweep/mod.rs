@@ -189,11 +189,8 @@ pub fn write_results(
     let markdown = table.to_markdown();
     let path = out_root.join("results.md");
     let title = format!(
-        "# {}
-
-Test-split metrics{}.
-
-",
+        "# {}\n\nMetrics of the test split (the top level of each run's metrics.json); \
+         n = runs with metrics{}.\n\n",
         record.name,
         if table.rows.iter().any(|r| r.runs > 1) {
             ", mean ± sample std over the runs of each row (seeds, folds)"
@@ -275,11 +272,15 @@ mod tests {
     }
 
     fn try_plan_full(yaml: &str) -> Result<Vec<PlannedPoint>, String> {
+        try_plan_with(yaml, &[])
+    }
+
+    fn try_plan_with(yaml: &str, sets: &[String]) -> Result<Vec<PlannedPoint>, String> {
         let (dir, file) = setup(yaml);
         let mut registry = Registry::new();
         registry.register::<kind::Src>();
-        let base = load_experiment(&file, &[]).map_err(|e| e.to_string())?;
-        plan(&base, &[], &registry, &dir.path().join("out")).map_err(|e| e.to_string())
+        let base = load_experiment(&file, sets).map_err(|e| e.to_string())?;
+        plan(&base, sets, &registry, &dir.path().join("out")).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -327,5 +328,14 @@ mod tests {
         assert!(err.contains("sweep"), "{err}");
         let err = try_plan("seeds: [1, 1]\n").unwrap_err();
         assert!(err.contains("listed twice"), "{err}");
+        let err = try_plan_with("sweep:\n  s.n: [1, 2]\n", &["s.n=5".into()])
+            .err()
+            .unwrap();
+        assert!(err.contains("sets a swept parameter"), "{err}");
+        // other overrides apply to every point
+        let points = try_plan_with("sweep:\n  s.n: [1, 2]\n", &["s.mode=z".into()]).unwrap();
+        assert!(points
+            .iter()
+            .all(|p| p.exp.config.stages["s"].params["mode"] == "z"));
     }
 }
