@@ -80,6 +80,15 @@ pub fn plan(
             });
             continue;
         }
+        if let Some(set) = sets
+            .iter()
+            .find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+        {
+            errors.push(key_error(
+                key,
+                format!("`--set {set}` sets a swept parameter; change the `sweep:` list instead"),
+            ));
+        }
         if values.is_empty() {
             errors.push(key_error(
                 key,
