@@ -251,7 +251,11 @@ impl ResultsTable {
         for r in &self.rows {
             let mut cells: Vec<String> = r.params.iter().map(|(_, v)| display_value(v)).collect();
             if cells.is_empty() {
-                cells.push(r.points.first().cloned().unwrap_or_else(|| "-".into()));
+                // A single run (its folder is the point `.`), or seed repeats of one setting.
+                cells.push(match r.points.as_slice() {
+                    [one] if one != "." => one.clone(),
+                    _ => "all runs".into(),
+                });
             }
             cells.push(r.runs.to_string());
             for ((metric, _), best) in METRICS.iter().zip(&best) {
