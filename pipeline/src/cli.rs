@@ -390,9 +390,7 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
             let dir = cache_dir_of(&target, registry)?;
             let mut keep_keys: Option<HashSet<String>> = None;
             for exp_file in &keep {
-                let (exp, graph) =
-                    load_and_check(exp_file, &[], registry).map_err(anyhow::Error::msg)?;
-                let keys = crate::runner::plan_keys(&graph, &exp)?;
+                let keys = crate::sweep::command::used_cache_keys(exp_file, registry)?;
                 keep_keys.get_or_insert_with(HashSet::new).extend(keys);
             }
             let (mut removed, mut bytes) = (0usize, 0u64);

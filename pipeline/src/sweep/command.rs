@@ -197,3 +197,22 @@ pub fn report(out: &Path) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Every cache key an experiment uses — for a sweep, the keys of every point (a swept
+/// upstream parameter gives each point its own entries) — for `cache gc --keep`.
+pub fn used_cache_keys(file: &Path, registry: &Registry) -> anyhow::Result<Vec<String>> {
+    let base = load_experiment(file, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !is_sweep(&base) {
+        let (exp, graph) =
+            crate::cli::load_and_check(file, &[], registry).map_err(anyhow::Error::msg)?;
+        return Ok(crate::runner::plan_keys(&graph, &exp)?);
+    }
+    let points = plan(&base, &[], registry, &base.out_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut keys = Vec::new();
+    for p in &points {
+        keys.extend(crate::runner::plan_keys(&p.graph, &p.exp)?);
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
