@@ -58,6 +58,9 @@ enum Command {
         /// a later run without --shard does them from the cache.
         #[arg(long, value_name = "I/N")]
         shard: Option<Shard>,
+        /// Points of a sweep run side by side (they share the cache; nothing is computed twice).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// Write (and with --submit, submit) Slurm scripts: a job array running `run --shard`
     /// over N shards into the shared cache, then a job running the whole experiment once
@@ -98,6 +101,12 @@ enum Command {
     },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
+    /// Draw a run's or a sweep's figures (PNG and SVG into OUT/figures/) and print its
+    /// results table.
+    Report {
+        /// The output folder of `tessera run`.
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +160,11 @@ fn init_logging(verbose: u8) {
 fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
     match command {
         Command::Validate { experiment, sets } => {
+            if let Some(code) =
+                crate::sweep::command::validate_if_sweep(&experiment, &sets, registry)
+            {
+                return Ok(code);
+            }
             let (exp, graph) = match load_and_check(&experiment, &sets, registry) {
                 Ok(x) => x,
                 Err(message) => {
@@ -178,7 +192,21 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             out,
             quiet,
             shard,
-        } => run(&experiment, &sets, out, quiet, shard, registry),
+            jobs,
+        } => {
+            if let Some(code) = crate::sweep::command::run_if_sweep(
+                &experiment,
+                &sets,
+                out.clone(),
+                quiet,
+                jobs,
+                shard,
+                registry,
+            )? {
+                return Ok(code);
+            }
+            run(&experiment, &sets, out, quiet, shard, registry)
+        }
         Command::Slurm {
             experiment,
             sets,
@@ -208,6 +236,7 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             cache_command(command, registry)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { out } => crate::sweep::command::report(&out),
         Command::Schema => {
             println!(
                 "{}",
@@ -320,6 +349,9 @@ fn run(
             }
         );
     }
+    if let Some(table) = crate::sweep::command::single_run_table(&exp.out_dir) {
+        println!("\n{table}");
+    }
     println!(
         "{:?} in {:.1} s; report: {}",
         report.status,
@@ -412,7 +444,7 @@ fn slurm(
 }
 
 /// Writes the experiment as it ran: after `--set`, with every parameter's default filled in.
-fn write_resolved(exp: &Experiment, graph: &Graph) -> anyhow::Result<()> {
+pub(crate) fn write_resolved(exp: &Experiment, graph: &Graph) -> anyhow::Result<()> {
     let mut config = exp.config.clone();
     for s in &graph.stages {
         if let Some(sc) = config.stages.get_mut(&s.name) {
@@ -532,9 +564,7 @@ fn cache_command(command: CacheCommand, registry: &Registry) -> anyhow::Result<(
             let (dir, ttl) = cache_dir_and_ttl(&target, registry)?;
             let mut keep_keys: Option<HashSet<String>> = None;
             for exp_file in &keep {
-                let (exp, graph) =
-                    load_and_check(exp_file, &[], registry).map_err(anyhow::Error::msg)?;
-                let keys = crate::runner::plan_keys(&graph, &exp)?;
+                let keys = crate::sweep::command::used_cache_keys(exp_file, registry)?;
                 keep_keys.get_or_insert_with(HashSet::new).extend(keys);
             }
             let (mut removed, mut bytes) = (0usize, 0u64);

@@ -4,6 +4,7 @@
 
 use crate::slide::{read_dataset, SlideHandle};
 use crate::stage::DeviceSpec;
+use crate::sweep::SweepGrid;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -39,6 +40,14 @@ pub struct ExperimentConfig {
     pub claim_ttl_s: u64,
     /// The stages, by name.
     pub stages: BTreeMap<String, StageConfig>,
+    /// A grid of runs: `STAGE.PARAM` (as for `--set`) -> the values to try. `tessera run`
+    /// runs every combination into `OUT/<point>/` and writes `sweep.json` and the results table.
+    #[serde(default, skip_serializing_if = "SweepGrid::is_empty")]
+    pub sweep: SweepGrid,
+    /// Repeats of every run (every grid point) with these experiment seeds instead of `seed`;
+    /// results are then reported as mean +/- std over seeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
 }
 
 /// One stage of the DAG.
@@ -298,6 +307,7 @@ const TOP_LEVEL: &[&str] = &[
     "dataset",
     "channel_capacity",
     "claim_ttl_s",
+    "seeds",
 ];
 /// Stage fields that `--set STAGE.FIELD=VALUE` addresses (others go to `params`).
 const STAGE_FIELDS: &[&str] = &["workers", "cache", "on_error", "inputs", "kind"];

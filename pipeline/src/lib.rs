@@ -20,6 +20,7 @@ pub mod shard;
 pub mod slide;
 pub mod slurm;
 pub mod stage;
+pub mod sweep;
 
 pub use context::StageContext;
 pub use error::{StageError, StageResult};

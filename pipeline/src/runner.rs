@@ -594,6 +594,58 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
     Ok(plan.keys.into_iter().flatten().flatten().collect())
 }
 
+/// The cache entries a run would write: (kind, key) of every slide of every stage with
+/// `cache: true` whose entry is not in the cache yet. Sweeps use it so that two points run
+/// side by side never compute the same entry.
+pub fn missing_cache_entries(
+    graph: &Graph,
+    exp: &crate::config::Experiment,
+) -> Result<Vec<(String, String)>, RunError> {
+    let settings = RunSettings::for_experiment(exp, None, false);
+    let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
+    let build_ctx =
+        |stage: usize, worker: usize| build_context(graph, &settings, &slides, stage, worker);
+    let cache = Cache::new(&settings.cache_dir);
+    let plan = make_plan(graph, &settings, &cache, &build_ctx, None)?;
+    let mut out = Vec::new();
+    for (i, keys) in plan.keys.iter().enumerate() {
+        let s = &graph.stages[i];
+        if !s.cache {
+            continue;
+        }
+        for key in keys.iter().flatten() {
+            if !cache.is_valid(&s.kind, key) {
+                out.push((s.kind.clone(), key.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl RunSettings {
+    /// The settings of a loaded experiment.
+    pub fn for_experiment(
+        exp: &crate::config::Experiment,
+        interrupt: Option<Arc<AtomicBool>>,
+        progress: bool,
+    ) -> RunSettings {
+        RunSettings {
+            name: exp.config.name.clone(),
+            seed: exp.config.seed,
+            device: exp.device.clone(),
+            cache_dir: exp.cache_dir.clone(),
+            out_dir: exp.out_dir.clone(),
+            base_dir: exp.base_dir.clone(),
+            slides: exp.slides.clone(),
+            channel_capacity: exp.config.channel_capacity,
+            interrupt,
+            progress,
+            shard: None,
+            claim_ttl: std::time::Duration::from_secs(exp.config.claim_ttl_s),
+        }
+    }
+}
+
 /// Works out every cache key and what each stage does for each slide. With `per_slide`, only
 /// the cache entries of those slides are wanted (a shard); otherwise the sinks' outputs.
 fn make_plan(
