@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the system packages tessera builds against (Debian/Ubuntu): OpenSlide and libclang
-# (openslide-rs generates its bindings with bindgen), and vips for the benchmarks' big slides.
+# (openslide-rs generates its bindings with bindgen), libturbojpeg (the tiling stage's direct
+# JPEG tile decoder), and vips for the benchmarks' big slides and the direct reader's tests.
 # Idempotent; uses sudo when not root.
 set -euo pipefail
-pkgs=(libopenslide-dev libclang-dev pkg-config libvips-tools)
+pkgs=(libopenslide-dev libclang-dev pkg-config libturbojpeg0-dev libvips-tools)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
