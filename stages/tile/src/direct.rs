@@ -124,6 +124,40 @@ impl DirectReader {
         })
     }
 
+    /// Tiles of `level` and their size, for tools that decode streams themselves (the
+    /// decoder comparison of the tiling bench); None when the level is not direct.
+    pub fn tile_grid(&self, level: u32) -> Option<(usize, u32, u32)> {
+        let layout = self.levels.get(level as usize)?.as_ref()?;
+        Some((
+            layout.offsets.len(),
+            layout.tile_w as u32,
+            layout.tile_h as u32,
+        ))
+    }
+
+    /// The complete (spliced) JPEG stream of tile `index` of `level`, into `out`.
+    pub fn tile_stream(
+        &self,
+        level: u32,
+        index: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DirectError> {
+        let error = |message: String| DirectError::Tile {
+            level,
+            index,
+            message,
+        };
+        let layout = self
+            .levels
+            .get(level as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| error("level not read directly".into()))?;
+        if index >= layout.offsets.len() {
+            return Err(error("no such tile".into()));
+        }
+        splice_tile(&self.file, layout, index, out).map_err(error)
+    }
+
     /// Whether `level` is read directly.
     pub fn handles_level(&self, level: u32) -> bool {
         matches!(self.levels.get(level as usize), Some(Some(_)))
