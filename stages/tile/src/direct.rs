@@ -387,10 +387,14 @@ fn splice_tile(
     stream: &mut Vec<u8>,
 ) -> Result<(), String> {
     let offset = layout.offsets[index];
-    let count = layout.counts[index] as usize;
-    if count < 4 {
+    let count = layout.counts[index];
+    // Compressed tiles are far smaller than raw ones; a bigger count means a corrupt file,
+    // not a buffer to allocate.
+    let limit = layout.tile_w * layout.tile_h * 3 + (1 << 20);
+    if !(4..=limit).contains(&count) {
         return Err(format!("tile has {count} bytes of data"));
     }
+    let count = count as usize;
     stream.clear();
     let prefix = layout.prefix.len();
     stream.extend_from_slice(&layout.prefix);

@@ -150,6 +150,7 @@ pub fn read_directories(file: &File) -> Result<Vec<Directory>, TiffDirError> {
         }
         _ => return Err(TiffDirError::NotTiff),
     };
+    let file_len = file.metadata()?.len();
     let mut directories = Vec::new();
     let mut seen = HashSet::new();
     let mut next = first;
@@ -157,7 +158,7 @@ pub fn read_directories(file: &File) -> Result<Vec<Directory>, TiffDirError> {
         if !seen.insert(next) || directories.len() >= MAX_DIRECTORIES {
             return Err(TiffDirError::Malformed("directory chain loops".into()));
         }
-        let (dir, following) = read_directory(file, layout, next)?;
+        let (dir, following) = read_directory(file, file_len, layout, next)?;
         directories.push(dir);
         next = following;
     }
@@ -165,7 +166,12 @@ pub fn read_directories(file: &File) -> Result<Vec<Directory>, TiffDirError> {
 }
 
 /// Reads the directory at `at`; returns it and the offset of the next one (0 at the end).
-fn read_directory(file: &File, layout: Layout, at: u64) -> Result<(Directory, u64), TiffDirError> {
+fn read_directory(
+    file: &File,
+    file_len: u64,
+    layout: Layout,
+    at: u64,
+) -> Result<(Directory, u64), TiffDirError> {
     let word = layout.word();
     let (count_size, entry_size) = if layout.big { (8, 20) } else { (2, 12) };
     let mut count_bytes = [0u8; 8];
@@ -220,10 +226,10 @@ fn read_directory(file: &File, layout: Layout, at: u64) -> Result<(Directory, u6
         let size = type_size(field_type).ok_or_else(|| {
             TiffDirError::Malformed(format!("tag {tag} has unknown type {field_type}"))
         })?;
-        if n > MAX_TILES {
+        let total = n.saturating_mul(size);
+        if n > MAX_TILES || total > file_len {
             return Err(TiffDirError::Malformed(format!("tag {tag} has {n} values")));
         }
-        let total = n * size;
         let bytes = if total <= word as u64 {
             value_field[..total as usize].to_vec()
         } else {
@@ -283,6 +289,27 @@ mod tests {
         assert_eq!(level0.tile_byte_counts.len(), tiles);
         // The thumbnail is stripped: not a pyramid level for OpenSlide.
         assert!(!dirs[1].is_tiled());
+    }
+
+    #[test]
+    fn directories_pointing_past_the_end_are_errors_not_allocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.tif");
+        // Classic little-endian header whose first directory lies beyond the file.
+        std::fs::write(&path, b"II*\0\xe8\x03\0\0").unwrap();
+        let err = read_directories(&File::open(&path).unwrap()).unwrap_err();
+        assert!(matches!(err, TiffDirError::Io(_)), "{err}");
+        // One entry (tile offsets) claiming 2^20 LONGs stored past the end of the file.
+        let mut bytes = b"II*\0\x08\0\0\0".to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&324u16.to_le_bytes());
+        bytes.extend_from_slice(&4u16.to_le_bytes());
+        bytes.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        bytes.extend_from_slice(&64u32.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_directories(&File::open(&path).unwrap()).unwrap_err();
+        assert!(matches!(err, TiffDirError::Malformed(_)), "{err}");
     }
 
     #[test]
