@@ -11,6 +11,7 @@
 //! mpp, read a tile of any level-0 size at any output size.
 
 pub mod batch;
+pub mod direct;
 pub mod error;
 pub mod grid;
 pub mod pixels;
@@ -21,10 +22,12 @@ pub mod resample;
 pub mod resolution;
 pub mod stage;
 pub mod thumbnail;
+pub mod tiff_dir;
 pub mod tissue;
+pub mod turbo;
 
 pub use error::{TileError, TileResult};
-pub use reader::{LevelInfo, Overview, Rect, SlideReader};
+pub use reader::{LevelInfo, Overview, ReaderMode, Rect, SlideReader};
 pub use resolution::{Target, TileGeometry};
 pub use stage::{TileParams, TileStage};
 pub use tissue::{Mask, TissueParams};

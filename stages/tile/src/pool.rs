@@ -4,7 +4,7 @@
 //! slide is.
 
 use crate::error::{TileError, TileResult};
-use crate::reader::SlideReader;
+use crate::reader::{ReaderMode, SlideReader};
 use crossbeam_channel::{bounded, unbounded};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +26,8 @@ pub struct PoolOptions {
     pub chunk: usize,
     /// Chunks in flight per thread: bounds the memory held ahead of the consumer.
     pub ahead: usize,
+    /// Pixel decoder of every thread's reader.
+    pub mode: ReaderMode,
 }
 
 impl Default for PoolOptions {
@@ -34,6 +36,7 @@ impl Default for PoolOptions {
             threads: 2,
             chunk: 8,
             ahead: 4,
+            mode: ReaderMode::Auto,
         }
     }
 }
@@ -61,7 +64,7 @@ pub fn read_tiles_ordered<E: From<TileError>>(
         for _ in 0..threads {
             let (job_rx, done_tx, chunks) = (job_rx.clone(), done_tx.clone(), &chunks);
             scope.spawn(move || {
-                let reader = match SlideReader::open(path) {
+                let reader = match SlideReader::open_with(path, options.mode) {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = done_tx.send((usize::MAX, Err(e)));
@@ -146,6 +149,7 @@ mod tests {
             threads: 3,
             chunk: 2,
             ahead: 1,
+            ..PoolOptions::default()
         };
         let mut got = Vec::new();
         read_tiles_ordered::<TileError>(&path, &tiles, 128, options, &mut |chunk| {
@@ -182,6 +186,7 @@ mod tests {
                 threads: 2,
                 chunk: 1,
                 ahead: 2,
+                ..PoolOptions::default()
             },
             &mut |_| {
                 calls += 1;

@@ -3,11 +3,15 @@
 //! resampling), and the low-resolution overview tissue detection runs on. The embedding and
 //! end-to-end training stages reuse it to read pixels for coordinates they were given.
 
+use crate::direct::{DirectReader, LevelRegion};
 use crate::error::{TileError, TileResult};
 use crate::pixels::argb_to_rgb;
 use crate::resample::{resize, Window};
 use openslide_rs::{Address, OpenSlide, Region, Size};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Relative slack when matching a requested downsample to a pyramid level: scanners store
 /// levels at 4.0003x rather than 4x, which must still count as the 4x level.
@@ -16,6 +20,18 @@ const LEVEL_TOLERANCE: f64 = 0.01;
 /// Bytes of ARGB one overview band may read at once, so a single-level gigapixel slide
 /// never needs its whole level 0 in memory.
 const OVERVIEW_BAND_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
+
+/// How pixels are decoded. OpenSlide always opens the slide and answers every metadata
+/// question; `auto` additionally reads JPEG-compressed tiled TIFF and Aperio SVS levels
+/// directly (libjpeg-turbo, same pixels, about twice the speed) and falls back to OpenSlide
+/// for everything else; `openslide` decodes every pixel through OpenSlide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReaderMode {
+    #[default]
+    Auto,
+    Openslide,
+}
 
 /// One pyramid level.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,12 +73,19 @@ pub struct SlideReader {
     mpp: Option<f64>,
     objective_power: Option<f64>,
     background: [u8; 3],
+    /// The direct JPEG tile reader, when the slide's format and levels allow it.
+    direct: Option<Mutex<DirectReader>>,
 }
 
 impl SlideReader {
     /// Opens a slide in any format OpenSlide reads; the error names the file and carries
-    /// OpenSlide's own message.
+    /// OpenSlide's own message. Reads pixels directly where it can ([`ReaderMode::Auto`]).
     pub fn open(path: impl AsRef<Path>) -> TileResult<Self> {
+        Self::open_with(path, ReaderMode::Auto)
+    }
+
+    /// [`open`](Self::open) with an explicit choice of pixel decoder.
+    pub fn open_with(path: impl AsRef<Path>, mode: ReaderMode) -> TileResult<Self> {
         let path = path.as_ref().to_path_buf();
         let open_err = |message: String| TileError::Open {
             path: path.clone(),
@@ -103,6 +126,19 @@ impl SlideReader {
             .ok()
             .and_then(|hex| parse_hex_rgb(hex.trim()))
             .unwrap_or([255, 255, 255]);
+        let direct = match mode {
+            ReaderMode::Openslide => None,
+            ReaderMode::Auto => {
+                let vendor = slide.property_value("openslide.vendor").unwrap_or_default();
+                match DirectReader::open(&path, vendor.trim(), &levels) {
+                    Ok(d) => Some(Mutex::new(d)),
+                    Err(reason) => {
+                        tracing::debug!("{}: pixels through OpenSlide ({reason})", path.display());
+                        None
+                    }
+                }
+            }
+        };
         Ok(SlideReader {
             slide,
             path,
@@ -110,7 +146,16 @@ impl SlideReader {
             mpp,
             objective_power,
             background,
+            direct,
         })
+    }
+
+    /// Whether pixels of `level` are decoded by the direct JPEG reader (for regions whose
+    /// position falls on whole pixels of that level) rather than by OpenSlide.
+    pub fn reads_directly(&self, level: u32) -> bool {
+        self.direct
+            .as_ref()
+            .is_some_and(|d| d.lock().map(|d| d.handles_level(level)).unwrap_or(false))
     }
 
     pub fn path(&self) -> &Path {
@@ -186,6 +231,9 @@ impl SlideReader {
         h: u32,
         out: &mut Vec<u8>,
     ) -> TileResult<()> {
+        if self.read_region_direct(level, x, y, w, h, out) {
+            return Ok(());
+        }
         let geometry = |what: &str| TileError::Geometry {
             path: self.path.clone(),
             message: format!("{what} ({x}, {y}) does not fit OpenSlide's 32-bit addresses"),
@@ -213,6 +261,49 @@ impl SlideReader {
             })?;
         argb_to_rgb(&argb, self.background, out);
         Ok(())
+    }
+
+    /// The direct path for [`read_region_into`](Self::read_region_into): true when it filled
+    /// `out`. OpenSlide maps the level-0 position to `x / downsample` on the level; only
+    /// whole-pixel positions are taken here (others need OpenSlide's sub-pixel rendering).
+    /// Any failure returns false so OpenSlide reads the region (and reports real errors).
+    fn read_region_direct(
+        &self,
+        level: u32,
+        x: u64,
+        y: u64,
+        w: u32,
+        h: u32,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let (Some(direct), Some(info)) = (&self.direct, self.levels.get(level as usize)) else {
+            return false;
+        };
+        let (lx, ly) = (x as f64 / info.downsample, y as f64 / info.downsample);
+        if lx.fract() != 0.0 || ly.fract() != 0.0 {
+            return false;
+        }
+        let mut direct = match direct.lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let region = LevelRegion {
+            level,
+            x: lx as u64,
+            y: ly as u64,
+            w,
+            h,
+        };
+        match direct.read_region(region, self.background, out) {
+            Ok(done) => done,
+            Err(reason) => {
+                tracing::debug!(
+                    "{}: falling back to OpenSlide: {reason}",
+                    self.path.display()
+                );
+                false
+            }
+        }
     }
 
     /// Reads the level-0 square `(x, y, size0)` as an `out_px x out_px` RGB8 tile: from the

@@ -6,7 +6,7 @@ use crate::batch::{build_batch, rows_of, tile_schema, TileRow};
 use crate::error::TileError;
 use crate::plan::{plan_slide, PlanOptions, SlidePlan};
 use crate::pool::{read_tiles_ordered, PoolOptions, TileRequest};
-use crate::reader::SlideReader;
+use crate::reader::{ReaderMode, SlideReader};
 use crate::resolution::Target;
 use crate::thumbnail;
 use crate::tissue::TissueParams;
@@ -54,6 +54,10 @@ pub struct TileParams {
     pub emit_pixels: bool,
     /// Threads reading one slide's tiles, each with its own OpenSlide handle.
     pub read_threads: usize,
+    /// Pixel decoder: `auto` reads JPEG-compressed tiled TIFF / Aperio SVS tiles directly
+    /// with libjpeg-turbo (same pixels as OpenSlide, about twice as fast) and uses OpenSlide
+    /// for everything else; `openslide` decodes everything through OpenSlide.
+    pub reader: ReaderMode,
     /// Tiles per emitted batch (bounds memory: batch_size x tile_size² x 3 bytes).
     pub batch_size: usize,
     /// Write `<out_dir>/thumbnails/<slide_id>.png`: the slide with its tissue mask and kept
@@ -74,6 +78,7 @@ impl Default for TileParams {
             tissue: TissueParams::default(),
             emit_pixels: true,
             read_threads: 2,
+            reader: ReaderMode::Auto,
             batch_size: 64,
             thumbnails: true,
             thumbnail_size: 1024,
@@ -104,6 +109,7 @@ impl TileParams {
     fn pool_options(&self) -> PoolOptions {
         PoolOptions {
             threads: self.read_threads,
+            mode: self.reader,
             ..PoolOptions::default()
         }
     }
