@@ -128,3 +128,31 @@ fn changing_the_downsampling_factor_reuses_every_upstream_entry() {
     let resolved = std::fs::read_to_string(dir.path().join("d2/experiment.yaml")).unwrap();
     assert!(resolved.contains("downsample: 2"), "{resolved}");
 }
+
+#[test]
+fn thread_counts_batch_sizes_and_the_reader_do_not_invalidate_the_cache() {
+    let dir = TempDir::new().unwrap();
+    four_slides(dir.path());
+    let exp = write_yaml(dir.path(), "full.yaml", &full_pipeline());
+    let (r, first) = run(&exp, &dir.path().join("a"), &[]);
+    let first = first.unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(count(&first, "embed", "cache_misses"), 4, "{first:#}");
+
+    let how = [
+        "tile.read_threads=2",
+        "tile.reader=openslide",
+        "tile.batch_size=3",
+        "embed.batch_size=5",
+    ];
+    let (r, second) = run(&exp, &dir.path().join("b"), &how);
+    let second = second.unwrap_or_else(|| panic!("{r:?}"));
+    assert!(r.ok() && second["status"] == "ok", "{r:?}");
+    assert_eq!(count(&second, "embed", "cache_misses"), 0, "{second:#}");
+    assert_eq!(count(&second, "tile", "cache_misses"), 0, "{second:#}");
+
+    // Which tiles are kept does count: another tissue threshold is computed afresh.
+    let (r, third) = run(&exp, &dir.path().join("c"), &["tile.min_tissue=0.1"]);
+    let third = third.unwrap_or_else(|| panic!("{r:?}"));
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(count(&third, "tile", "cache_misses"), 4, "{third:#}");
+}

@@ -26,6 +26,11 @@ pub trait DynKind: Send + Sync {
 pub trait ConfiguredStage: Send + Sync {
     /// Parameters with defaults filled in, as canonical JSON (sorted keys): part of cache keys.
     fn canonical_params(&self) -> serde_json::Value;
+    /// The parameters that identify the output: `canonical_params` less the kind's
+    /// [`StageKind::key_neutral_params`]. Part of cache keys.
+    fn key_params(&self) -> serde_json::Value {
+        self.canonical_params()
+    }
     fn input_spec(&self) -> InputSpec;
     /// The output schema, with relative paths in parameters resolved against `base_dir`.
     fn output_schema(
@@ -87,6 +92,15 @@ impl<K: StageKind> DynKind for Kind<K> {
 impl<K: StageKind> ConfiguredStage for Configured<K> {
     fn canonical_params(&self) -> serde_json::Value {
         serde_json::to_value(&self.0).unwrap_or_default()
+    }
+    fn key_params(&self) -> serde_json::Value {
+        let mut v = self.canonical_params();
+        if let Some(map) = v.as_object_mut() {
+            for name in K::key_neutral_params() {
+                map.remove(*name);
+            }
+        }
+        v
     }
     fn input_spec(&self) -> InputSpec {
         self.0.input_spec()

@@ -678,7 +678,7 @@ fn make_plan(
                 stage: s.name.clone(),
                 source,
             })?;
-        let params = serde_json::to_string(&s.stage.canonical_params()).unwrap_or_default();
+        let params = serde_json::to_string(&s.stage.key_params()).unwrap_or_default();
         for (slide_index, slide) in settings.slides.iter().enumerate() {
             let input_keys: Option<Vec<String>> = s
                 .inputs

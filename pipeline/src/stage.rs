@@ -119,6 +119,13 @@ pub trait StageKind:
         Ok(String::new())
     }
 
+    /// Parameters that change how the output is computed but not what it is (thread counts,
+    /// batch sizes, a faster reader giving identical pixels): left out of cache keys, so
+    /// changing them reuses what is cached.
+    fn key_neutral_params() -> &'static [&'static str] {
+        &[]
+    }
+
     /// Output columns that are not persisted by `cache: true` (e.g. pixels), which the stage
     /// re-creates in [`Stage::replay`].
     fn uncached_columns(&self) -> Vec<String> {

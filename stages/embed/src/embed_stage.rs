@@ -150,6 +150,11 @@ impl StageKind for EmbedParams {
     const ABOUT: &'static str =
         "Embeds tiles with a CNN or ViT (ResNet-18/34/50, DINOv2/timm ViT) on candle";
 
+    /// Each tile's embedding does not depend on which tiles share its forward pass.
+    fn key_neutral_params() -> &'static [&'static str] {
+        &["batch_size"]
+    }
+
     fn input_spec(&self) -> InputSpec {
         let mut cols = tile_key_columns();
         cols.push(Column::exact(PIXELS, DataType::Binary));

@@ -207,6 +207,17 @@ impl StageKind for TileParams {
         }))
     }
 
+    /// How the tiles are read and drawn, not which tiles: same table.
+    fn key_neutral_params() -> &'static [&'static str] {
+        &[
+            "read_threads",
+            "reader",
+            "batch_size",
+            "thumbnails",
+            "thumbnail_size",
+        ]
+    }
+
     fn uncached_columns(&self) -> Vec<String> {
         if self.emit_pixels {
             vec![PIXELS.to_string(), PIXELS_SIZE.to_string()]
