@@ -38,6 +38,7 @@ fn bag(k: usize, density: f64, seed: u64) -> Bag {
             .map(|_| rng.random_range(0.0f32..1.0))
             .collect(),
         positions: Some(cells),
+        pixels: None,
     }
 }
 

@@ -122,6 +122,7 @@ mod tests {
             dim: 1,
             embeddings: emb,
             positions: Some(pos),
+            pixels: None,
         }
     }
 
