@@ -87,6 +87,19 @@ fn the_finetune_example_trains_the_embedder_end_to_end() {
     assert!(metrics["cross_entropy"]
         .as_f64()
         .is_some_and(f64::is_finite));
+
+    // Pixels are never cached: a second run replays the cached tiles and re-reads their
+    // pixels for training, with the same result (everything is seeded).
+    let (r, again) = run(&exp, &dir.path().join("again"), &[]);
+    let again = again.unwrap_or_else(|| panic!("{r:?}"));
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(count(&again, "tiles", "cache_hits"), 4, "{again:#}");
+    assert_eq!(count(&again, "train", "rows_in"), 2 * 4 * 4, "{again:#}");
+    let metrics_again: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("again/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(metrics_again["cross_entropy"], metrics["cross_entropy"]);
 }
 
 /// Validates `stages` (YAML under `stages:`) over a one-slide dataset.
