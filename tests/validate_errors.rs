@@ -203,13 +203,16 @@ stages:
 
 #[test]
 fn schema_mismatch_names_both_stages_and_the_column() {
-    // the sparse map needs embeddings; tiles have none
+    // the sparse map needs embeddings (or pixels, for end-to-end training); coordinate-only
+    // tiles have neither
     let yaml = "\
 name: mismatch
 dataset: dataset.csv
 stages:
   tile:
     kind: tile
+    params:
+      emit_pixels: false
   map:
     kind: sparse_map
     inputs: [tile]
@@ -218,7 +221,7 @@ stages:
     assert_rejected(
         &r,
         line_of(yaml, "inputs: [tile]"),
-        &["stage `map`", "`tile`", "`embedding`"],
+        &["stage `map`", "`tile`", "`embedding`", "`pixels"],
     );
 
     // embedding needs pixels, which a coordinate-only tiling does not emit

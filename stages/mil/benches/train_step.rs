@@ -3,6 +3,9 @@
 //! next to the PyTorch figures measured on the same 2-core CPU; then a full epoch over 1,000
 //! bags of K=100 and where its time goes. Prints markdown tables.
 //! Run: `cargo bench -p tessera-mil --bench train_step`
+//!
+//! The allocator is mimalloc, as in the `tessera` binary; `TESSERA_BENCH_ALLOC=system` runs the
+//! same binary on the system allocator (glibc malloc), for A/B comparisons.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -21,6 +24,65 @@ use tessera_mil::train::optim::{Adam, AdamConfig};
 
 const DIM: usize = 512;
 
+/// mimalloc (the binary's allocator) or, with `TESSERA_BENCH_ALLOC=system`, the system one.
+struct BenchAllocator;
+
+/// 0: not decided yet, 1: mimalloc, 2: system.
+static CHOICE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+impl BenchAllocator {
+    fn system() -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        match CHOICE.load(Relaxed) {
+            0 => {
+                // `var_os` allocates: decide on the system allocator first, then record.
+                CHOICE.store(2, Relaxed);
+                let system = std::env::var_os("TESSERA_BENCH_ALLOC").is_some_and(|v| v == "system");
+                CHOICE.store(if system { 2 } else { 1 }, Relaxed);
+                system
+            }
+            c => c == 2,
+        }
+    }
+}
+
+// SAFETY: every call is forwarded to one allocator, chosen once before any allocation the
+// other could see: the first call decides (any allocation made while deciding goes to the
+// system allocator, and the environment lookup frees what it allocates before returning).
+unsafe impl std::alloc::GlobalAlloc for BenchAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::system() {
+            std::alloc::System.alloc(layout)
+        } else {
+            mimalloc::MiMalloc.alloc(layout)
+        }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if Self::system() {
+            std::alloc::System.dealloc(ptr, layout)
+        } else {
+            mimalloc::MiMalloc.dealloc(ptr, layout)
+        }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::system() {
+            std::alloc::System.alloc_zeroed(layout)
+        } else {
+            mimalloc::MiMalloc.alloc_zeroed(layout)
+        }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if Self::system() {
+            std::alloc::System.realloc(ptr, layout, new_size)
+        } else {
+            mimalloc::MiMalloc.realloc(ptr, layout, new_size)
+        }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: BenchAllocator = BenchAllocator;
+
 /// A bag of `k` instances on distinct random cells of a square grid of about `k / density`
 /// cells (density = fraction of occupied cells, which sets the neighbours per site).
 fn bag(k: usize, density: f64, seed: u64) -> Bag {
@@ -38,6 +100,7 @@ fn bag(k: usize, density: f64, seed: u64) -> Bag {
             .map(|_| rng.random_range(0.0f32..1.0))
             .collect(),
         positions: Some(cells),
+        pixels: None,
     }
 }
 
@@ -114,7 +177,14 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let threads = rayon::current_num_threads();
-    println!("### SparseConvMIL training step (`tessera-mil`, CPU, {threads} rayon threads)\n");
+    let allocator = if BenchAllocator::system() {
+        "system allocator"
+    } else {
+        "mimalloc"
+    };
+    println!(
+        "### SparseConvMIL training step (`tessera-mil`, CPU, {threads} rayon threads, {allocator})\n"
+    );
     println!("One bag, 512-d f32 embeddings on a sparse map of the given density (occupied fraction of the bounding square; 3x3 neighbours per site ~ 1 + 8 x density), SubmanifoldConv 3x3 512->32 and 32->32 (bias, ReLU), global max pool, head 32->32->2, cross-entropy, Adam (L2). Median of 200 steps after 20 warm-up steps.\n");
     println!("| K (tiles) | map density | tessera (median) | tessera (mean) | PyTorch (same CPU, density not recorded) | ratio PyTorch / tessera |");
     println!("|---|---|---|---|---|---|");

@@ -15,20 +15,19 @@ use crate::columns::{int64_values, utf8};
 use crate::error::MilError;
 use crate::seeding::stream_rng;
 use crate::sparse_map::{
-    merge_bag, shift_to_origin, CollisionPolicy, MergeStats, COLLISIONS, MAP_I, MAP_J,
-    POLICY_METADATA,
+    check_policy_for, merge_bag, shift_to_origin, CollisionPolicy, MergeStats, COLLISIONS, MAP_I,
+    MAP_J, POLICY_METADATA,
 };
 use crate::splits::Split;
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::{concat_batches, filter_record_batch};
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::f64::consts::PI;
-use tessera_pipeline::schema::EMBEDDING;
 use tessera_pipeline::{
     BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
     StageKind, StageResult,
@@ -199,6 +198,21 @@ impl AugmentParams {
     }
 }
 
+impl AugmentParams {
+    /// The policy that re-merges cells: this stage's own, else the upstream `sparse_map`'s
+    /// (recorded in the schema metadata), else mean.
+    fn effective_policy(&self, schema: &Schema) -> CollisionPolicy {
+        self.collision
+            .or_else(|| {
+                schema
+                    .metadata()
+                    .get(POLICY_METADATA)
+                    .and_then(|p| CollisionPolicy::parse(p))
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl StageKind for AugmentParams {
     const KIND: &'static str = "augment";
     const VERSION: &'static str = "1";
@@ -211,15 +225,18 @@ impl StageKind for AugmentParams {
             Column::exact(MAP_J, DataType::Int64),
             Column::exact(COLLISIONS, DataType::Int64),
             Column::exact("split", DataType::Utf8),
-            Column::embedding(EMBEDDING),
         ]])
     }
 
+    /// The input's schema, once its instances (embeddings, or pixels with the `first`
+    /// policy) are known to be mergeable.
     fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
-        inputs
+        let input = inputs
             .first()
             .cloned()
-            .ok_or_else(|| StageError::msg("augment needs one input"))
+            .ok_or_else(|| StageError::msg("augment needs one input"))?;
+        check_policy_for(&input, self.effective_policy(&input), "augment")?;
+        Ok(input)
     }
 
     fn validate(&self) -> Result<(), ParamIssue> {
@@ -297,16 +314,7 @@ struct AugmentStage {
 
 impl AugmentStage {
     fn policy(&self, batch: &RecordBatch) -> CollisionPolicy {
-        self.params
-            .collision
-            .or_else(|| {
-                batch
-                    .schema()
-                    .metadata()
-                    .get(POLICY_METADATA)
-                    .and_then(|p| CollisionPolicy::parse(p))
-            })
-            .unwrap_or_default()
+        self.params.effective_policy(&batch.schema())
     }
 
     /// The slide's rows, training rows augmented, in the declared output schema.
@@ -406,6 +414,7 @@ mod tests {
     use super::*;
     use crate::seeding::stream_rng;
     use std::collections::BTreeSet;
+    use tessera_pipeline::schema::EMBEDDING;
 
     fn none() -> AugmentParams {
         AugmentParams {

@@ -3,12 +3,14 @@
 
 use crate::error::MilError;
 use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Float16Array, Float32Array, Int64Array,
-    StringArray,
+    Array, ArrayRef, AsArray, FixedSizeListArray, Float16Array, Float32Array, Int32Array,
+    Int64Array, StringArray,
 };
-use arrow::datatypes::{DataType, Field, Float16Type, Float32Type, Int64Type};
+use arrow::datatypes::{DataType, Field, Float16Type, Float32Type, Int32Type, Int64Type, Schema};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
+use tessera_pipeline::schema::{EMBEDDING, PIXELS, PIXELS_SIZE};
+use tessera_pipeline::StageError;
 
 /// A column by name, or an error saying what it was needed for.
 pub fn column<'a>(
@@ -131,6 +133,99 @@ pub fn embeddings_array(values: &[f32], data_type: &DataType) -> Result<ArrayRef
     Ok(Arc::new(FixedSizeListArray::try_new(
         field, *dim, child, None,
     )?))
+}
+
+/// What a bag's instances are made of: embeddings computed upstream, or tile pixels that the
+/// training stage embeds itself (`train.finetune_embedder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceColumn {
+    /// `embedding: FixedSizeList<Float32|Float16, D>`.
+    Embedding,
+    /// `pixels: Binary` (RGB8) and `pixels_size: Int32`, straight from the `tile` stage.
+    Pixels,
+}
+
+/// The instance column of `schema`: `embedding` when present (pixels next to it are dropped by
+/// `sample`), else `pixels` + `pixels_size`; `None` when it has neither.
+pub fn instance_column(schema: &Schema) -> Option<InstanceColumn> {
+    let has = |name: &str, ok: &dyn Fn(&DataType) -> bool| {
+        schema
+            .field_with_name(name)
+            .is_ok_and(|f| ok(f.data_type()))
+    };
+    if has(EMBEDDING, &|t| {
+        tessera_pipeline::ColumnType::Embedding.accepts(t)
+    }) {
+        Some(InstanceColumn::Embedding)
+    } else if has(PIXELS, &|t| *t == DataType::Binary)
+        && has(PIXELS_SIZE, &|t| *t == DataType::Int32)
+    {
+        Some(InstanceColumn::Pixels)
+    } else {
+        None
+    }
+}
+
+/// [`instance_column`], or the error a stage reports at validation when there is none.
+pub fn require_instances(schema: &Schema, stage: &str) -> Result<InstanceColumn, StageError> {
+    instance_column(schema).ok_or_else(|| {
+        StageError::msg(format!(
+            "{stage} needs either an `{EMBEDDING}` column (from `embed` or `features`) or tile \
+             pixels (`{PIXELS}: Binary`, `{PIXELS_SIZE}: Int32`, from `tile`, for \
+             `train.finetune_embedder`); its input has neither"
+        ))
+    })
+}
+
+/// One tile's RGB8 pixels, row-major, `side x side x 3` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TilePixels {
+    pub rgb: Vec<u8>,
+    pub side: usize,
+}
+
+/// Reads the `pixels` / `pixels_size` columns, checking every row's byte count.
+pub fn read_pixels(batch: &RecordBatch) -> Result<Vec<TilePixels>, MilError> {
+    let purpose = "end-to-end training (finetune_embedder)";
+    let bytes = column(batch, PIXELS, purpose)?;
+    let bytes = bytes
+        .as_binary_opt::<i32>()
+        .ok_or_else(|| MilError::WrongType {
+            column: PIXELS.to_string(),
+            expected: "Binary",
+            found: bytes.data_type().to_string(),
+        })?;
+    let sides = column(batch, PIXELS_SIZE, purpose)?;
+    let sides: &Int32Array =
+        sides
+            .as_primitive_opt::<Int32Type>()
+            .ok_or_else(|| MilError::WrongType {
+                column: PIXELS_SIZE.to_string(),
+                expected: "Int32",
+                found: sides.data_type().to_string(),
+            })?;
+    (0..batch.num_rows())
+        .map(|row| {
+            if bytes.is_null(row) || sides.is_null(row) {
+                return Err(MilError::Null {
+                    column: PIXELS.to_string(),
+                    row,
+                });
+            }
+            let side = usize::try_from(sides.value(row)).unwrap_or(0);
+            let rgb = bytes.value(row);
+            if side == 0 || rgb.len() != side * side * 3 {
+                return Err(MilError::Invalid(format!(
+                    "row {row}: column `{PIXELS}` holds {} bytes, `{PIXELS_SIZE}` says {side} x {side} x 3",
+                    rgb.len()
+                )));
+            }
+            Ok(TilePixels {
+                rgb: rgb.to_vec(),
+                side,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -17,7 +17,11 @@
 //!    the same every epoch. It stops when its consumer closes its inputs (`emit` returns
 //!    `Stopped`) or after `epochs` epochs. It adds `split: Utf8` (`train` | `val` | `test`),
 //!    `label: Utf8` (the dataset's label) and `grid_step: Int64` (the slide's tile-grid step in
-//!    level-0 pixels, measured on all of its tiles), and drops `pixels`/`pixels_size` if present.
+//!    level-0 pixels, measured on all of its tiles), and drops `pixels`/`pixels_size` next to
+//!    embeddings. Fed tiles without embeddings (end-to-end training), it keeps the pixels as
+//!    the instances instead; `sparse_map` and `augment` then keep one tile per cell
+//!    (`collision: first`) and `train` (`finetune_embedder: true`) embeds them with a
+//!    trainable ResNet in every step ([`train::finetune`]).
 //! 3. **`sparse_map`** ([`sparse_map`]) places each bag on the sparse map: it adds
 //!    `map_i: Int64` (row, from `y`) and `map_j: Int64` (column, from `x`), both shifted so the
 //!    bag's minimum is 0, and `collisions: Int64` (how many tiles were merged into the cell,

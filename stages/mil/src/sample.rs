@@ -3,9 +3,12 @@
 //! until training closes its inputs or `epochs` is reached. See the crate docs for the contract.
 //!
 //! Memory: every slide's embeddings stay in memory as Arrow arrays for the whole training
-//! (N tiles x D floats; pixels columns are dropped on arrival).
+//! (N tiles x D floats; pixels columns are dropped on arrival). Fed tiles without embeddings
+//! (end-to-end training, `train.finetune_embedder`), it keeps the pixels instead: N tiles x
+//! side^2 x 3 bytes per slide (about 150 KB per 224 px tile), practical for small datasets.
 
 use crate::columns::int64_values;
+use crate::columns::{instance_column, require_instances, InstanceColumn};
 use crate::error::MilError;
 use crate::seeding::stream_rng;
 use crate::sparse_map::{infer_grid_step, GRID_STEP};
@@ -18,9 +21,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tessera_pipeline::schema::{tile_key_columns, EMBEDDING, PIXELS, PIXELS_SIZE};
+use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE};
 use tessera_pipeline::{
-    check_running, BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext,
+    check_running, BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext,
     StageError, StageKind, StageResult,
 };
 
@@ -55,17 +58,25 @@ impl Default for SampleParams {
     }
 }
 
-/// Columns `sample` replaces or drops from its input (pixels are not needed downstream of
-/// embedding and would multiply memory).
-const DROPPED: [&str; 5] = ["split", "label", GRID_STEP, PIXELS, PIXELS_SIZE];
+/// Columns `sample` replaces.
+const REPLACED: [&str; 3] = ["split", "label", GRID_STEP];
 
-/// The schema of the bags: the input's columns (pixels dropped), then `split`, `label`,
-/// `grid_step`.
+/// Whether `sample` drops a column of `input`: the ones it replaces, and the pixels when the
+/// input carries embeddings (pixels are not needed downstream of embedding and would multiply
+/// memory). Without embeddings the pixels are the instances (end-to-end training) and stay.
+fn dropped(input: &Schema, name: &str) -> bool {
+    REPLACED.contains(&name)
+        || ((name == PIXELS || name == PIXELS_SIZE)
+            && instance_column(input) == Some(InstanceColumn::Embedding))
+}
+
+/// The schema of the bags: the input's columns (pixels dropped next to embeddings), then
+/// `split`, `label`, `grid_step`.
 pub fn sample_schema(input: &Schema) -> SchemaRef {
     let mut fields: Vec<Field> = input
         .fields()
         .iter()
-        .filter(|f| !DROPPED.contains(&f.name().as_str()))
+        .filter(|f| !dropped(input, f.name()))
         .map(|f| f.as_ref().clone())
         .collect();
     fields.push(Field::new("split", DataType::Utf8, false));
@@ -78,7 +89,7 @@ pub fn sample_schema(input: &Schema) -> SchemaRef {
 fn kept_columns(batch: &RecordBatch) -> Result<RecordBatch, MilError> {
     let schema = batch.schema();
     let keep: Vec<usize> = (0..schema.fields().len())
-        .filter(|&i| !DROPPED.contains(&schema.field(i).name().as_str()))
+        .filter(|&i| !dropped(&schema, schema.field(i).name()))
         .collect();
     Ok(batch.project(&keep)?)
 }
@@ -103,16 +114,16 @@ impl StageKind for SampleParams {
     const ABOUT: &'static str =
         "Epoch driver: splits the dataset by patient and emits K tiles per slide, re-sampled every epoch";
 
+    /// The tile keys; the instances (embeddings or pixels) are checked by `output_schema`.
     fn input_spec(&self) -> InputSpec {
-        let mut columns = tile_key_columns();
-        columns.push(Column::embedding(EMBEDDING));
-        InputSpec::Tables(vec![columns])
+        InputSpec::Tables(vec![tile_key_columns()])
     }
 
     fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
         let input = inputs
             .first()
             .ok_or_else(|| StageError::msg("sample needs one input"))?;
+        require_instances(input, "sample")?;
         Ok(sample_schema(input))
     }
 
@@ -482,6 +493,28 @@ mod tests {
                 "label",
                 GRID_STEP
             ]
+        );
+    }
+
+    #[test]
+    fn pixels_are_kept_without_embeddings_and_neither_is_an_error() {
+        let mut fields = tessera_pipeline::schema::tile_key_fields();
+        fields.push(Field::new(PIXELS, DataType::Binary, false));
+        fields.push(Field::new(PIXELS_SIZE, DataType::Int32, false));
+        let tiles = Arc::new(Schema::new(fields.clone()));
+        let out = SampleParams::default().output_schema(&[tiles]).unwrap();
+        assert!(out.field_with_name(PIXELS).is_ok());
+        assert!(out.field_with_name(PIXELS_SIZE).is_ok());
+        let keys = Arc::new(Schema::new(tessera_pipeline::schema::tile_key_fields()));
+        let err = SampleParams::default()
+            .output_schema(&[keys])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("embedding")
+                && err.contains("pixels")
+                && err.contains("finetune_embedder"),
+            "{err}"
         );
     }
 

@@ -24,8 +24,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tessera_pipeline::schema::{tile_key_columns, EMBEDDING};
 use tessera_pipeline::{
-    BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
-    StageKind, StageResult,
+    BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
+    StageResult,
 };
 
 /// Column names added by the sparse map.
@@ -284,8 +284,19 @@ pub fn merge_bag(
     weights: &[i64],
     policy: CollisionPolicy,
 ) -> Result<(RecordBatch, MergeStats), MilError> {
-    let emb = read_embeddings(batch, EMBEDDING)?;
-    let merged = merge_cells(cells, weights, &emb.values, emb.dim, policy);
+    // Tile pixels (end-to-end training) cannot be averaged: each cell keeps its first tile.
+    let emb = if batch.column_by_name(EMBEDDING).is_some() {
+        Some(read_embeddings(batch, EMBEDDING)?)
+    } else if policy == CollisionPolicy::First {
+        None
+    } else {
+        return Err(MilError::Invalid(pixels_policy_message(policy)));
+    };
+    let (values, dim): (&[f32], usize) = match &emb {
+        Some(e) => (&e.values, e.dim),
+        None => (&[], 0),
+    };
+    let merged = merge_cells(cells, weights, values, dim, policy);
     let indices = UInt32Array::from_iter_values(merged.representative.iter().map(|&r| r as u32));
     let kept = take_record_batch(batch, &indices)?;
     let schema = sparse_map_schema(&batch.schema(), Some(policy));
@@ -299,7 +310,13 @@ pub fn merge_bag(
                 merged.cells.iter().map(|c| c.1),
             )),
             COLLISIONS => Arc::new(Int64Array::from(merged.counts.clone())),
-            EMBEDDING => embeddings_array(&merged.embeddings, &emb.data_type)?,
+            EMBEDDING if emb.is_some() => {
+                let ty = emb
+                    .as_ref()
+                    .map(|e| &e.data_type)
+                    .unwrap_or(field.data_type());
+                embeddings_array(&merged.embeddings, ty)?
+            }
             name => kept
                 .column_by_name(name)
                 .cloned()
@@ -316,6 +333,26 @@ pub fn merge_bag(
             .count(),
     };
     Ok((RecordBatch::try_new(schema, columns)?, stats))
+}
+
+/// Why a collision policy other than `first` cannot apply to tile pixels.
+fn pixels_policy_message(policy: CollisionPolicy) -> String {
+    format!(
+        "collision `{}` merges embeddings, but the bags carry tile pixels (end-to-end training, \
+         `train.finetune_embedder`), which cannot be merged: set `collision: first` (each cell \
+         keeps one tile; with `downsample: 1` tiles never collide)",
+        policy.as_str()
+    )
+}
+
+/// Checks at validation that `policy` can merge the instances of `input` (embeddings: any
+/// policy; tile pixels: `first` only) and that it has instances at all.
+pub fn check_policy_for(input: &Schema, policy: CollisionPolicy, stage: &str) -> StageResult<()> {
+    let instances = crate::columns::require_instances(input, stage)?;
+    if instances == crate::columns::InstanceColumn::Pixels && policy != CollisionPolicy::First {
+        return Err(StageError::msg(pixels_policy_message(policy)));
+    }
+    Ok(())
 }
 
 /// The cell of every row of a bag, and a note for the user when the grid step was guessed.
@@ -420,16 +457,16 @@ impl StageKind for SparseMapParams {
     const ABOUT: &'static str =
         "Places each bag's tile embeddings on a downsampled sparse map (map_i, map_j), merging collisions by an explicit policy";
 
+    /// The tile keys; the instances (embeddings or pixels) are checked by `output_schema`.
     fn input_spec(&self) -> InputSpec {
-        let mut columns = tile_key_columns();
-        columns.push(Column::embedding(EMBEDDING));
-        InputSpec::Tables(vec![columns])
+        InputSpec::Tables(vec![tile_key_columns()])
     }
 
     fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
         let input = inputs
             .first()
             .ok_or_else(|| StageError::msg("sparse_map needs one input"))?;
+        check_policy_for(input, self.collision, "sparse_map")?;
         Ok(sparse_map_schema(input, Some(self.collision)))
     }
 

@@ -89,6 +89,7 @@ mod tests {
             dim: 3,
             embeddings: e,
             positions: None,
+            pixels: None,
         };
         let a = mk(rows.clone());
         let reversed: Vec<f32> = rows.chunks(3).rev().flatten().copied().collect();

@@ -2,10 +2,12 @@
 
 use candle_core::{DType, Device, Tensor};
 
+pub use crate::columns::TilePixels;
 pub use crate::splits::Split;
 
-/// One slide's instances for one epoch: embeddings row-major `[len, dim]` and, for spatial
-/// models, each instance's cell on the sparse map.
+/// One slide's instances for one epoch: embeddings row-major `[len, dim]` (or, in end-to-end
+/// training, the tiles' pixels, which the trainer embeds itself) and, for spatial models, each
+/// instance's cell on the sparse map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bag {
     pub slide_id: String,
@@ -16,12 +18,17 @@ pub struct Bag {
     pub embeddings: Vec<f32>,
     /// `(map_i, map_j)` per instance, when the input carries a sparse map.
     pub positions: Option<Vec<[i64; 2]>>,
+    /// The tiles' pixels (then `embeddings` is empty and `dim` 0), for end-to-end training.
+    pub pixels: Option<Vec<TilePixels>>,
 }
 
 impl Bag {
     /// Number of instances.
     pub fn len(&self) -> usize {
-        self.embeddings.len().checked_div(self.dim).unwrap_or(0)
+        match &self.pixels {
+            Some(p) => p.len(),
+            None => self.embeddings.len().checked_div(self.dim).unwrap_or(0),
+        }
     }
 
     /// True for a bag without instances (models cannot pool it).
@@ -49,6 +56,10 @@ pub enum BagError {
     NoPositions(String),
     #[error("slide `{slide}`: sparse-map position ({i}, {j}) spans more than the 2^23 cells a sparse map can hold; use a larger downsampling factor")]
     PositionOutOfRange { slide: String, i: i64, j: i64 },
+    #[error("slide `{0}` carries tile pixels, not embeddings: only end-to-end training (`finetune_embedder: true`) can embed them")]
+    PixelsWithoutEmbedder(String),
+    #[error("{rows} feature rows for {instances} instances")]
+    FeatureRows { rows: usize, instances: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -74,10 +85,10 @@ impl BagBatch {
     pub fn from_bags(bags: &[&Bag], device: &Device) -> Result<BagBatch, BagError> {
         let first = bags.first().ok_or(BagError::NoBags)?;
         let dim = first.dim;
-        let total: usize = bags.iter().map(|b| b.len()).sum();
-        let mut data = Vec::with_capacity(total * dim);
-        let mut lengths = Vec::with_capacity(bags.len());
         for bag in bags {
+            if bag.pixels.is_some() {
+                return Err(BagError::PixelsWithoutEmbedder(bag.slide_id.clone()));
+            }
             if bag.dim != dim {
                 return Err(BagError::WidthMismatch {
                     slide: bag.slide_id.clone(),
@@ -85,46 +96,54 @@ impl BagBatch {
                     found: bag.dim,
                 });
             }
-            if bag.is_empty() {
-                return Err(BagError::EmptyBag(bag.slide_id.clone()));
-            }
-            lengths.push(bag.len());
         }
-        let all_positioned = bags.iter().all(|b| b.positions.is_some());
-        let mut sites = all_positioned.then(|| Vec::with_capacity(total));
-        let mut duplicate_sites = 0;
-        for (b, bag) in bags.iter().enumerate() {
-            match (&mut sites, &bag.positions) {
-                (Some(sites), Some(positions)) => {
-                    let kept = place_bag(bag, positions, b as i32, sites)?;
-                    duplicate_sites += bag.len() - kept.len();
-                    if kept.len() == bag.len() {
-                        data.extend_from_slice(&bag.embeddings);
-                    } else {
-                        for r in kept {
-                            data.extend_from_slice(&bag.embeddings[r * dim..(r + 1) * dim]);
-                        }
+        let arrangement = Arrangement::of(bags)?;
+        let total: usize = arrangement.lengths.iter().sum();
+        let mut data = Vec::with_capacity(total * dim);
+        for (bag, kept) in bags.iter().zip(&arrangement.kept) {
+            match kept {
+                None => data.extend_from_slice(&bag.embeddings),
+                Some(rows) => {
+                    for &r in rows {
+                        data.extend_from_slice(&bag.embeddings[r * dim..(r + 1) * dim]);
                     }
                 }
-                _ => data.extend_from_slice(&bag.embeddings),
             }
         }
-        if let Some(sites) = &sites {
-            // Lengths after de-duplication: count sites per bag.
-            let mut counts = vec![0usize; bags.len()];
-            for s in sites {
-                counts[s[0] as usize] += 1;
-            }
-            lengths = counts;
-        }
-        let n = data.len() / dim;
+        let n = data.len() / dim.max(1);
         let features = Tensor::from_vec(data, (n, dim), device)?;
-        Ok(BagBatch {
-            features,
-            lengths,
-            sites,
-            duplicate_sites,
-        })
+        Ok(arrangement.with_features(features))
+    }
+
+    /// Like [`BagBatch::from_bags`], with the instances' features computed elsewhere:
+    /// `features` holds one row per instance of every bag, bag after bag (e.g. a trainable
+    /// embedder's output, so gradients flow back into it). Rows dropped as duplicate sites
+    /// are removed with a differentiable `index_select`.
+    pub fn from_features(bags: &[&Bag], features: Tensor) -> Result<BagBatch, BagError> {
+        let arrangement = Arrangement::of(bags)?;
+        let rows: usize = bags.iter().map(|b| b.len()).sum();
+        let (n, _) = features.dims2()?;
+        if n != rows {
+            return Err(BagError::FeatureRows {
+                rows: n,
+                instances: rows,
+            });
+        }
+        if arrangement.kept.iter().all(Option::is_none) {
+            return Ok(arrangement.with_features(features));
+        }
+        let mut index = Vec::with_capacity(rows);
+        let mut start = 0u32;
+        for (bag, kept) in bags.iter().zip(&arrangement.kept) {
+            match kept {
+                None => index.extend(start..start + bag.len() as u32),
+                Some(k) => index.extend(k.iter().map(|&r| start + r as u32)),
+            }
+            start += bag.len() as u32;
+        }
+        let index = Tensor::from_vec(index, rows_len(&arrangement), features.device())?;
+        let features = features.index_select(&index, 0)?;
+        Ok(arrangement.with_features(features))
     }
 
     /// All instances' embeddings `[N, D]`, bag after bag.
@@ -208,6 +227,65 @@ impl BagBatch {
             x,
             mask: Some(mask),
         })
+    }
+}
+
+/// Where each bag's instances go: lengths, sparse-map sites, and the rows kept when duplicate
+/// sites were dropped (`None`: every row).
+struct Arrangement {
+    lengths: Vec<usize>,
+    sites: Option<Vec<[i32; 3]>>,
+    kept: Vec<Option<Vec<usize>>>,
+    duplicate_sites: usize,
+}
+
+fn rows_len(a: &Arrangement) -> usize {
+    a.lengths.iter().sum()
+}
+
+impl Arrangement {
+    fn of(bags: &[&Bag]) -> Result<Arrangement, BagError> {
+        if bags.is_empty() {
+            return Err(BagError::NoBags);
+        }
+        let mut lengths = Vec::with_capacity(bags.len());
+        for bag in bags {
+            if bag.is_empty() {
+                return Err(BagError::EmptyBag(bag.slide_id.clone()));
+            }
+            lengths.push(bag.len());
+        }
+        let total: usize = lengths.iter().sum();
+        let all_positioned = bags.iter().all(|b| b.positions.is_some());
+        let mut sites = all_positioned.then(|| Vec::with_capacity(total));
+        let mut duplicate_sites = 0;
+        let mut kept_rows = Vec::with_capacity(bags.len());
+        for (b, bag) in bags.iter().enumerate() {
+            match (&mut sites, &bag.positions) {
+                (Some(sites), Some(positions)) => {
+                    let kept = place_bag(bag, positions, b as i32, sites)?;
+                    duplicate_sites += bag.len() - kept.len();
+                    lengths[b] = kept.len();
+                    kept_rows.push((kept.len() != bag.len()).then_some(kept));
+                }
+                _ => kept_rows.push(None),
+            }
+        }
+        Ok(Arrangement {
+            lengths,
+            sites,
+            kept: kept_rows,
+            duplicate_sites,
+        })
+    }
+
+    fn with_features(self, features: Tensor) -> BagBatch {
+        BagBatch {
+            features,
+            lengths: self.lengths,
+            sites: self.sites,
+            duplicate_sites: self.duplicate_sites,
+        }
     }
 }
 

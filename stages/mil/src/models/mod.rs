@@ -202,6 +202,7 @@ mod tests {
                     dim: 4,
                     embeddings: (0..n * 4).map(|v| (v as f32 * 0.37).sin()).collect(),
                     positions: Some((0..n as i64).map(|k| [k, 2 * k]).collect()),
+                    pixels: None,
                 }
             })
             .collect();

@@ -130,6 +130,7 @@ mod tests {
             dim: 2,
             embeddings: rows.iter().flatten().copied().collect(),
             positions: None,
+            pixels: None,
         }
     }
 

@@ -138,6 +138,7 @@ mod tests {
             dim: 1,
             embeddings: emb,
             positions: Some(pos),
+            pixels: None,
         }
     }
 

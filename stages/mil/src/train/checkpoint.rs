@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use super::finetune::EmbedderConfig;
 use super::optim::{Adam, AdamConfig};
 use super::record::{BestRecord, EpochRecord};
 use crate::models::ModelConfig;
@@ -33,6 +34,10 @@ pub struct CheckpointMeta {
     pub best: Option<BestRecord>,
     /// Epochs since the best one (early-stopping counter).
     pub epochs_since_best: usize,
+    /// The fine-tuned tile embedder (end-to-end training), whose parameters are in the
+    /// weights file under `embedder.`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedder: Option<EmbedderConfig>,
 }
 
 /// Current [`CheckpointMeta::format`].

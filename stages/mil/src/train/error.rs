@@ -35,6 +35,8 @@ pub enum TrainError {
     NoTrainingBags(usize),
     #[error("slide `{slide}`: {message}")]
     Slide { slide: String, message: String },
+    #[error("embedder: {message}")]
+    Embedder { message: String },
     #[error("writing {path}: {source}")]
     Io {
         path: PathBuf,

@@ -4,21 +4,25 @@ use arrow::array::Array;
 use arrow::record_batch::RecordBatch;
 
 use super::error::TrainError;
-use crate::columns::{int64_values, read_embeddings, utf8};
+use crate::columns::{int64_values, read_embeddings, read_pixels, utf8, TilePixels};
 use crate::models::{Bag, Split};
+use tessera_pipeline::schema::{EMBEDDING, PIXELS};
 
 /// The rows of one slide received so far in the current epoch.
 #[derive(Debug, Default)]
 pub struct BagRows {
     dim: Option<usize>,
     embeddings: Vec<f32>,
+    /// Tile pixels, when the rows carry pixels instead of embeddings (end-to-end training).
+    pixels: Option<Vec<TilePixels>>,
     positions: Vec<[i64; 2]>,
     split: Option<String>,
     label: Option<String>,
 }
 
 impl BagRows {
-    /// Appends a batch; `spatial` reads `map_i`/`map_j` too.
+    /// Appends a batch; `spatial` reads `map_i`/`map_j` too. The instances are the
+    /// `embedding` column, or the tile pixels when there is none (end-to-end training).
     pub fn append(
         &mut self,
         slide: &str,
@@ -28,20 +32,13 @@ impl BagRows {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let emb = read_embeddings(batch, "embedding")?;
-        if let Some(dim) = self.dim {
-            if dim != emb.dim {
-                return Err(TrainError::Slide {
-                    slide: slide.into(),
-                    message: format!(
-                        "column `embedding` changes width from {dim} to {} within the slide",
-                        emb.dim
-                    ),
-                });
-            }
+        if batch.column_by_name(EMBEDDING).is_none() && batch.column_by_name(PIXELS).is_some() {
+            self.pixels
+                .get_or_insert_with(Vec::new)
+                .extend(read_pixels(batch)?);
+        } else {
+            self.append_embeddings(slide, batch)?;
         }
-        self.dim = Some(emb.dim);
-        self.embeddings.extend_from_slice(&emb.values);
         if spatial {
             let i = int64_values(batch, "map_i", "the sparse CNN's map positions")?;
             let j = int64_values(batch, "map_j", "the sparse CNN's map positions")?;
@@ -61,9 +58,35 @@ impl BagRows {
         Ok(())
     }
 
+    fn append_embeddings(&mut self, slide: &str, batch: &RecordBatch) -> Result<(), TrainError> {
+        let emb = read_embeddings(batch, EMBEDDING)?;
+        if let Some(dim) = self.dim {
+            if dim != emb.dim {
+                return Err(TrainError::Slide {
+                    slide: slide.into(),
+                    message: format!(
+                        "column `embedding` changes width from {dim} to {} within the slide",
+                        emb.dim
+                    ),
+                });
+            }
+        }
+        self.dim = Some(emb.dim);
+        self.embeddings.extend_from_slice(&emb.values);
+        Ok(())
+    }
+
     /// The bag, or `None` when no row arrived (a slide without tiles cannot be classified).
     pub fn into_bag(self, slide: &str, classes: &[String]) -> Result<Option<Bag>, TrainError> {
-        let Some(dim) = self.dim else { return Ok(None) };
+        let Some(dim) = self.dim.or(self.pixels.as_ref().map(|_| 0)) else {
+            return Ok(None);
+        };
+        if self.dim.is_some() && self.pixels.is_some() {
+            return Err(TrainError::Slide {
+                slide: slide.into(),
+                message: "some batches carry embeddings and others tile pixels".into(),
+            });
+        }
         let bad = |message: String| TrainError::Slide {
             slide: slide.into(),
             message,
@@ -91,7 +114,10 @@ impl BagRows {
                 at / dim.max(1)
             )));
         }
-        let n = self.embeddings.len() / dim.max(1);
+        let n = match &self.pixels {
+            Some(p) => p.len(),
+            None => self.embeddings.len() / dim.max(1),
+        };
         let positions = (!self.positions.is_empty()).then_some(self.positions);
         if let Some(p) = &positions {
             if p.len() != n {
@@ -105,6 +131,7 @@ impl BagRows {
             dim,
             embeddings: self.embeddings,
             positions,
+            pixels: self.pixels,
         }))
     }
 }

@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 
 use super::checkpoint::{self, CheckpointFiles, CheckpointMeta};
 use super::error::{CandleContext, TrainError};
+use super::finetune::{EmbedderConfig, EmbedderSetup, FinetuneEmbedder, EMBEDDER_PREFIX};
 use super::optim::{Adam, AdamConfig};
 use super::record::{BestRecord, EpochRecord, Monitor, TrainLog};
 use crate::metrics::{cross_entropy, ClassificationMetrics};
@@ -76,6 +77,8 @@ pub struct Trainer {
     resumed_at: Option<usize>,
     /// Where a resumed run's best checkpoint lives, if the best epoch predates this run.
     resumed_best: Option<CheckpointFiles>,
+    /// The trainable tile embedder of end-to-end training (bags then carry pixels).
+    embedder: Option<FinetuneEmbedder>,
 }
 
 impl Trainer {
@@ -86,10 +89,47 @@ impl Trainer {
         classes: Vec<String>,
         device: Device,
     ) -> Result<Self, TrainError> {
+        Self::build(model_config, config, classes, device, None)
+    }
+
+    /// End-to-end training: like [`Trainer::new`], plus a trainable ResNet that embeds the
+    /// bags' tile pixels in every step (its parameters are optimised with the model's).
+    /// `model_config.input_dim` must be the embedder's width.
+    pub fn new_finetuning(
+        model_config: ModelConfig,
+        config: TrainConfig,
+        classes: Vec<String>,
+        device: Device,
+        embedder: &EmbedderSetup,
+    ) -> Result<Self, TrainError> {
+        Self::build(model_config, config, classes, device, Some(embedder))
+    }
+
+    fn build(
+        model_config: ModelConfig,
+        config: TrainConfig,
+        classes: Vec<String>,
+        device: Device,
+        embedder: Option<&EmbedderSetup>,
+    ) -> Result<Self, TrainError> {
         let vars = VarMap::new();
         let vb = seeded_var_builder(&vars, config.seed, &device);
         let model = build_model(&model_config, &vb)
             .context(|| format!("building the {} model", model_config.pooling.name()))?;
+        let embedder = embedder
+            .map(|setup| FinetuneEmbedder::new(setup, vb.pp(EMBEDDER_PREFIX), &vars))
+            .transpose()?;
+        if let Some(e) = &embedder {
+            if e.dim() != model_config.input_dim {
+                return Err(TrainError::Embedder {
+                    message: format!(
+                        "the embedder gives {}-wide embeddings, the model expects {}",
+                        e.dim(),
+                        model_config.input_dim
+                    ),
+                });
+            }
+        }
         let mut named: Vec<(String, candle_core::Var)> = vars
             .data()
             .lock()
@@ -116,7 +156,28 @@ impl Trainer {
             checkpoint_dir: None,
             resumed_at: None,
             resumed_best: None,
+            embedder,
         })
+    }
+
+    /// A copy of parameter `name` (e.g. `embedder.conv1.weight`), if the model has one.
+    pub fn parameter(&self, name: &str) -> Option<Tensor> {
+        let data = self.vars.data().lock().ok()?;
+        data.get(name).and_then(|v| v.as_tensor().copy().ok())
+    }
+
+    /// The fine-tuned embedder's configuration, in end-to-end training.
+    pub fn embedder_config(&self) -> Option<&EmbedderConfig> {
+        self.embedder.as_ref().map(FinetuneEmbedder::config)
+    }
+
+    /// The model's input for `bags`: their embeddings, or in end-to-end training the
+    /// embedder's output on their pixels (`train`: batch-norm in training mode, gradients kept).
+    fn batch(&self, bags: &[&Bag], train: bool) -> Result<BagBatch, TrainError> {
+        match &self.embedder {
+            None => Ok(BagBatch::from_bags(bags, &self.device)?),
+            Some(embedder) => Ok(BagBatch::from_features(bags, embedder.embed(bags, train)?)?),
+        }
     }
 
     /// Saves `last` (every epoch) and `best` (when it improves) checkpoints into `dir`.
@@ -140,6 +201,13 @@ impl Trainer {
             return Err(mismatch(format!(
                 "the checkpoint's model {:?} differs from this experiment's {:?}",
                 meta.model, self.model_config
+            )));
+        }
+        if meta.embedder.as_ref() != self.embedder_config() {
+            return Err(mismatch(format!(
+                "the checkpoint's fine-tuned embedder {:?} differs from this experiment's {:?}",
+                meta.embedder,
+                self.embedder_config()
             )));
         }
         if meta.classes != self.classes {
@@ -229,7 +297,7 @@ impl Trainer {
         epoch: usize,
         batch: usize,
     ) -> Result<f32, TrainError> {
-        let input = BagBatch::from_bags(bags, &self.device)?;
+        let input = self.batch(bags, true)?;
         self.duplicate_sites += input.duplicate_sites() as u64;
         let ctx = || format!("epoch {epoch}, batch {batch}");
         let logits = self
@@ -294,7 +362,7 @@ impl Trainer {
     pub fn predict(&self, bags: &[&Bag]) -> Result<Vec<Vec<f32>>, TrainError> {
         let mut out = Vec::with_capacity(bags.len());
         for chunk in bags.chunks(self.config.batch_size.max(1)) {
-            let input = BagBatch::from_bags(chunk, &self.device)?;
+            let input = self.batch(chunk, false)?;
             let what = || {
                 format!(
                     "predicting slides {}",
@@ -422,6 +490,7 @@ impl Trainer {
             metrics: record.clone(),
             best: self.best.clone(),
             epochs_since_best: self.epochs_since_best,
+            embedder: self.embedder_config().cloned(),
         };
         if improved {
             checkpoint::save(dir, "best", &self.vars, &self.optimizer, &meta)?;

@@ -12,6 +12,7 @@ pub mod checkpoint;
 #[path = "loop.rs"]
 pub mod epochs;
 pub mod error;
+pub mod finetune;
 pub mod input;
 pub mod optim;
 pub mod record;
@@ -20,7 +21,7 @@ pub mod synthetic;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use candle_core::Device;
 use schemars::JsonSchema;
@@ -30,13 +31,17 @@ use tessera_pipeline::{
     StageContext, StageError, StageKind, StageResult,
 };
 
+use crate::columns::{require_instances, InstanceColumn};
 use crate::models::{Bag, GlobalPool, ModelConfig, Pooling, Split};
 use crate::predictions::{predictions_schema, to_batch, Prediction};
 use epochs::{write_log, TrainConfig, Trainer};
 use error::TrainError;
+use finetune::{EmbedderConfig, EmbedderSetup};
 use input::BagRows;
 use optim::AdamConfig;
 use record::Monitor;
+use tessera_embed::embed_stage::RANDOM_WEIGHTS;
+use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
 
 /// Parameters of the `train` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -85,6 +90,23 @@ pub struct TrainParams {
     /// and training runs from the saved epoch + 1 up to `epochs`. Relative to the experiment
     /// file.
     pub resume: Option<PathBuf>,
+    /// End-to-end training, the paper's own setting: the bags carry tile pixels (`tile ->
+    /// sample -> sparse_map (collision: first) -> augment -> train`, no `embed` stage) and a
+    /// trainable ResNet embeds them in every step, back-propagating through the sparse map
+    /// into the CNN (batch-norm in training mode; its running statistics are saved and used
+    /// for validation and predictions). Practical on GPU; on CPU only for tiny runs.
+    pub finetune_embedder: bool,
+    /// finetune_embedder: the network (resnet18, resnet34 or resnet50; torchvision names).
+    pub embedder: Architecture,
+    /// finetune_embedder: its initial parameters, a `.safetensors` or `.pth` file with
+    /// torchvision names (relative to the experiment file), or `random` (seeded by the
+    /// experiment's seed).
+    pub embedder_weights: String,
+    /// finetune_embedder: prefix of the parameter names inside the weights file (`module.`).
+    pub embedder_weights_prefix: String,
+    /// finetune_embedder: side of the images the network sees (tiles of another size are
+    /// resized); ImageNet mean/std normalisation.
+    pub embedder_input_size: usize,
 }
 
 impl Default for TrainParams {
@@ -108,6 +130,11 @@ impl Default for TrainParams {
             monitor: Monitor::ValLoss,
             patience: 0,
             resume: None,
+            finetune_embedder: false,
+            embedder: Architecture::Resnet18,
+            embedder_weights: String::new(),
+            embedder_weights_prefix: String::new(),
+            embedder_input_size: 224,
         }
     }
 }
@@ -127,6 +154,34 @@ impl TrainParams {
             sparse_pool: self.sparse_pool,
             attention_hidden: self.attention_hidden,
             lse_r: self.lse_r,
+        }
+    }
+
+    /// The fine-tuned embedder's architecture and input, in end-to-end training.
+    pub fn embedder_config(&self) -> Option<EmbedderConfig> {
+        self.finetune_embedder.then_some(EmbedderConfig {
+            arch: self.embedder,
+            input_size: self.embedder_input_size,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        })
+    }
+
+    /// Checks the input's instances against `finetune_embedder`: pixels need it, embeddings
+    /// exclude it.
+    fn check_instances(&self, input: &Schema) -> StageResult<()> {
+        match (require_instances(input, "train")?, self.finetune_embedder) {
+            (InstanceColumn::Embedding, true) => Err(StageError::msg(
+                "finetune_embedder: true needs tile pixels, but the input carries embeddings: \
+                 feed `sample` straight from the `tile` stage (tile -> sample -> sparse_map -> \
+                 augment -> train), without an `embed` stage",
+            )),
+            (InstanceColumn::Pixels, false) => Err(StageError::msg(
+                "the input carries tile pixels, not embeddings: set `finetune_embedder: true` \
+                 to train a ResNet end to end on them, or put an `embed` stage between `tile` \
+                 and `sample`",
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -155,9 +210,10 @@ impl StageKind for TrainParams {
         "Trains SparseConvMIL or a MIL baseline (max/mean/LSE, attention) on per-epoch bags; writes checkpoints and train_log.json, emits val/test predictions";
 
     fn input_spec(&self) -> InputSpec {
+        // The instances (embeddings, or pixels with finetune_embedder) are checked by
+        // `output_schema`.
         let mut columns = vec![
             Column::exact("slide_id", DataType::Utf8),
-            Column::embedding("embedding"),
             Column::exact("split", DataType::Utf8),
             Column::exact("label", DataType::Utf8),
         ];
@@ -168,7 +224,10 @@ impl StageKind for TrainParams {
         InputSpec::Tables(vec![columns])
     }
 
-    fn output_schema(&self, _inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+        if let Some(input) = inputs.first() {
+            self.check_instances(input)?;
+        }
         Ok(predictions_schema())
     }
 
@@ -195,6 +254,26 @@ impl StageKind for TrainParams {
             return Err(ParamIssue::new("lse_r", "must be a positive number"));
         }
         positive("attention_hidden", self.attention_hidden > 0)?;
+        if self.finetune_embedder {
+            if finetune::resnet_depth(self.embedder).is_none() {
+                return Err(ParamIssue::new(
+                    "embedder",
+                    "only resnet18, resnet34 and resnet50 can be fine-tuned",
+                ));
+            }
+            if self.embedder_weights.trim().is_empty() {
+                return Err(ParamIssue::new(
+                    "embedder_weights",
+                    "required with finetune_embedder: a .safetensors or .pth file with torchvision names, or `random`",
+                ));
+            }
+            positive("embedder_input_size", self.embedder_input_size > 0)?;
+        } else if !self.embedder_weights.is_empty() {
+            return Err(ParamIssue::new(
+                "embedder_weights",
+                "is only used with `finetune_embedder: true`",
+            ));
+        }
         if self.pooling.is_spatial() {
             if self.sparse_channels.is_empty() || self.sparse_channels.contains(&0) {
                 return Err(ParamIssue::new(
@@ -224,8 +303,18 @@ impl StageKind for TrainParams {
                 "training needs at least two classes in the dataset's `label` column, found {classes:?}"
             )));
         }
+        let embedder = self.embedder_config().map(|config| EmbedderSetup {
+            config,
+            weights: if self.embedder_weights == RANDOM_WEIGHTS {
+                WeightsSource::Random { seed: ctx.seed }
+            } else {
+                WeightsSource::File(ctx.resolve(&self.embedder_weights))
+            },
+            weights_prefix: self.embedder_weights_prefix.clone(),
+        });
         Ok(Box::new(TrainStage {
             params: self.clone(),
+            embedder,
             resume: self.resume.as_ref().map(|p| ctx.resolve(p)),
             classes,
             device,
@@ -255,6 +344,8 @@ impl StageKind for TrainParams {
 /// The running stage.
 struct TrainStage {
     params: TrainParams,
+    /// The trainable embedder of end-to-end training.
+    embedder: Option<EmbedderSetup>,
     resume: Option<PathBuf>,
     classes: Vec<String>,
     device: Device,
@@ -275,13 +366,15 @@ impl TrainStage {
     fn trainer(&mut self, ctx: &StageContext, dim: usize) -> Result<&mut Trainer, TrainError> {
         if self.trainer.is_none() {
             let model = self.params.model_config(dim, self.classes.len());
-            let mut trainer = Trainer::new(
-                model,
-                self.params.train_config(ctx.seed()),
-                self.classes.clone(),
-                self.device.clone(),
-            )?
-            .with_checkpoints(ctx.out_dir().join("checkpoints"));
+            let config = self.params.train_config(ctx.seed());
+            let classes = self.classes.clone();
+            let trainer = match &self.embedder {
+                None => Trainer::new(model, config, classes, self.device.clone())?,
+                Some(setup) => {
+                    Trainer::new_finetuning(model, config, classes, self.device.clone(), setup)?
+                }
+            };
+            let mut trainer = trainer.with_checkpoints(ctx.out_dir().join("checkpoints"));
             if let Some(path) = &self.resume {
                 let meta = trainer.resume(path)?;
                 tracing::info!(stage = ctx.stage_name(), checkpoint = %path.display(), epoch = meta.epoch, "resuming training at epoch {}", meta.epoch + 1);
@@ -295,8 +388,12 @@ impl TrainStage {
 
     /// Trains one epoch on `bags` unless training is already over.
     fn train_on(&mut self, ctx: &mut StageContext, bags: &[Bag]) -> StageResult {
-        let Some(dim) = bags.first().map(|b| b.dim) else {
+        let Some(first) = bags.first() else {
             return Ok(());
+        };
+        let dim = match &self.embedder {
+            Some(setup) => setup.config.arch.dim(tessera_embed::VitPooling::Cls),
+            None => first.dim,
         };
         let stage = ctx.stage_name().to_string();
         let epochs = self.params.epochs;

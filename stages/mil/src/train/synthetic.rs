@@ -197,6 +197,7 @@ pub fn to_bags(slides: &[SyntheticSlide], dim: usize) -> Vec<Bag> {
             dim,
             embeddings: s.embeddings.clone(),
             positions: Some(s.cells.clone()),
+            pixels: None,
         })
         .collect()
 }
