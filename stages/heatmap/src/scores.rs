@@ -144,6 +144,14 @@ pub fn score_slide(
     sparse_map: Option<&SparseMapParams>,
 ) -> Result<TileScores, HeatmapError> {
     let config = &model.meta.model;
+    if model.meta.embedder.is_some() {
+        return Err(HeatmapError::Invalid(
+            "the checkpoint was trained end to end (finetune_embedder): its scores need tile \
+             pixels through the fine-tuned embedder, which heatmaps do not support yet; use a \
+             model trained on cached embeddings"
+                .into(),
+        ));
+    }
     if tiles.is_empty() {
         return Err(HeatmapError::Invalid(format!(
             "slide `{}` has no tiles",
@@ -164,6 +172,7 @@ pub fn score_slide(
         dim: tiles.dim,
         embeddings: Vec::new(),
         positions: None,
+        pixels: None,
     };
     // Which bag instance each tile's score comes from, and how many tiles share it.
     let (instance_of, cell_tiles): (Vec<usize>, Vec<i64>) = if config.pooling.is_spatial() {
