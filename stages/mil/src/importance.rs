@@ -294,6 +294,7 @@ mod tests {
             dim: 3,
             embeddings: (0..n * 3).map(|v| ((v as f32) * 0.71).sin()).collect(),
             positions: Some((0..n as i64).map(|k| [k / 3, k % 3]).collect()),
+            pixels: None,
         }
     }
 
