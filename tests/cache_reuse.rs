@@ -151,7 +151,7 @@ fn thread_counts_batch_sizes_and_the_reader_do_not_invalidate_the_cache() {
     assert_eq!(count(&second, "tile", "cache_misses"), 0, "{second:#}");
 
     // Which tiles are kept does count: another tissue threshold is computed afresh.
-    let (r, third) = run(&exp, &dir.path().join("c"), &["tile.min_tissue=0.1"]);
+    let (r, third) = run(&exp, &dir.path().join("c"), &["tile.min_tissue=0.2"]);
     let third = third.unwrap_or_else(|| panic!("{r:?}"));
     assert!(r.ok(), "{r:?}");
     assert_eq!(count(&third, "tile", "cache_misses"), 4, "{third:#}");

@@ -4,6 +4,11 @@
 //! `cargo bench -p tessera-embed --bench embed` (env `EMBED_BENCH_BATCHES`, default 5;
 //! each batch is timed alone and the best and median are printed).
 
+/// The `tessera` binary's allocator (glibc's returns large freed buffers to the OS at every
+/// layer, and page-faults them back in).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::Device;
 use std::time::Instant;
 use tessera_embed::{

@@ -77,37 +77,41 @@ impl Conv {
             .for_each(|(chunk, dst)| {
                 let r0 = chunk * CHUNK_ROWS;
                 let m = dst.len() / self.c_out;
-                let patches;
-                let lhs: &[f32] = if direct {
-                    &x.data[r0 * self.c_in..(r0 + m) * self.c_in]
-                } else {
-                    patches = self.im2col(x, ho, wo, r0, m);
-                    &patches
+                let gemm_into = |lhs: &[f32], dst: &mut [f32]| {
+                    // SAFETY: row-major m x kdim, kdim x c_out and m x c_out buffers of exactly
+                    // those sizes; dst is exclusively this chunk's.
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            self.c_out,
+                            kdim,
+                            dst.as_mut_ptr(),
+                            1,
+                            self.c_out as isize,
+                            false,
+                            lhs.as_ptr(),
+                            1,
+                            kdim as isize,
+                            self.weight.as_ptr(),
+                            1,
+                            self.c_out as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
                 };
-                // SAFETY: row-major m x kdim, kdim x c_out and m x c_out buffers of exactly those
-                // sizes; dst is exclusively this chunk's.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        self.c_out,
-                        kdim,
-                        dst.as_mut_ptr(),
-                        1,
-                        self.c_out as isize,
-                        false,
-                        lhs.as_ptr(),
-                        1,
-                        kdim as isize,
-                        self.weight.as_ptr(),
-                        1,
-                        self.c_out as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                if direct {
+                    gemm_into(&x.data[r0 * self.c_in..(r0 + m) * self.c_in], dst);
+                } else {
+                    PATCHES.with(|cell| {
+                        let mut patches = cell.borrow_mut();
+                        self.im2col_into(&mut patches, x, ho, wo, r0, m);
+                        gemm_into(&patches[..m * kdim], dst);
+                    });
                 }
                 let res = residual.map(|r| &r.data[r0 * self.c_out..(r0 + m) * self.c_out]);
                 for (i, row) in dst.chunks_exact_mut(self.c_out).enumerate() {
@@ -138,36 +142,44 @@ impl Conv {
         }
     }
 
-    /// The `m x (k*k*c_in)` patch matrix of output rows `r0..r0+m` (zeros outside the image).
-    fn im2col(&self, x: &Act, ho: usize, wo: usize, r0: usize, m: usize) -> Vec<f32> {
+    /// Writes the `m x (k*k*c_in)` patch matrix of output rows `r0..r0+m` into `buf` (zeros
+    /// outside the image). Every element is written, so `buf` is reused without clearing.
+    fn im2col_into(&self, buf: &mut Vec<f32>, x: &Act, ho: usize, wo: usize, r0: usize, m: usize) {
         let kdim = self.k * self.k * self.c_in;
-        let mut buf = vec![0f32; m * kdim];
-        for (i, row) in buf.chunks_exact_mut(kdim).enumerate() {
+        if buf.len() < m * kdim {
+            buf.resize(m * kdim, 0.0);
+        }
+        let run = self.k * self.c_in;
+        for (i, row) in buf[..m * kdim].chunks_exact_mut(kdim).enumerate() {
             let r = r0 + i;
             let (img, rem) = (r / (ho * wo), r % (ho * wo));
             let (oy, ox) = (rem / wo, rem % wo);
             // Input columns ix = ox*stride + kx - pad for kx in 0..k are consecutive pixels,
             // so each kernel row is one contiguous copy of its in-image part.
             let x0 = (ox * self.stride) as isize - self.pad as isize;
-            let kx_lo = (-x0).max(0) as usize;
-            let kx_hi = ((x.w as isize - x0).min(self.k as isize)).max(0) as usize;
-            if kx_lo >= kx_hi {
-                continue;
-            }
-            for ky in 0..self.k {
+            let kx_lo = ((-x0).max(0) as usize).min(self.k);
+            let kx_hi = ((x.w as isize - x0).min(self.k as isize)).max(kx_lo as isize) as usize;
+            for (ky, dst) in row.chunks_exact_mut(run).enumerate() {
                 let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-                if iy < 0 || iy >= x.h as isize {
+                if iy < 0 || iy >= x.h as isize || kx_lo == kx_hi {
+                    dst.fill(0.0);
                     continue;
                 }
                 let ix = (x0 + kx_lo as isize) as usize;
                 let src = ((img * x.h + iy as usize) * x.w + ix) * x.c;
-                let len = (kx_hi - kx_lo) * self.c_in;
-                let dst = (ky * self.k + kx_lo) * self.c_in;
-                row[dst..dst + len].copy_from_slice(&x.data[src..src + len]);
+                let (lo, hi) = (kx_lo * self.c_in, kx_hi * self.c_in);
+                dst[..lo].fill(0.0);
+                dst[lo..hi].copy_from_slice(&x.data[src..src + hi - lo]);
+                dst[hi..].fill(0.0);
             }
         }
-        buf
     }
+}
+
+thread_local! {
+    /// Each worker thread's patch matrix, reused across chunks and layers (allocating and
+    /// zeroing one per chunk cost more than the copy itself).
+    static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Block {
