@@ -62,8 +62,7 @@ fn run_point(p: &PlannedPoint, options: &SweepOptions, progress: bool) -> PointR
     let result = (|| -> anyhow::Result<RunReport> {
         std::fs::create_dir_all(&p.exp.out_dir)?;
         crate::cli::write_resolved(&p.exp, &p.graph)?;
-        let mut settings =
-            RunSettings::for_experiment(&p.exp, options.interrupt.clone(), progress);
+        let mut settings = RunSettings::for_experiment(&p.exp, options.interrupt.clone(), progress);
         settings.shard = options.shard;
         Ok(execute(&p.graph, &settings)?)
     })();
