@@ -258,6 +258,29 @@ pub fn load_and_check(
     Ok((exp, graph))
 }
 
+/// Loads and checks an experiment, applies `--out`, and creates the output folder; a rejected
+/// experiment has been reported and gives the exit code (2).
+fn prepare_out(
+    file: &Path,
+    sets: &[String],
+    out: Option<PathBuf>,
+    registry: &Registry,
+) -> anyhow::Result<Result<(Experiment, Graph), ExitCode>> {
+    let (mut exp, graph) = match load_and_check(file, sets, registry) {
+        Ok(x) => x,
+        Err(message) => {
+            eprintln!("{message}");
+            return Ok(Err(ExitCode::from(2)));
+        }
+    };
+    if let Some(out) = out {
+        exp.out_dir = out;
+    }
+    std::fs::create_dir_all(&exp.out_dir)
+        .with_context(|| format!("creating {}", exp.out_dir.display()))?;
+    Ok(Ok((exp, graph)))
+}
+
 fn run(
     file: &Path,
     sets: &[String],
@@ -266,18 +289,10 @@ fn run(
     shard: Option<Shard>,
     registry: &Registry,
 ) -> anyhow::Result<ExitCode> {
-    let (mut exp, graph) = match load_and_check(file, sets, registry) {
+    let (exp, graph) = match prepare_out(file, sets, out, registry)? {
         Ok(x) => x,
-        Err(message) => {
-            eprintln!("{message}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
-    if let Some(out) = out {
-        exp.out_dir = out;
-    }
-    std::fs::create_dir_all(&exp.out_dir)
-        .with_context(|| format!("creating {}", exp.out_dir.display()))?;
     write_resolved(&exp, &graph)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
@@ -383,18 +398,10 @@ fn slurm(
     submit: bool,
     registry: &Registry,
 ) -> anyhow::Result<ExitCode> {
-    let (mut exp, _graph) = match load_and_check(file, sets, registry) {
+    let (exp, _graph) = match prepare_out(file, sets, out, registry)? {
         Ok(x) => x,
-        Err(message) => {
-            eprintln!("{message}");
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
-    if let Some(out) = out {
-        exp.out_dir = out;
-    }
-    std::fs::create_dir_all(&exp.out_dir)
-        .with_context(|| format!("creating {}", exp.out_dir.display()))?;
     std::fs::create_dir_all(&exp.cache_dir)
         .with_context(|| format!("creating {}", exp.cache_dir.display()))?;
     if array > exp.slides.len() {
