@@ -86,30 +86,71 @@ pub fn content_key(parts: &KeyParts<'_>) -> String {
 /// Identity of a file that stays cheap on multi-GB slides: its size plus a BLAKE3 hash of its
 /// first and last MiB. Edits that keep the size and touch neither end go unnoticed; slide
 /// formats keep their headers and directories there, so re-scans and re-exports change it.
+/// Remembered for the life of the process while the file's size, mtime and inode stay the same
+/// (a sweep plans every point against the same slides).
 pub fn file_identity(path: &Path) -> Result<String, CacheError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let len = f.metadata().map_err(io_err(path))?.len();
-    let mut h = blake3::Hasher::new();
-    h.update(&len.to_le_bytes());
-    let mut buf = vec![0u8; IDENTITY_SPAN.min(len) as usize];
-    f.read_exact(&mut buf).map_err(io_err(path))?;
-    h.update(&buf);
-    if len > IDENTITY_SPAN {
-        let tail = IDENTITY_SPAN.min(len - IDENTITY_SPAN);
-        f.seek(SeekFrom::Start(len - tail)).map_err(io_err(path))?;
-        buf.resize(tail as usize, 0);
+    memoized(path, "identity", || {
+        let mut f = File::open(path).map_err(io_err(path))?;
+        let len = f.metadata().map_err(io_err(path))?.len();
+        let mut h = blake3::Hasher::new();
+        h.update(&len.to_le_bytes());
+        let mut buf = vec![0u8; IDENTITY_SPAN.min(len) as usize];
         f.read_exact(&mut buf).map_err(io_err(path))?;
         h.update(&buf);
-    }
-    Ok(format!("{len}:{}", &h.finalize().to_hex()[..32]))
+        if len > IDENTITY_SPAN {
+            let tail = IDENTITY_SPAN.min(len - IDENTITY_SPAN);
+            f.seek(SeekFrom::Start(len - tail)).map_err(io_err(path))?;
+            buf.resize(tail as usize, 0);
+            f.read_exact(&mut buf).map_err(io_err(path))?;
+            h.update(&buf);
+        }
+        Ok(format!("{len}:{}", &h.finalize().to_hex()[..32]))
+    })
 }
 
-/// Hash of a whole file (model weights: small enough, and every byte matters).
+/// Hash of a whole file (model weights: small enough, and every byte matters). Remembered like
+/// [`file_identity`].
 pub fn file_hash(path: &Path) -> Result<String, CacheError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let mut h = blake3::Hasher::new();
-    std::io::copy(&mut f, &mut h).map_err(io_err(path))?;
-    Ok(h.finalize().to_hex()[..32].to_string())
+    memoized(path, "hash", || {
+        let mut f = File::open(path).map_err(io_err(path))?;
+        let mut h = blake3::Hasher::new();
+        std::io::copy(&mut f, &mut h).map_err(io_err(path))?;
+        Ok(h.finalize().to_hex()[..32].to_string())
+    })
+}
+
+/// What must not change for a remembered file digest to stay valid.
+type FileStamp = (u64, Option<std::time::SystemTime>, u64);
+
+fn file_stamp(path: &Path) -> Result<FileStamp, CacheError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).map_err(io_err(path))?;
+    Ok((m.len(), m.modified().ok(), m.ino()))
+}
+
+type DigestMemo = std::collections::HashMap<(PathBuf, &'static str), (FileStamp, String)>;
+
+static DIGESTS: std::sync::OnceLock<std::sync::Mutex<DigestMemo>> = std::sync::OnceLock::new();
+
+/// `compute`'s digest of `path`, computed once per process while the file's stamp holds.
+fn memoized(
+    path: &Path,
+    what: &'static str,
+    compute: impl FnOnce() -> Result<String, CacheError>,
+) -> Result<String, CacheError> {
+    let stamp = file_stamp(path)?;
+    let key = (path.to_path_buf(), what);
+    let memo = DIGESTS.get_or_init(Default::default);
+    if let Some((s, digest)) = memo.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if s == stamp {
+            return Ok(digest);
+        }
+    }
+    let digest = compute()?;
+    if let Ok(mut m) = memo.lock() {
+        m.insert(key, (stamp, digest.clone()));
+    }
+    Ok(digest)
 }
 
 /// The cache folder.
@@ -356,6 +397,27 @@ pub fn entry_key(path: &Path) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn remembered_digests_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.bin");
+        fs::write(&p, b"first").unwrap();
+        let a = file_hash(&p).unwrap();
+        assert_eq!(file_hash(&p).unwrap(), a);
+        let ida = file_identity(&p).unwrap();
+        // A rewrite (another size) is seen at once, not served from memory.
+        fs::write(&p, b"second!").unwrap();
+        let b = file_hash(&p).unwrap();
+        assert_ne!(a, b);
+        assert_ne!(file_identity(&p).unwrap(), ida);
+        // Replaced by another file of the same size (new inode): seen too.
+        let q = dir.path().join("w2.bin");
+        fs::write(&q, b"third!!").unwrap();
+        fs::rename(&q, &p).unwrap();
+        assert_ne!(file_hash(&p).unwrap(), b);
+    }
+
     use super::*;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
