@@ -32,6 +32,8 @@ pub enum MilError {
     Invalid(String),
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Spill(#[from] crate::spill::SpillError),
     #[error("writing {path}: {source}")]
     Write {
         path: String,

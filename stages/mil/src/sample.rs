@@ -6,6 +6,8 @@
 //! (N tiles x D floats; pixels columns are dropped on arrival). Fed tiles without embeddings
 //! (end-to-end training, `train.finetune_embedder`), it keeps the pixels instead: N tiles x
 //! side^2 x 3 bytes per slide (about 150 KB per 224 px tile), practical for small datasets.
+//! With `spill_to_disk`, each slide's table lives in a memory-mapped file instead (see
+//! [`crate::spill`]): resident memory is then what the kernel keeps cached.
 
 use crate::columns::int64_values;
 use crate::columns::{instance_column, require_instances, InstanceColumn};
@@ -44,6 +46,13 @@ pub struct SampleParams {
     pub shuffle: bool,
     /// How to split the dataset when its CSV has no `split` column.
     pub splits: SplitParams,
+    /// Keep each slide's tiles in a memory-mapped file under `spill_dir` instead of RAM (for
+    /// cohorts whose embeddings do not fit in memory; the kernel pages them in as bags are
+    /// drawn). The files are unlinked as soon as they are mapped: nothing is left behind.
+    pub spill_to_disk: bool,
+    /// Folder of the spill files (relative to the experiment); default `OUT/.spill`. Put it on
+    /// a local disk.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SampleParams {
@@ -54,6 +63,8 @@ impl Default for SampleParams {
             epochs: 0,
             shuffle: true,
             splits: SplitParams::default(),
+            spill_to_disk: false,
+            spill_dir: None,
         }
     }
 }
@@ -135,12 +146,17 @@ impl StageKind for SampleParams {
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
         let splits = assign(&ctx.slides, ctx.seed, &self.splits)?;
+        let spill_dir = self.spill_to_disk.then(|| match &self.spill_dir {
+            Some(dir) => ctx.resolve(dir),
+            None => ctx.out_dir.join(".spill"),
+        });
         Ok(Box::new(SampleStage {
             params: self.clone(),
             seed: ctx.seed,
             splits,
             pending: HashMap::new(),
             bags: BTreeMap::new(),
+            spill_dir,
         }))
     }
 
@@ -178,6 +194,8 @@ struct SampleStage {
     pending: HashMap<usize, Vec<RecordBatch>>,
     /// Complete slides, by dataset index (so epochs visit them in dataset order).
     bags: BTreeMap<usize, Bag>,
+    /// Where slides' tiles are spilled to memory-mapped files (`spill_to_disk`).
+    spill_dir: Option<std::path::PathBuf>,
 }
 
 impl SampleStage {
@@ -282,6 +300,14 @@ impl Stage for SampleStage {
             return Ok(());
         }
         let grid_step = Self::grid_step(ctx, slide, &tiles)?;
+        let tiles = match &self.spill_dir {
+            Some(dir) => crate::spill::spill(
+                &tiles,
+                &dir.join(format!("{}-{}.arrow", std::process::id(), slide.index)),
+            )
+            .map_err(MilError::from)?,
+            None => tiles,
+        };
         self.bags.insert(
             slide.index,
             Bag {
@@ -392,6 +418,7 @@ mod tests {
             splits: vec![],
             pending: HashMap::new(),
             bags: BTreeMap::new(),
+            spill_dir: None,
         }
     }
 

@@ -170,6 +170,35 @@ fn sample_stops_on_its_own_after_epochs_and_is_reproducible() {
 }
 
 #[test]
+fn sample_spilled_to_disk_draws_the_same_bags_and_leaves_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (schema, batches) = dataset_input();
+    let mut harness = Harness::new(slides(), dir.path()).input(schema, batches);
+    harness.seed = 3;
+    let params = SampleParams {
+        tiles_per_slide: 7,
+        epochs: 2,
+        ..Default::default()
+    };
+    let in_ram = harness.run(params.clone()).unwrap();
+    let spill_dir = dir.path().join("spill");
+    let on_disk = harness
+        .run(SampleParams {
+            spill_to_disk: true,
+            spill_dir: Some(spill_dir.clone()),
+            ..params
+        })
+        .unwrap();
+    assert_ok(&on_disk);
+    assert_eq!(in_ram.batches, on_disk.batches);
+    let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "spill files are unlinked once mapped: {left:?}"
+    );
+}
+
+#[test]
 fn sparse_map_then_augment_build_training_bags() {
     let dir = tempfile::tempdir().unwrap();
     // One epoch of bags of every tile: 8 x 8 grid per slide.
