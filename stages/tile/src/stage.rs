@@ -241,13 +241,17 @@ impl TileStage {
         let reader = SlideReader::open(&path)?;
         let plan = plan_slide(&reader, slide.mpp, &self.params.plan_options())?;
         if let Some(picture) = &plan.picture {
-            let file = self
-                .out_dir
-                .join("thumbnails")
-                .join(format!("{}.png", file_stem(&slide.id)));
+            let file = self.thumbnail_path(slide);
             thumbnail::write(&file, picture, &plan.mask, &plan.tiles, plan.geometry.size0)?;
         }
         Ok((plan, path))
+    }
+
+    /// Where the slide's thumbnail goes in this run's output folder.
+    fn thumbnail_path(&self, slide: &SlideHandle) -> PathBuf {
+        self.out_dir
+            .join("thumbnails")
+            .join(format!("{}.png", file_stem(&slide.id)))
     }
 
     /// The table rows of a plan.
@@ -385,6 +389,11 @@ impl Stage for TileStage {
         }
         if !rows.is_empty() {
             let path = slide_path(slide)?;
+            // The slide is open for its pixels anyway: give this run's output its thumbnail
+            // too (tissue detection on the overview, a few tens of ms).
+            if self.params.thumbnails && !self.thumbnail_path(slide).exists() {
+                self.plan(slide)?;
+            }
             self.stream(&slide.id, &path, &rows, &mut |batch| ctx.emit(slide, batch))?;
         }
         ctx.end_slide(slide)

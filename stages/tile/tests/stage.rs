@@ -389,7 +389,14 @@ fn cached_runs_persist_coordinates_and_re_read_pixels() {
     let mut harness = Harness::new(slides, dir.path());
     harness.cache = true;
     let first = harness.run(p.clone()).unwrap();
+    let thumbs = dir.path().join("out/thumbnails");
+    assert!(thumbs.join("cmu.png").exists());
+    std::fs::remove_dir_all(&thumbs).unwrap();
     let second = harness.run(p.clone()).unwrap();
+    assert!(
+        thumbs.join("cmu.png").exists(),
+        "a replay that re-reads pixels writes the thumbnail too"
+    );
     let tile_report = |o: &HarnessOutput| {
         let s = o.report.as_ref().unwrap().stage("tile").unwrap();
         (s.cache_hits, s.cache_misses)
