@@ -136,7 +136,7 @@ pub fn main(registry: Registry) -> ExitCode {
     match dispatch(cli.command, &registry) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::error::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -28,6 +28,23 @@ pub enum StageError {
     },
 }
 
+/// An error and its causes on one line, `outer: cause: ...`, leaving out each cause whose text
+/// the line already holds: most errors here print their source inside their own message, so
+/// anyhow's `{:#}` would repeat it once per level.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 impl StageError {
     /// A failure described by a message.
     pub fn msg(message: impl fmt::Display) -> Self {
@@ -53,3 +70,24 @@ impl StageError {
 
 /// Result type of stage callbacks.
 pub type StageResult<T = ()> = Result<T, StageError>;
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let io = std::io::Error::other("disk full");
+        let e = StageError::other("writing x.parquet", io);
+        assert_eq!(error_chain(&e), "writing x.parquet: disk full");
+        let wrapped = anyhow::Error::new(e).context("stage `embed`");
+        assert_eq!(
+            error_chain(wrapped.as_ref()),
+            "stage `embed`: writing x.parquet: disk full"
+        );
+        assert_eq!(
+            format!("{wrapped:#}"),
+            "stage `embed`: writing x.parquet: disk full: disk full"
+        );
+    }
+}

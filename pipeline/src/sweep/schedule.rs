@@ -97,7 +97,7 @@ fn run_point(p: &PlannedPoint, options: &SweepOptions, progress: bool) -> PointR
                 })
                 .collect();
         }
-        Err(e) => record.error = Some(format!("{e:#}")),
+        Err(e) => record.error = Some(crate::error::error_chain(e.as_ref())),
     }
     record
 }

@@ -11,8 +11,7 @@ use candle_core::Device;
 use tessera_mil::importance::LoadedModel;
 use tessera_mil::sparse_map::SparseMapParams;
 use tessera_pipeline::{
-    check_running, BuildContext, DeviceSpec, SlideHandle, Stage, StageContext, StageError,
-    StageResult,
+    check_running, BuildContext, SlideHandle, Stage, StageContext, StageError, StageResult,
 };
 use tessera_tile::SlideReader;
 
@@ -55,11 +54,8 @@ impl HeatmapStage {
     /// Opens the device; with an explicit checkpoint, loads it now so a wrong path fails
     /// before any slide is read.
     pub fn new(params: HeatmapParams, ctx: &BuildContext) -> StageResult<Self> {
-        let device = match &ctx.device {
-            DeviceSpec::Cpu => Device::Cpu,
-            DeviceSpec::Cuda(n) => Device::new_cuda(*n)
-                .map_err(|e| StageError::other(format!("opening device cuda:{n}"), e))?,
-        };
+        let device = tessera_embed::candle_device(&ctx.device)
+            .map_err(|e| StageError::other("choosing the device", e))?;
         let checkpoint = match &params.checkpoint {
             Some(p) => ctx.resolve(p),
             None => ctx.out_dir.join("checkpoints"),

@@ -27,8 +27,8 @@ use candle_core::Device;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tessera_pipeline::{
-    check_running, BuildContext, Column, DeviceSpec, InputSpec, ParamIssue, SlideHandle, Stage,
-    StageContext, StageError, StageKind, StageResult,
+    check_running, BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext,
+    StageError, StageKind, StageResult,
 };
 
 use crate::columns::{require_instances, InstanceColumn};
@@ -292,11 +292,8 @@ impl StageKind for TrainParams {
     }
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        let device = match &ctx.device {
-            DeviceSpec::Cpu => Device::Cpu,
-            DeviceSpec::Cuda(n) => Device::new_cuda(*n)
-                .map_err(|e| StageError::other(format!("opening device cuda:{n}"), e))?,
-        };
+        let device = tessera_embed::candle_device(&ctx.device)
+            .map_err(|e| StageError::other("choosing the device", e))?;
         let classes = crate::splits::classes(&ctx.slides);
         if classes.len() < 2 {
             return Err(StageError::msg(format!(
