@@ -7,6 +7,8 @@
 use candle_core::Tensor;
 
 use crate::error::SparseError;
+use crate::gather::RowGather;
+use crate::rulebook::NONE;
 use crate::tensor::SparseTensor;
 
 fn counts(x: &SparseTensor) -> candle_core::Result<Vec<usize>> {
@@ -17,37 +19,49 @@ fn counts(x: &SparseTensor) -> candle_core::Result<Vec<usize>> {
     Ok(n)
 }
 
-/// Mean of the active sites' features per batch entry, `[B, C]`.
-pub fn global_avg_pool(x: &SparseTensor) -> candle_core::Result<Tensor> {
-    let n = counts(x)?;
+/// `[B, width, C]`: each batch entry's sites' features, zero rows after its last site, and
+/// the padding mask `[B, width, 1]` (1 where padded); width = most sites in one entry.
+fn by_entry(x: &SparseTensor, n: &[usize]) -> candle_core::Result<(Tensor, Vec<f32>, usize)> {
     let (_, c) = x.features().dims2()?;
     let b = x.batch_size();
-    let idx: Vec<u32> = x.coords().iter().map(|s| s[0] as u32).collect();
-    let idx = Tensor::from_vec(idx, x.num_sites(), x.device())?;
-    let sum = Tensor::zeros((b, c), x.dtype(), x.device())?.index_add(&idx, x.features(), 0)?;
-    let inv: Vec<f32> = n.iter().map(|&c| 1.0 / c as f32).collect();
-    let inv = Tensor::from_vec(inv, (b, 1), x.device())?.to_dtype(x.dtype())?;
-    sum.broadcast_mul(&inv)
-}
-
-/// Channel-wise max of the active sites' features per batch entry, `[B, C]`.
-pub fn global_max_pool(x: &SparseTensor) -> candle_core::Result<Tensor> {
-    let n = counts(x)?;
-    let (rows, c) = x.features().dims2()?;
-    let b = x.batch_size();
     let width = n.iter().copied().max().unwrap_or(0);
-    // [B, width] table of rows, padded with a -inf row: one gather and one max.
-    let mut table = vec![rows as u32; b * width];
+    let mut table = vec![NONE; b * width];
     let mut fill = vec![0usize; b];
     for (r, s) in x.coords().iter().enumerate() {
         let e = s[0] as usize;
         table[e * width + fill[e]] = r as u32;
         fill[e] += 1;
     }
-    let idx = Tensor::from_vec(table, b * width, x.device())?;
-    let pad = Tensor::full(f64::NEG_INFINITY, (1, c), x.device())?.to_dtype(x.dtype())?;
-    let padded = Tensor::cat(&[x.features(), &pad], 0)?;
-    padded.index_select(&idx, 0)?.reshape((b, width, c))?.max(1)
+    let padded: Vec<f32> = table
+        .iter()
+        .map(|&r| if r == NONE { 1.0 } else { 0.0 })
+        .collect();
+    let g = RowGather::new(&table, x.num_sites(), x.device())?
+        .apply(x.features())?
+        .reshape((b, width, c))?;
+    Ok((g, padded, width))
+}
+
+/// Mean of the active sites' features per batch entry, `[B, C]`.
+pub fn global_avg_pool(x: &SparseTensor) -> candle_core::Result<Tensor> {
+    let n = counts(x)?;
+    let (g, _, _) = by_entry(x, &n)?;
+    let inv: Vec<f32> = n.iter().map(|&c| 1.0 / c as f32).collect();
+    let inv = Tensor::from_vec(inv, (n.len(), 1), x.device())?.to_dtype(x.dtype())?;
+    g.sum(1)?.broadcast_mul(&inv)
+}
+
+/// Channel-wise max of the active sites' features per batch entry, `[B, C]`.
+pub fn global_max_pool(x: &SparseTensor) -> candle_core::Result<Tensor> {
+    let n = counts(x)?;
+    let (g, padded, width) = by_entry(x, &n)?;
+    // -inf on padding rows, so they never win the max.
+    let pad: Vec<f32> = padded
+        .iter()
+        .map(|&p| if p > 0.0 { f32::NEG_INFINITY } else { 0.0 })
+        .collect();
+    let pad = Tensor::from_vec(pad, (n.len(), width, 1), x.device())?.to_dtype(x.dtype())?;
+    g.broadcast_add(&pad)?.max(1)
 }
 
 #[cfg(test)]

@@ -26,8 +26,9 @@
 //! owned by exactly one task, and every reduction (over offsets, over row chunks of the weight
 //! gradient) runs in a fixed order: **results are bit-identical whatever the number of
 //! threads** (tested with 1, 2 and 3), and there is no concurrent scatter-add to race on.
-//! Other devices (CUDA) and dtypes run the same maths as per-offset candle
-//! `index_select -> matmul -> index_add` ops.
+//! Other devices (CUDA) and dtypes run the same maths as an im2col gather and one candle
+//! matmul ([`ops::gather_conv`]); the gather's backward pass is a gather too ([`RowGather`]),
+//! because candle's CUDA `index_add` runs one thread per channel.
 //!
 //! # Conventions
 //! Weights are `[K, C_in, C_out]`, offset `k = di * kernel + dj` (PyTorch sparseconvnet's
@@ -40,6 +41,7 @@ pub mod activation;
 pub mod conv;
 pub mod coords;
 pub mod error;
+pub mod gather;
 pub mod global;
 pub mod kernels;
 pub mod module;
@@ -56,6 +58,7 @@ pub use activation::{sparse_dropout, sparse_relu, SparseActivation, SparseDropou
 pub use conv::{dense_weight, SparseConv2d, SparseConvTranspose2d, SubmanifoldConv2d};
 pub use coords::CoordSet;
 pub use error::SparseError;
+pub use gather::RowGather;
 pub use global::{global_avg_pool, global_max_pool};
 pub use module::{SparseModule, SparseModuleT, SparseSequential};
 pub use norm::SparseBatchNorm;

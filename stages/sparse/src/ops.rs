@@ -1,13 +1,14 @@
 //! Candle operations over a rulebook: the CPU custom ops (deterministic parallel kernels with
-//! a backward pass) and the device-generic fallback built from `index_select`, `matmul` and
-//! `index_add`, which candle differentiates itself (used on CUDA and for other dtypes).
+//! a backward pass) and the device-generic path, an im2col gather ([`RowGather`], whose
+//! backward is a gather too) and one matmul, used on CUDA and for other dtypes.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
+use crate::gather::RowGather;
 use crate::kernels::{self, Float};
-use crate::rulebook::{cached, NbrMap, PairTensors, Rulebook};
+use crate::rulebook::{cached, NbrMap, Rulebook, NONE};
 
 /// Which map of the rulebook drives an op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +46,8 @@ fn map_of(rb: &Rulebook, dir: Direction) -> &NbrMap {
 /// weights `w: [K, C_in, C_out]`, differentiable in both.
 ///
 /// On CPU with f32/f64 it runs the deterministic blocked kernels of [`crate::kernels`]; on any
-/// other device or dtype it runs per-offset `index_select -> matmul -> index_add`.
+/// other device or dtype it gathers every output row's neighbours into `[rows, K * C_in]`
+/// and multiplies once by `w` as `[K * C_in, C_out]` ([`gather_conv`]).
 pub fn sparse_conv(
     x: &Tensor,
     w: &Tensor,
@@ -80,12 +82,26 @@ pub fn sparse_conv(
             },
         )
     } else {
-        generic_conv(x, w, rb, dir, cout)
+        gather_conv(x, w, rb, dir, cout)
     }
 }
 
-/// Per-offset gather/matmul/scatter with candle ops (autograd by candle).
-fn generic_conv(
+/// The row gather of `dir`'s neighbour table on `x`'s device, uploaded once per rulebook.
+fn neighbour_gather(
+    rb: &Rulebook,
+    dir: Direction,
+    device: &candle_core::Device,
+) -> candle_core::Result<Arc<RowGather>> {
+    cached(&rb.gather_cache[dir.slot()], device, || {
+        let map = map_of(rb, dir);
+        Ok(Arc::new(RowGather::new(&map.idx, map.src_rows, device)?))
+    })
+}
+
+/// Im2col convolution with candle ops: gather `[rows, K * C_in]` (zeros for inactive
+/// neighbours), one matmul with `w` as `[K * C_in, C_out]`. Every step is parallel over all
+/// elements on a GPU, and the backward pass has no scatter (see [`RowGather`]).
+pub fn gather_conv(
     x: &Tensor,
     w: &Tensor,
     rb: &Rulebook,
@@ -93,30 +109,11 @@ fn generic_conv(
     cout: usize,
 ) -> candle_core::Result<Tensor> {
     let map = map_of(rb, dir);
-    let pairs: PairTensors = cached(&rb.pair_cache[dir.slot()], x.device(), || {
-        let mut v = Vec::with_capacity(map.k);
-        for k in 0..map.k {
-            let (dst, src) = map.pairs(k);
-            v.push(if dst.is_empty() {
-                None
-            } else {
-                let n = dst.len();
-                Some((
-                    Tensor::from_vec(dst, n, x.device())?,
-                    Tensor::from_vec(src, n, x.device())?,
-                ))
-            });
-        }
-        Ok(Arc::new(v))
-    })?;
-    let mut out = Tensor::zeros((map.rows, cout), x.dtype(), x.device())?;
-    for (k, p) in pairs.iter().enumerate() {
-        if let Some((dst, src)) = p {
-            let prod = x.index_select(src, 0)?.matmul(&w.get(k)?)?;
-            out = out.index_add(dst, &prod, 0)?;
-        }
-    }
-    Ok(out)
+    let (_, cin) = x.dims2()?;
+    let cols = neighbour_gather(rb, dir, x.device())?
+        .apply(x)?
+        .reshape((map.rows, map.k * cin))?;
+    cols.matmul(&w.contiguous()?.reshape((map.k * cin, cout))?)
 }
 
 fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
@@ -256,8 +253,8 @@ impl CustomOp2 for WeightGradOp {
     }
 }
 
-/// Gathers, for every output row, its `K` neighbours' features (a `fill` row where inactive):
-/// `[n_out, K, C]`. Used by pooling; differentiable by candle (`index_select`).
+/// Gathers, for every output row, its `K` neighbours' features (`fill` where inactive):
+/// `[n_out, K, C]`. Used by pooling; differentiable (a [`RowGather`]).
 pub fn gather_neighbours(x: &Tensor, rb: &Rulebook, fill: f64) -> candle_core::Result<Tensor> {
     let map = rb.forward_map();
     let (n, c) = x.dims2()?;
@@ -267,18 +264,21 @@ pub fn gather_neighbours(x: &Tensor, rb: &Rulebook, fill: f64) -> candle_core::R
             map.src_rows
         );
     }
-    let idx = cached(&rb.gather_cache, x.device(), || {
-        let pad = map.src_rows as u32;
-        let v: Vec<u32> = map
-            .idx
-            .iter()
-            .map(|&s| if s == crate::rulebook::NONE { pad } else { s })
-            .collect();
-        Tensor::from_vec(v, map.rows * map.k, x.device())
-    })?;
-    let fill_row = Tensor::full(fill, (1, c), x.device())?.to_dtype(x.dtype())?;
-    let padded = Tensor::cat(&[x, &fill_row], 0)?;
-    padded.index_select(&idx, 0)?.reshape((map.rows, map.k, c))
+    let g = neighbour_gather(rb, Direction::Forward, x.device())?
+        .apply(x)?
+        .reshape((map.rows, map.k, c))?;
+    if fill == 0.0 {
+        return Ok(g);
+    }
+    // `fill` where the neighbour is missing (the gather left zeros there), 0 elsewhere.
+    let missing: Vec<f32> = map
+        .idx
+        .iter()
+        .map(|&s| if s == NONE { fill as f32 } else { 0.0 })
+        .collect();
+    let missing =
+        Tensor::from_vec(missing, (map.rows, map.k, 1), x.device())?.to_dtype(x.dtype())?;
+    g.broadcast_add(&missing)
 }
 
 /// Number of active inputs of every output row, `[n_out, 1]` in `dtype`.
@@ -322,7 +322,7 @@ mod tests {
                 let x = Var::from_tensor(&rand_tensor(1, &[src, 3], DType::F64)).expect("x");
                 let w = Var::from_tensor(&rand_tensor(2, &[9, 3, 2], DType::F64)).expect("w");
                 let a = sparse_conv(x.as_tensor(), w.as_tensor(), &rb, dir).expect("cpu");
-                let b = generic_conv(x.as_tensor(), w.as_tensor(), &rb, dir, 2).expect("generic");
+                let b = gather_conv(x.as_tensor(), w.as_tensor(), &rb, dir, 2).expect("gather");
                 assert_close(&a, &b, 1e-12, "forward");
                 let r = rand_tensor(3, a.dims(), DType::F64);
                 let ga = (&a * &r)

@@ -139,17 +139,14 @@ pub(crate) fn cached<T: Clone>(
     Ok(v)
 }
 
-/// Index tensors of every offset: `Some((dst, src))`, `None` for offsets without pairs.
-pub(crate) type PairTensors = Arc<Vec<Option<(Tensor, Tensor)>>>;
-
 /// The input/output correspondence of one geometry on one coordinate set.
 pub struct Rulebook {
     key: RuleKey,
     out_coords: Option<Arc<CoordSet>>,
     fwd: NbrMap,
     bwd: NbrMap,
-    pub(crate) pair_cache: [DeviceCache<PairTensors>; 2],
-    pub(crate) gather_cache: DeviceCache<Tensor>,
+    /// Neighbour gathers per direction and device (the device-generic convolution, pooling).
+    pub(crate) gather_cache: [DeviceCache<Arc<crate::gather::RowGather>>; 2],
     pub(crate) count_cache: DeviceCache<Tensor>,
 }
 
@@ -186,7 +183,6 @@ impl Rulebook {
             out_coords,
             fwd,
             bwd,
-            pair_cache: Default::default(),
             gather_cache: Default::default(),
             count_cache: Default::default(),
         })
