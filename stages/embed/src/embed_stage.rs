@@ -3,7 +3,9 @@
 //! tiling and memory holds at most one batch per slide in flight.
 
 use crate::columns::{embed_output_schema, embedding_column};
-use crate::embedder::{candle_device, load_embedder, Architecture, EmbedderSpec, TileEmbedder};
+use crate::embedder::{
+    candle_device, load_embedder, Architecture, ComputeDtype, EmbedderSpec, TileEmbedder,
+};
 use crate::error::EmbedError;
 use crate::preprocess::{Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::vit::VitPooling;
@@ -72,6 +74,11 @@ pub struct EmbedParams {
     pub half: bool,
     /// ViTs only: `cls`, or `cls_mean` (class token and mean patch token, concatenated).
     pub pooling: Pooling,
+    /// What the network computes in: `f32` (default), or `f16` / `bf16` on a GPU (tensor
+    /// cores; about three significant digits). Part of the cache key (left out of it when
+    /// f32, so caches made before this option stay valid).
+    #[serde(skip_serializing_if = "ComputeDtype::is_f32")]
+    pub compute: ComputeDtype,
 }
 
 impl Default for EmbedParams {
@@ -87,6 +94,7 @@ impl Default for EmbedParams {
             batch_size: 32,
             half: false,
             pooling: Pooling::Cls,
+            compute: ComputeDtype::F32,
         }
     }
 }
@@ -113,6 +121,7 @@ impl EmbedParams {
                 std: self.std,
             },
             pooling: self.pooling.into(),
+            compute: self.compute,
         }
     }
 
@@ -140,6 +149,12 @@ impl EmbedParams {
             self.weights.clone()
         };
         m.insert("tessera.embed.weights".to_string(), weights);
+        if !self.compute.is_f32() {
+            m.insert(
+                "tessera.embed.compute".to_string(),
+                self.compute.name().to_string(),
+            );
+        }
         m
     }
 }
@@ -387,4 +402,26 @@ pub fn embed_batch(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cache key is made from the serialised parameters: f32 (the default) must leave
+    /// them as they were before `compute` existed, half precision must change them.
+    #[test]
+    fn compute_enters_the_key_only_when_not_f32() {
+        let f32_params = serde_json::to_value(EmbedParams::default()).expect("json");
+        assert!(f32_params.get("compute").is_none(), "{f32_params}");
+        let f16_params = serde_json::to_value(EmbedParams {
+            compute: ComputeDtype::F16,
+            ..Default::default()
+        })
+        .expect("json");
+        assert_eq!(f16_params["compute"], "f16");
+        let parsed: EmbedParams =
+            serde_json::from_value(serde_json::json!({"compute": "bf16"})).expect("parse");
+        assert_eq!(parsed.compute, ComputeDtype::Bf16);
+    }
 }

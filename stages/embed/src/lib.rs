@@ -18,7 +18,8 @@ pub mod weights;
 
 pub use embed_stage::{EmbedParams, Pooling};
 pub use embedder::{
-    candle_device, load_embedder, load_resnet, Architecture, EmbedderSpec, TileEmbedder,
+    candle_device, load_embedder, load_resnet, Architecture, ComputeDtype, EmbedderSpec,
+    TileEmbedder,
 };
 pub use error::{EmbedError, EmbedResult};
 pub use features::FeaturesParams;

@@ -7,7 +7,7 @@
 //! the preceding convolution's weights and bias, which removes a full pass over each
 //! activation map.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{batch_norm, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder};
 
 /// Which torchvision ResNet.
@@ -80,6 +80,20 @@ impl ConvBn {
         match self {
             ConvBn::Train(conv, bn) => Ok(ConvBn::Folded(conv.absorb_bn(bn)?)),
             ConvBn::Folded(c) => Ok(ConvBn::Folded(c.clone())),
+        }
+    }
+
+    /// A folded layer in `dtype`.
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        match self {
+            ConvBn::Folded(c) => Ok(ConvBn::Folded(Conv2d::new(
+                c.weight().to_dtype(dtype)?,
+                c.bias().map(|b| b.to_dtype(dtype)).transpose()?,
+                *c.config(),
+            ))),
+            ConvBn::Train(..) => Err(candle_core::Error::Msg(
+                "only a network with batch-norm folded changes dtype".into(),
+            )),
         }
     }
 
@@ -164,6 +178,21 @@ impl Block {
             downsample: self.downsample.as_ref().map(ConvBn::fold).transpose()?,
         })
     }
+
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Block {
+            convs: self
+                .convs
+                .iter()
+                .map(|c| c.to_dtype(dtype))
+                .collect::<Result<_>>()?,
+            downsample: self
+                .downsample
+                .as_ref()
+                .map(|c| c.to_dtype(dtype))
+                .transpose()?,
+        })
+    }
 }
 
 /// A torchvision ResNet without its classification head.
@@ -220,6 +249,24 @@ impl ResNet {
                 .layers
                 .iter()
                 .map(|l| l.iter().map(Block::fold).collect::<Result<Vec<_>>>())
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// The folded network (see [`ResNet::fold_batch_norm`]) computing in `dtype`, e.g. f16 on
+    /// a GPU.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(ResNet {
+            depth: self.depth,
+            stem: self.stem.to_dtype(dtype)?,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|b| b.to_dtype(dtype))
+                        .collect::<Result<Vec<_>>>()
+                })
                 .collect::<Result<_>>()?,
         })
     }

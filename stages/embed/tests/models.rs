@@ -33,6 +33,7 @@ fn spec(arch: Architecture, weights: WeightsSource, input_size: usize) -> Embedd
             ..Default::default()
         },
         pooling: VitPooling::Cls,
+        compute: ComputeDtype::F32,
     }
 }
 
@@ -360,5 +361,22 @@ fn cpu_fast_path_matches_candle_transformers_on_odd_sizes() {
             "{depth:?}: {}",
             max_rel_diff(&fast, &oracle)
         );
+    }
+}
+
+#[test]
+fn half_precision_is_refused_on_cpu_with_a_clear_error() {
+    for compute in [ComputeDtype::F16, ComputeDtype::Bf16] {
+        let spec = EmbedderSpec {
+            compute,
+            ..spec(
+                Architecture::Resnet18,
+                WeightsSource::Random { seed: 0 },
+                64,
+            )
+        };
+        let err = load_embedder(&spec, &Device::Cpu).err().expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("runs on a GPU only"), "{msg}");
     }
 }
