@@ -1,19 +1,23 @@
-//! Embedding throughput on CPU, batch 32 at 224 px, next to PyTorch 2.x on the same 2-core
+//! Embedding throughput, batch 32 at 224 px, next to PyTorch 2.x on the same 2-core CPU
 //! machine (oneDNN, 2 threads, channels_last). Prints a markdown table.
 //!
 //! `cargo bench -p tessera-embed --bench embed` (env `EMBED_BENCH_BATCHES`, default 5;
-//! each batch is timed alone and the best and median are printed).
+//! each batch is timed alone and the best and median are printed; `EMBED_BENCH_BATCH` sets
+//! the batch size). On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-embed
+//! --features cuda --bench embed` (the PyTorch column is then the CPU figure, for scale);
+//! `EMBED_BENCH_COMPUTE=f16` (or `bf16`) computes in half precision there.
 
 /// The `tessera` binary's allocator (glibc's returns large freed buffers to the OS at every
 /// layer, and page-faults them back in).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use candle_core::Device;
 use std::time::Instant;
 use tessera_embed::{
-    load_embedder, Architecture, EmbedderSpec, Preprocess, VitPooling, WeightsSource,
+    candle_device, load_embedder, Architecture, ComputeDtype, EmbedderSpec, Preprocess, VitPooling,
+    WeightsSource,
 };
+use tessera_pipeline::DeviceSpec;
 
 fn main() {
     let batches: usize = std::env::var("EMBED_BENCH_BATCHES")
@@ -22,7 +26,22 @@ fn main() {
         .unwrap_or(5)
         .max(1);
     let only: Option<String> = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let batch = 32;
+    let batch: usize = std::env::var("EMBED_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+        .max(1);
+    let device_spec: DeviceSpec = std::env::var("TESSERA_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .expect("TESSERA_BENCH_DEVICE: cpu, cuda or cuda:N");
+    let device = candle_device(&device_spec).expect("device");
+    let sync = || device.synchronize().expect("synchronize");
+    let compute: ComputeDtype = serde_json::from_value(serde_json::Value::String(
+        std::env::var("EMBED_BENCH_COMPUTE").unwrap_or_else(|_| "f32".into()),
+    ))
+    .expect("EMBED_BENCH_COMPUTE: f32, f16 or bf16");
+    println!("Device {device_spec}, batch {batch}, 224 px, compute {compute:?}.\n");
     let px = 224;
     let tiles: Vec<Vec<u8>> = (0..batch)
         .map(|i| {
@@ -52,13 +71,15 @@ fn main() {
             weights_prefix: String::new(),
             preprocess: Preprocess::default(),
             pooling: VitPooling::Cls,
+            compute,
         };
-        let model = load_embedder(&spec, &Device::Cpu).expect("model");
+        let model = load_embedder(&spec, &device).expect("model");
         let input = model
             .preprocess()
-            .to_tensor(&refs, px, &Device::Cpu)
+            .to_tensor(&refs, px, &device)
             .expect("input");
         model.forward(&input).expect("warm-up");
+        sync();
         // Best and median of single-batch timings: on a shared machine the best batch is the
         // closest to an idle-machine figure, the median shows the spread.
         let time_batches = |f: &dyn Fn()| {
@@ -74,9 +95,11 @@ fn main() {
         };
         let (fwd, fwd_med) = time_batches(&|| {
             model.forward(&input).expect("forward");
+            sync();
         });
         let (full, full_med) = time_batches(&|| {
             model.embed(&refs, px).expect("embed");
+            sync();
         });
         let torch = torch
             .map(|v: f64| format!("{v:.1}"))

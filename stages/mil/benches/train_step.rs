@@ -3,6 +3,8 @@
 //! next to the PyTorch figures measured on the same 2-core CPU; then a full epoch over 1,000
 //! bags of K=100 and where its time goes. Prints markdown tables.
 //! Run: `cargo bench -p tessera-mil --bench train_step`
+//! On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-mil --features cuda --bench
+//! train_step` (every step ends with a device synchronisation, so times are complete).
 //!
 //! The allocator is mimalloc, as in the `tessera` binary; `TESSERA_BENCH_ALLOC=system` runs the
 //! same binary on the system allocator (glibc malloc), for A/B comparisons.
@@ -14,7 +16,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use tessera_mil::models::init::seeded_var_builder;
+use tessera_mil::models::init::{named_vars, seeded_var_builder};
 use tessera_mil::models::{
     build_model, Bag, BagBatch, GlobalPool, MilModel, ModelConfig, Pooling, Split,
 };
@@ -23,6 +25,15 @@ use tessera_mil::train::epochs::loss;
 use tessera_mil::train::optim::{Adam, AdamConfig};
 
 const DIM: usize = 512;
+
+/// The device named by `TESSERA_BENCH_DEVICE` (`cpu`, default, or `cuda` / `cuda:N`).
+fn bench_device() -> Device {
+    let spec: tessera_pipeline::DeviceSpec = std::env::var("TESSERA_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .expect("TESSERA_BENCH_DEVICE: cpu, cuda or cuda:N");
+    tessera_embed::candle_device(&spec).expect("device")
+}
 
 /// mimalloc (the binary's allocator) or, with `TESSERA_BENCH_ALLOC=system`, the system one.
 struct BenchAllocator;
@@ -109,7 +120,7 @@ struct Setup {
     optimizer: Adam,
 }
 
-fn setup() -> Setup {
+fn setup(dev: &Device) -> Setup {
     let config = ModelConfig {
         pooling: Pooling::Sparseconvmil,
         input_dim: DIM,
@@ -124,16 +135,9 @@ fn setup() -> Setup {
         lse_r: 1.0,
     };
     let vars = VarMap::new();
-    let vb = seeded_var_builder(&vars, 0, &Device::Cpu);
+    let vb = seeded_var_builder(&vars, 0, dev);
     let model = build_model(&config, &vb).expect("model");
-    let mut named: Vec<_> = vars
-        .data()
-        .lock()
-        .expect("vars")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let named = named_vars(&vars);
     let optimizer = Adam::new(named, AdamConfig::default()).expect("adam");
     Setup { model, optimizer }
 }
@@ -147,18 +151,18 @@ struct Phases {
     optimizer: Duration,
 }
 
-fn step(s: &mut Setup, bags: &[&Bag], phases: &mut Phases) {
-    let dev = Device::Cpu;
+fn step(s: &mut Setup, bags: &[&Bag], phases: &mut Phases, dev: &Device) {
     let t = Instant::now();
-    let input = BagBatch::from_bags(bags, &dev).expect("batch");
+    let input = BagBatch::from_bags(bags, dev).expect("batch");
     let t1 = Instant::now();
     let logits = s.model.forward(&input, true).expect("forward");
-    let l = loss(&logits, bags, None, &dev).expect("loss");
+    let l = loss(&logits, bags, None, dev).expect("loss");
     black_box(l.to_scalar::<f32>().expect("scalar"));
     let t2 = Instant::now();
     let grads = l.backward().expect("backward");
     let t3 = Instant::now();
     s.optimizer.step(&grads).expect("adam");
+    dev.synchronize().expect("synchronize");
     let t4 = Instant::now();
     phases.batch += t1 - t;
     phases.forward += t2 - t1;
@@ -176,6 +180,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
+    let dev = bench_device();
+    let where_ = if dev.is_cpu() { "CPU" } else { "GPU" };
     let threads = rayon::current_num_threads();
     let allocator = if BenchAllocator::system() {
         "system allocator"
@@ -183,7 +189,7 @@ fn main() {
         "mimalloc"
     };
     println!(
-        "### SparseConvMIL training step (`tessera-mil`, CPU, {threads} rayon threads, {allocator})\n"
+        "### SparseConvMIL training step (`tessera-mil`, {where_}, {threads} rayon threads, {allocator})\n"
     );
     println!("One bag, 512-d f32 embeddings on a sparse map of the given density (occupied fraction of the bounding square; 3x3 neighbours per site ~ 1 + 8 x density), SubmanifoldConv 3x3 512->32 and 32->32 (bias, ReLU), global max pool, head 32->32->2, cross-entropy, Adam (L2). Median of 200 steps after 20 warm-up steps.\n");
     println!("| K (tiles) | map density | tessera (median) | tessera (mean) | PyTorch (same CPU, density not recorded) | ratio PyTorch / tessera |");
@@ -196,16 +202,16 @@ fn main() {
         (1000, 0.1, 5.88),
     ] {
         let b = bag(k, density, 1);
-        let mut s = setup();
+        let mut s = setup(&dev);
         let mut phases = Phases::default();
         for _ in 0..20 {
-            step(&mut s, &[&b], &mut phases);
+            step(&mut s, &[&b], &mut phases, &dev);
         }
         let mut phases = Phases::default();
         let mut times = Vec::with_capacity(200);
         for _ in 0..200 {
             let t = Instant::now();
-            step(&mut s, &[&b], &mut phases);
+            step(&mut s, &[&b], &mut phases, &dev);
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let mean = times.iter().sum::<f64>() / times.len() as f64;
@@ -223,12 +229,12 @@ fn main() {
 
     // A full epoch: 1,000 bags of K=100, 2 bags per step (the original batch size).
     let bags: Vec<Bag> = (0..1000).map(|i| bag(100, 0.5, i)).collect();
-    let mut s = setup();
+    let mut s = setup(&dev);
     let mut phases = Phases::default();
     let t = Instant::now();
     let refs: Vec<&Bag> = bags.iter().collect();
     for chunk in refs.chunks(2) {
-        step(&mut s, chunk, &mut phases);
+        step(&mut s, chunk, &mut phases, &dev);
     }
     let epoch = t.elapsed();
     println!("\n### One epoch: 1,000 bags of K=100 (density 0.5), batches of 2 bags (500 steps)\n");

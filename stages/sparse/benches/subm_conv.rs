@@ -3,6 +3,8 @@
 //! measured on the same 2-core machine. Prints a markdown table.
 //!
 //! Run: `cargo bench -p tessera-sparse --bench subm_conv`
+//! On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-sparse --features cuda --bench
+//! subm_conv` (candle's gather / matmul / scatter-add per kernel offset; rulebook on the host).
 
 use std::time::Instant;
 
@@ -72,8 +74,24 @@ struct Row {
     gemm_gflops: f64,
 }
 
-fn measure(coords: &[[i32; 3]], runs: usize) -> Row {
-    let dev = Device::Cpu;
+/// The device named by `TESSERA_BENCH_DEVICE` (`cpu`, default, or `cuda` / `cuda:N`).
+fn bench_device() -> Device {
+    match std::env::var("TESSERA_BENCH_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).expect("cuda:0"),
+        Ok(other) => {
+            let n = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .expect("TESSERA_BENCH_DEVICE: cpu, cuda or cuda:N");
+            Device::new_cuda(n).expect("cuda device")
+        }
+    }
+}
+
+fn measure(coords: &[[i32; 3]], runs: usize, dev: &Device) -> Row {
+    let dev = dev.clone();
+    let sync = || dev.synchronize().expect("synchronize");
     let n = coords.len();
     let rulebook_ms = time_ms(runs, || {
         let cs = CoordSet::new(coords.to_vec(), 1).expect("coords");
@@ -95,6 +113,7 @@ fn measure(coords: &[[i32; 3]], runs: usize) -> Row {
         let y = conv.forward(&x).expect("forward");
         let g = y.features().backward().expect("backward");
         assert!(g.get(conv.weight()).is_some());
+        sync();
     };
     let fwd_bwd_ms = time_ms(runs, fwd_bwd);
     // End to end: fresh coordinate set (so the rulebook is rebuilt), forward, backward.
@@ -102,7 +121,17 @@ fn measure(coords: &[[i32; 3]], runs: usize) -> Row {
         let x = SparseTensor::new(coords.to_vec(), feats.as_tensor().clone(), 1).expect("sparse");
         let y = conv.forward(&x).expect("forward");
         y.features().backward().expect("backward");
+        sync();
     });
+    if !dev.is_cpu() {
+        // The CPU kernels below do not run on a GPU.
+        return Row {
+            rulebook_ms,
+            fwd_bwd_ms,
+            total_ms,
+            gemm_gflops: f64::NAN,
+        };
+    }
     // The three gather-GEMM kernels alone (forward, input grad, weight grad).
     let rb = x.rulebook(RuleKey::submanifold(3)).expect("rb");
     let xv: Vec<f32> = feats
@@ -176,6 +205,19 @@ fn main() {
         ("clustered 10k", clustered_sites(10_000, 3), 12.3, 14.7),
         ("clustered 100k", clustered_sites(100_000, 4), 162.0, 145.0),
     ];
+    let dev = bench_device();
+    if !dev.is_cpu() {
+        println!("| sites | device | rulebook ms (host) | fwd+bwd ms (cached rulebook) | total ms (rulebook + fwd + bwd) | spconv 2.3.8, 1 CPU thr | PyTorch, 2 CPU thr |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, coords, spconv, torch) in &cases {
+            let r = measure(coords, if quick { 3 } else { 41 }, &dev);
+            println!(
+                "| {name} | GPU | {:.2} | {:.2} | {:.2} | {spconv} ms | {torch} ms |",
+                r.rulebook_ms, r.fwd_bwd_ms, r.total_ms
+            );
+        }
+        return;
+    }
     let mut peaks = Vec::new();
     println!("| sites | threads | rulebook ms | fwd+bwd ms (cached rulebook) | total ms (rulebook + fwd + bwd) | GEMM-part GFLOP/s | spconv 2.3.8, 1 thr | PyTorch, 2 thr |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -192,7 +234,7 @@ fn main() {
                     (false, true) => 15,
                     (false, false) => 41,
                 };
-                let r = measure(coords, runs);
+                let r = measure(coords, runs, &dev);
                 println!(
                     "| {name} | {threads} | {:.2} | {:.2} | {:.2} | {:.1} | {spconv} ms | {torch} ms |",
                     r.rulebook_ms, r.fwd_bwd_ms, r.total_ms, r.gemm_gflops

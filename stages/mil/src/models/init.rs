@@ -29,6 +29,18 @@ pub fn seeded_var_builder(vars: &VarMap, seed: u64, device: &Device) -> VarBuild
     )
 }
 
+/// The variables of `vars` in name order: the optimizer and the tests walk them in an order
+/// that does not depend on the hash map's.
+pub fn named_vars(vars: &VarMap) -> Vec<(String, Var)> {
+    let mut named: Vec<(String, Var)> = vars
+        .data()
+        .lock()
+        .map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
 /// The stream of one parameter: (experiment seed, "init", parameter name).
 fn stream_seed(seed: u64, name: &str) -> u64 {
     crate::seeding::stream_seed(seed, "init", None, name)

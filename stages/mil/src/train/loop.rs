@@ -130,12 +130,7 @@ impl Trainer {
                 });
             }
         }
-        let mut named: Vec<(String, candle_core::Var)> = vars
-            .data()
-            .lock()
-            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let named = crate::models::init::named_vars(&vars);
         let optimizer =
             Adam::new(named, config.optimizer).context(|| "creating the optimizer".into())?;
         Ok(Trainer {
