@@ -4,24 +4,16 @@
 
 mod common;
 
-use common::{cmu1, count, run, write_dataset, write_yaml};
+use common::{cmu1, count, run, tile_embed_stages, write_dataset, write_yaml};
 use tempfile::TempDir;
 
-const QUICKSTART: &str = "\
-name: quickstart
-dataset: dataset.csv
-cache_dir: cache
-stages:
-  tile:
-    kind: tile
-    cache: true
-    params: {tile_size: 224, mpp: 2.0, min_tissue: 0.1, thumbnails: false}
-  embed:
-    kind: embed
-    inputs: [tile]
-    cache: true
-    params: {arch: resnet18, weights: random, input_size: 32}
-";
+/// Tiling and embedding of the real slide.
+fn quickstart() -> String {
+    format!(
+        "name: quickstart\ndataset: dataset.csv\ncache_dir: cache\n{}",
+        tile_embed_stages(224, 2.0, 0.1)
+    )
+}
 
 /// Stages after the quickstart: sampling, sparse map, augmentation, training, evaluation.
 const DOWNSTREAM: &str = "
@@ -47,7 +39,7 @@ const DOWNSTREAM: &str = "
 
 /// The quickstart followed by the whole SparseConvMIL chain.
 fn full_pipeline() -> String {
-    format!("{QUICKSTART}{DOWNSTREAM}")
+    format!("{}{DOWNSTREAM}", quickstart())
 }
 
 /// The real slide listed four times, as four slides with their own ids, labels and splits.
@@ -68,7 +60,7 @@ fn four_slides(dir: &std::path::Path) {
 fn second_run_reads_everything_from_the_cache_and_opens_no_slide() {
     let dir = TempDir::new().unwrap();
     four_slides(dir.path());
-    let exp = write_yaml(dir.path(), "quickstart.yaml", QUICKSTART);
+    let exp = write_yaml(dir.path(), "quickstart.yaml", &quickstart());
 
     let (r, first) = run(&exp, &dir.path().join("run1"), &[]);
     let first = first.unwrap_or_else(|| panic!("{r:?}"));

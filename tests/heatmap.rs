@@ -9,24 +9,17 @@ use std::path::Path;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Float32Type;
-use common::{cmu1, count, run, validate, write_dataset, write_yaml};
+use common::{cmu1, count, run, tile_embed_stages, validate, write_dataset, write_yaml};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tempfile::TempDir;
 
-const UPSTREAM: &str = "\
-dataset: dataset.csv
-cache_dir: cache
-stages:
-  tile:
-    kind: tile
-    cache: true
-    params: {tile_size: 112, mpp: 2.0, min_tissue: 0.1, thumbnails: false}
-  embed:
-    kind: embed
-    inputs: [tile]
-    cache: true
-    params: {arch: resnet18, weights: random, input_size: 32}
-";
+/// Dataset, cache and the tile and embed stages.
+fn upstream() -> String {
+    format!(
+        "dataset: dataset.csv\ncache_dir: cache\n{}",
+        tile_embed_stages(112, 2.0, 0.1)
+    )
+}
 
 const TRAINING: &str = "
   sample:
@@ -115,7 +108,7 @@ fn heatmaps_of_a_trained_sparseconvmil_on_the_real_slide() {
     let exp = write_yaml(
         dir.path(),
         "train.yaml",
-        &format!("name: heat\n{UPSTREAM}{TRAINING}"),
+        &format!("name: heat\n{}{TRAINING}", upstream()),
     );
     let out = dir.path().join("out");
     let (ran, report) = run(&exp, &out, &[]);
@@ -165,7 +158,8 @@ fn heatmaps_of_a_trained_sparseconvmil_on_the_real_slide() {
         dir.path(),
         "again.yaml",
         &format!(
-            "name: again\n{UPSTREAM}  heatmap:\n    kind: heatmap\n    inputs: [embed]\n    params: {{checkpoint: {}, png: false}}\n",
+            "name: again\n{}  heatmap:\n    kind: heatmap\n    inputs: [embed]\n    params: {{checkpoint: {}, png: false}}\n",
+            upstream(),
             out.display()
         ),
     );
@@ -200,7 +194,10 @@ fn a_heatmap_without_checkpoint_needs_the_training_stage_as_second_input() {
     let exp = write_yaml(
         dir.path(),
         "bad.yaml",
-        &format!("name: bad\n{UPSTREAM}  heatmap:\n    kind: heatmap\n    inputs: [embed]\n"),
+        &format!(
+            "name: bad\n{}  heatmap:\n    kind: heatmap\n    inputs: [embed]\n",
+            upstream()
+        ),
     );
     let ran = validate(&exp);
     assert!(!ran.ok(), "{ran:?}");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cmu1, run, tessera_with, write_dataset, write_yaml};
+use common::{cmu1, run, tessera_with, tile_embed_stages, write_dataset, write_yaml};
 use std::path::Path;
 use tempfile::TempDir;
 
@@ -73,21 +73,10 @@ fn readme_documents_every_cached_column() {
     let exp = write_yaml(
         dir.path(),
         "exp.yaml",
-        "\
-name: columns
-dataset: dataset.csv
-cache_dir: cache
-stages:
-  tile:
-    kind: tile
-    cache: true
-    params: {tile_size: 224, mpp: 4.0, min_tissue: 0.0, thumbnails: false}
-  embed:
-    kind: embed
-    inputs: [tile]
-    cache: true
-    params: {arch: resnet18, weights: random, input_size: 32}
-",
+        &format!(
+            "name: columns\ndataset: dataset.csv\ncache_dir: cache\n{}",
+            tile_embed_stages(224, 4.0, 0.0)
+        ),
     );
     let (r, _) = run(&exp, &dir.path().join("out"), &[]);
     assert!(r.ok(), "{r:?}");

@@ -4,43 +4,22 @@
 
 mod common;
 
-use common::{cmu1, count, tessera, write_dataset, write_yaml};
+use common::{
+    cache_files, cmu1, count, tessera, tile_embed_stages, write_dataset, write_yaml, TRAIN_STAGES,
+};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use tempfile::TempDir;
 
 const SLIDES: u64 = 6;
 
-const EXPERIMENT: &str = "\
-name: shards
-dataset: dataset.csv
-cache_dir: cache
-stages:
-  tile:
-    kind: tile
-    cache: true
-    params: {tile_size: 224, mpp: 2.0, min_tissue: 0.1, thumbnails: false}
-  embed:
-    kind: embed
-    inputs: [tile]
-    cache: true
-    params: {arch: resnet18, weights: random, input_size: 32}
-  sample:
-    kind: sample
-    inputs: [embed]
-    params: {tiles_per_slide: 0}
-  sparse_map:
-    kind: sparse_map
-    inputs: [sample]
-    params: {downsample: 1}
-  train:
-    kind: train
-    inputs: [sparse_map]
-    params: {epochs: 2, batch_size: 2}
-  evaluate:
-    kind: evaluate
-    inputs: [train]
-";
+/// Tile, embed, then train and evaluate on the embeddings.
+fn experiment() -> String {
+    format!(
+        "name: shards\ndataset: dataset.csv\ncache_dir: cache\n{}{TRAIN_STAGES}",
+        tile_embed_stages(224, 2.0, 0.1)
+    )
+}
 
 /// The real slide under six ids (the cache key includes the id: six distinct entries each).
 fn setup(dir: &Path) -> PathBuf {
@@ -60,7 +39,7 @@ fn setup(dir: &Path) -> PathBuf {
         })
         .collect();
     write_dataset(dir, &rows);
-    write_yaml(dir, "exp.yaml", EXPERIMENT)
+    write_yaml(dir, "exp.yaml", &experiment())
 }
 
 fn spawn(exp: &Path, out: &Path, shard: Option<&str>) -> Child {
@@ -87,33 +66,9 @@ fn finish(child: Child, out: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// (complete entries, anything else) per stage kind folder.
-fn files(cache: &Path, kind: &str) -> (usize, Vec<PathBuf>) {
-    let (mut complete, mut other) = (0, Vec::new());
-    for shard in std::fs::read_dir(cache.join(kind))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for f in std::fs::read_dir(shard.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".parquet") && !name.starts_with('.') {
-                complete += 1;
-            } else {
-                other.push(f.path());
-            }
-        }
-    }
-    (complete, other)
-}
-
 fn assert_one_entry_per_slide(cache: &Path) {
     for kind in ["tile", "embed"] {
-        let (complete, other) = files(cache, kind);
+        let (complete, other) = cache_files(cache, kind);
         assert_eq!(complete as u64, SLIDES, "{kind} entries");
         assert!(
             other.is_empty(),

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{count, tessera};
+use common::{cache_files, count, tessera, tile_embed_stages, TRAIN_STAGES};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -362,30 +362,6 @@ fn dump_logs(dir: &Path) -> String {
     s
 }
 
-/// Complete entries and other files under one kind of the cache.
-fn cache_files(cache: &Path, kind: &str) -> (usize, Vec<PathBuf>) {
-    let (mut complete, mut other) = (0, Vec::new());
-    for shard in std::fs::read_dir(cache.join(kind))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for f in std::fs::read_dir(shard.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".parquet") && !name.starts_with('.') {
-                complete += 1;
-            } else {
-                other.push(f.path());
-            }
-        }
-    }
-    (complete, other)
-}
-
 #[test]
 fn slurm_array_then_dependent_full_run_share_one_cache() {
     let tmp = TempDir::new().unwrap();
@@ -416,37 +392,10 @@ fn slurm_array_then_dependent_full_run_share_one_cache() {
     let exp = work.join("exp.yaml");
     std::fs::write(
         &exp,
-        "\
-name: cluster
-dataset: dataset.csv
-cache_dir: cache
-out_dir: out
-stages:
-  tile:
-    kind: tile
-    cache: true
-    params: {tile_size: 112, mpp: 1.0, min_tissue: 0.1, thumbnails: false}
-  embed:
-    kind: embed
-    inputs: [tile]
-    cache: true
-    params: {arch: resnet18, weights: random, input_size: 32}
-  sample:
-    kind: sample
-    inputs: [embed]
-    params: {tiles_per_slide: 0}
-  sparse_map:
-    kind: sparse_map
-    inputs: [sample]
-    params: {downsample: 1}
-  train:
-    kind: train
-    inputs: [sparse_map]
-    params: {epochs: 2, batch_size: 2}
-  evaluate:
-    kind: evaluate
-    inputs: [train]
-",
+        format!(
+            "name: cluster\ndataset: dataset.csv\ncache_dir: cache\nout_dir: out\n{}{TRAIN_STAGES}",
+            tile_embed_stages(112, 1.0, 0.1)
+        ),
     )
     .unwrap();
 

@@ -37,6 +37,70 @@ pub fn write_dataset(dir: &Path, rows: &[(&str, &Path, &str, &str)]) -> PathBuf 
     p
 }
 
+/// The `stages:` block of a small experiment on real pixels: a cached `tile` stage with the
+/// given tiling (no thumbnails) and a cached `embed` stage (seeded random ResNet-18 at 32 px,
+/// so a slide embeds in well under a second). Append more stages after it.
+pub fn tile_embed_stages(tile_size: u32, mpp: f64, min_tissue: f64) -> String {
+    format!(
+        "\
+stages:
+  tile:
+    kind: tile
+    cache: true
+    params: {{tile_size: {tile_size}, mpp: {mpp:?}, min_tissue: {min_tissue:?}, thumbnails: false}}
+  embed:
+    kind: embed
+    inputs: [tile]
+    cache: true
+    params: {{arch: resnet18, weights: random, input_size: 32}}
+"
+    )
+}
+
+/// Every tile of each slide -> sparse map at d=1 -> two epochs of SparseConvMIL -> evaluation,
+/// after [`tile_embed_stages`].
+pub const TRAIN_STAGES: &str = "  sample:
+    kind: sample
+    inputs: [embed]
+    params: {tiles_per_slide: 0}
+  sparse_map:
+    kind: sparse_map
+    inputs: [sample]
+    params: {downsample: 1}
+  train:
+    kind: train
+    inputs: [sparse_map]
+    params: {epochs: 2, batch_size: 2}
+  evaluate:
+    kind: evaluate
+    inputs: [train]
+";
+
+/// Under one stage kind's folder of a cache: the complete entries (`*.parquet`), and every
+/// other file (claims, temporaries: what a clean run leaves none of).
+pub fn cache_files(cache: &Path, kind: &str) -> (usize, Vec<PathBuf>) {
+    let (mut complete, mut other) = (0, Vec::new());
+    for shard in std::fs::read_dir(cache.join(kind))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for f in std::fs::read_dir(shard.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".parquet") && !name.starts_with('.') {
+                complete += 1;
+            } else {
+                other.push(f.path());
+            }
+        }
+    }
+    (complete, other)
+}
+
 /// Writes an experiment file into `dir`.
 pub fn write_yaml(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
