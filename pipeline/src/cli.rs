@@ -303,18 +303,12 @@ fn run(
         eprintln!("\ninterrupted: stopping cleanly (Ctrl-C again to abort)");
     });
     let settings = RunSettings {
-        name: exp.config.name.clone(),
-        seed: exp.config.seed,
-        device: exp.device.clone(),
-        cache_dir: exp.cache_dir.clone(),
-        out_dir: exp.out_dir.clone(),
-        base_dir: exp.base_dir.clone(),
-        slides: exp.slides.clone(),
-        channel_capacity: exp.config.channel_capacity,
-        interrupt: Some(interrupt),
-        progress: !quiet && std::io::stderr().is_terminal(),
         shard,
-        claim_ttl: std::time::Duration::from_secs(exp.config.claim_ttl_s),
+        ..RunSettings::for_experiment(
+            &exp,
+            Some(interrupt),
+            !quiet && std::io::stderr().is_terminal(),
+        )
     };
     let report = execute(&graph, &settings)?;
     println!(

@@ -567,20 +567,7 @@ fn build_context(
 
 /// Every cache key an experiment would use (for `cache gc --keep`).
 pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<String>, RunError> {
-    let settings = RunSettings {
-        name: exp.config.name.clone(),
-        seed: exp.config.seed,
-        device: exp.device.clone(),
-        cache_dir: exp.cache_dir.clone(),
-        out_dir: exp.out_dir.clone(),
-        base_dir: exp.base_dir.clone(),
-        slides: exp.slides.clone(),
-        channel_capacity: exp.config.channel_capacity,
-        interrupt: None,
-        progress: false,
-        shard: None,
-        claim_ttl: Duration::from_secs(exp.config.claim_ttl_s),
-    };
+    let settings = RunSettings::for_experiment(exp, None, false);
     let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
     let build_ctx =
         |stage: usize, worker: usize| build_context(graph, &settings, &slides, stage, worker);
