@@ -110,49 +110,53 @@ fn draw_legend<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Labels on the x axis at exactly the given values (plotters would pick its own "nice"
-/// values): a tick and a centred label below the plot for each.
-fn x_ticks<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    chart: &ChartContext<DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
-    y_bottom: f64,
-    ticks: &[(f64, String)],
-) -> Result<(), String> {
-    let base = area.get_base_pixel();
-    let style = (FONT, 15)
-        .into_font()
-        .color(&BLACK)
-        .pos(Pos::new(HPos::Center, VPos::Top));
-    for (x, label) in ticks {
-        let (px, py) = chart.backend_coord(&(*x, y_bottom));
-        let (px, py) = (px - base.0, py - base.1);
-        area.draw(&PathElement::new(vec![(px, py), (px, py + 6)], BLACK))
-            .map_err(err)?;
-        area.draw(&Text::new(label.clone(), (px, py + 10), style.clone()))
-            .map_err(err)?;
-    }
-    Ok(())
+/// Which axis [`axis_ticks`] labels.
+#[derive(Clone, Copy)]
+enum Axis {
+    X,
+    Y,
 }
 
-/// Labels on the y axis at exactly the given values.
-fn y_ticks<DB: DrawingBackend>(
+/// Labels on an axis at exactly the given values (plotters would pick its own "nice" values):
+/// a tick and a label for each, below the plot for x (centred), left of it for y. `across` is
+/// where the ticks sit on the other axis.
+fn axis_ticks<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     chart: &ChartContext<DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
-    x_left: f64,
+    axis: Axis,
+    across: f64,
     ticks: &[(f64, String)],
 ) -> Result<(), String> {
     let base = area.get_base_pixel();
-    let style = (FONT, 15)
-        .into_font()
-        .color(&BLACK)
-        .pos(Pos::new(HPos::Right, VPos::Center));
-    for (y, label) in ticks {
-        let (px, py) = chart.backend_coord(&(x_left, *y));
+    let (anchor, tick, gap) = match axis {
+        Axis::X => (Pos::new(HPos::Center, VPos::Top), [(0, 0), (0, 6)], (0, 10)),
+        Axis::Y => (
+            Pos::new(HPos::Right, VPos::Center),
+            [(-6, 0), (0, 0)],
+            (-10, 0),
+        ),
+    };
+    let style = (FONT, 15).into_font().color(&BLACK).pos(anchor);
+    for (value, label) in ticks {
+        let point = match axis {
+            Axis::X => (*value, across),
+            Axis::Y => (across, *value),
+        };
+        let (px, py) = chart.backend_coord(&point);
         let (px, py) = (px - base.0, py - base.1);
-        area.draw(&PathElement::new(vec![(px - 6, py), (px, py)], BLACK))
-            .map_err(err)?;
-        area.draw(&Text::new(label.clone(), (px - 10, py), style.clone()))
-            .map_err(err)?;
+        area.draw(&PathElement::new(
+            tick.iter()
+                .map(|(dx, dy)| (px + dx, py + dy))
+                .collect::<Vec<_>>(),
+            BLACK,
+        ))
+        .map_err(err)?;
+        area.draw(&Text::new(
+            label.clone(),
+            (px + gap.0, py + gap.1),
+            style.clone(),
+        ))
+        .map_err(err)?;
     }
     Ok(())
 }
@@ -226,7 +230,7 @@ fn draw_lines<DB: DrawingBackend>(
         .draw()
         .map_err(err)?;
     let labelled: Vec<(f64, String)> = fig.xs.iter().map(|&x| (t(x), tick(x))).collect();
-    x_ticks(&plot, &chart, y0 - 0.03, &labelled)?;
+    axis_ticks(&plot, &chart, Axis::X, y0 - 0.03, &labelled)?;
     for (i, (_, pts)) in fig.series.iter().enumerate() {
         let c = color(i);
         chart
@@ -405,7 +409,7 @@ fn draw_bars<DB: DrawingBackend>(
         .enumerate()
         .map(|(g, m)| (g as f64 + 0.5, m.1.to_string()))
         .collect();
-    x_ticks(&plot, &chart, 0.0, &names)?;
+    axis_ticks(&plot, &chart, Axis::X, 0.0, &names)?;
     let n = rows.len().max(1) as f64;
     let width = 0.8 / n;
     for (i, r) in rows.iter().enumerate() {
@@ -536,8 +540,8 @@ fn draw_confusion<DB: DrawingBackend>(
         .enumerate()
         .map(|(i, c)| ((n - 1 - i) as f64 + 0.5, c.clone()))
         .collect();
-    x_ticks(&root, &chart, 0.0, &xs)?;
-    y_ticks(&root, &chart, 0.0, &ys)?;
+    axis_ticks(&root, &chart, Axis::X, 0.0, &xs)?;
+    axis_ticks(&root, &chart, Axis::Y, 0.0, &ys)?;
     let text_size = if n <= 6 {
         22
     } else if n <= 16 {
