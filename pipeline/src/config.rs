@@ -243,13 +243,7 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         })
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base_dir.join(p)
-        }
-    };
+    let resolve = |p: &Path| crate::paths::resolve_path(&base_dir, p);
     let device = config
         .device
         .parse::<DeviceSpec>()
@@ -273,7 +267,7 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         .out_dir
         .as_deref()
         .map(resolve)
-        .unwrap_or_else(|| base_dir.join("out").join(&config.name));
+        .unwrap_or_else(|| resolve(&Path::new("out").join(&config.name)));
     let dataset = resolve(&config.dataset);
     let slides =
         read_dataset(&dataset).map_err(|e| err(locate(&source, &["dataset"]), e.to_string()))?;

@@ -12,6 +12,7 @@ pub mod claim;
 pub mod context;
 pub mod error;
 pub mod message;
+pub mod paths;
 pub mod plan;
 pub mod registry;
 pub mod report;

@@ -140,14 +140,7 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
         slides.push(Arc::new(Slide {
             index: slides.len(),
             id,
-            path: field(path_col).map(|p| {
-                let p = PathBuf::from(p);
-                if p.is_absolute() {
-                    p
-                } else {
-                    base.join(p)
-                }
-            }),
+            path: field(path_col).map(|p| crate::paths::resolve_path(base, Path::new(&p))),
             label: field(label_col),
             split,
             case_id: field(case_col),

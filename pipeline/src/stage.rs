@@ -69,12 +69,7 @@ pub struct BuildContext {
 impl BuildContext {
     /// Resolves a path from a parameter against the experiment's folder.
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
-        let p = path.as_ref();
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.base_dir.join(p)
-        }
+        crate::paths::resolve_path(&self.base_dir, path.as_ref())
     }
 }
 

@@ -397,12 +397,7 @@ impl StageKind for FeaturesParams {
 
     fn output_schema_at(&self, _inputs: &[SchemaRef], base_dir: &Path) -> StageResult<SchemaRef> {
         let layout = Layout::of(&self.path, |p| {
-            let p = PathBuf::from(p);
-            if p.is_absolute() {
-                p
-            } else {
-                base_dir.join(p)
-            }
+            tessera_pipeline::paths::resolve_path(base_dir, Path::new(p))
         });
         let files = layout
             .files()
