@@ -281,3 +281,33 @@ fn endless_sampling_without_a_stopping_consumer_is_rejected() {
     let r = check(&format!("{yaml}      epochs: 2\n"));
     assert!(r.ok(), "{r:?}");
 }
+
+#[test]
+fn a_typo_in_the_stopping_consumer_is_the_only_error() {
+    // `train` stops the endless `sample`; a typo in train's parameters must be reported alone,
+    // not followed by "none stops sample".
+    let yaml = format!(
+        "{GOOD}  sample:\n    kind: sample\n    inputs: [embed]\n    params:\n      tiles_per_slide: 4\n  \
+         map:\n    kind: sparse_map\n    inputs: [sample]\n  \
+         train:\n    kind: train\n    inputs: [map]\n    params:\n      pooling: gated_atention\n"
+    );
+    let r = check(&yaml);
+    assert_rejected(
+        &r,
+        line_of(&yaml, "pooling: gated_atention"),
+        &["stage `train`", "unknown variant `gated_atention`"],
+    );
+    assert!(!r.stderr.contains("finite number of epochs"), "{r:?}");
+    // Fixed, the same experiment validates: `train` is the consumer that stops `sample`.
+    let r = check(&yaml.replace("gated_atention", "gated_attention"));
+    assert!(r.ok(), "{r:?}");
+}
+
+#[test]
+fn a_missing_top_level_field_is_named_plainly() {
+    let yaml = GOOD.replace("dataset: dataset.csv\n", "");
+    let r = check(&yaml);
+    assert!(!r.ok(), "{r:?}");
+    assert!(r.stderr.contains("missing field `dataset`"), "{r:?}");
+    assert!(!r.stderr.contains("`.`"), "{r:?}");
+}

@@ -210,7 +210,7 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         let refs: Vec<&str> = path
             .iter()
             .map(String::as_str)
-            .filter(|s| *s != "?")
+            .filter(|s| *s != "?" && !s.is_empty())
             .collect();
         let inner = e.into_inner().to_string();
         let line = locate(&source, &refs).or_else(|| {
@@ -227,7 +227,7 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         }
         // Name the field: serde's message alone ("invalid type: ...") does not.
         let top_level_unknown = refs.len() == 1 && message.starts_with("unknown field");
-        if !refs.is_empty() && refs != ["."] && !top_level_unknown {
+        if !refs.is_empty() && !top_level_unknown {
             message = format!("`{}`: {message}", refs.join("."));
         }
         err(line, message)

@@ -201,7 +201,10 @@ fn has_closing_consumer(
         for (j, inputs) in edges.iter().enumerate() {
             if inputs.contains(&at) && !seen[j] {
                 seen[j] = true;
-                if configured.get(names[j]).is_some_and(|c| c.closes_inputs()) {
+                // A consumer whose parameters did not parse has its own error already; it may
+                // well be the one that closes (a typo in `train`'s params), so do not add a
+                // second, misleading error here.
+                if configured.get(names[j]).is_none_or(|c| c.closes_inputs()) {
                     return true;
                 }
                 stack.push(j);
