@@ -65,6 +65,8 @@ fn broken_slides_are_reported_and_skipped() {
         r.stderr.contains("unopenable.tiff") && r.stderr.contains("unreadable.svs"),
         "{r:?}"
     );
+    // and the closing line does not read as a clean run
+    assert!(r.stdout.contains("Ok with 2 error(s)"), "{r:?}");
     // the good slide went all the way through
     assert_eq!(count(&report, "tile", "items_out"), 1, "{report:#}");
     assert_eq!(count(&report, "embed", "items_out"), 1, "{report:#}");

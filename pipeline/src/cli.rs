@@ -361,8 +361,17 @@ fn run(
     if let Some(table) = crate::sweep::command::single_run_table(&exp.out_dir) {
         println!("\n{table}");
     }
+    // "Ok" alone would read as "nothing went wrong" after slides were skipped on errors.
+    let skipped_after_errors = if report.status == RunStatus::Ok && !report.errors.is_empty() {
+        format!(
+            " with {} error(s) (those slides were skipped; `on_error: fail` stops instead)",
+            report.errors.len()
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{:?} in {:.1} s; report: {}",
+        "{:?}{skipped_after_errors} in {:.1} s; report: {}",
         report.status,
         report.seconds,
         exp.out_dir.join("run.json").display()
