@@ -1,6 +1,7 @@
 //! A run killed with SIGKILL in the middle of a cached run loses nothing it finished and leaves
 //! nothing half-written under a real cache name: the re-run completes, recomputing exactly the
-//! slides that were not finished.
+//! slides that were not finished. Ctrl-C (SIGINT) stops a run cleanly: exit 130, run.json says
+//! `cancelled`, no claim or temporary file is left, and a re-run reuses what it finished.
 
 mod common;
 
@@ -66,9 +67,8 @@ fn assert_readable(paths: &[PathBuf]) {
     }
 }
 
-#[test]
-fn sigkill_mid_run_then_rerun_completes_and_recomputes_only_unfinished_slides() {
-    let dir = TempDir::new().unwrap();
+/// An 8-slide tile -> embed experiment with both stages cached, in `dir`.
+fn experiment(dir: &Path) -> PathBuf {
     let s = cmu1();
     let ids: Vec<String> = (0..SLIDES).map(|i| format!("slide{i}")).collect();
     let rows: Vec<(&str, &Path, &str, &str)> = ids
@@ -83,9 +83,9 @@ fn sigkill_mid_run_then_rerun_completes_and_recomputes_only_unfinished_slides() 
             )
         })
         .collect();
-    write_dataset(dir.path(), &rows);
-    let exp = write_yaml(
-        dir.path(),
+    write_dataset(dir, &rows);
+    write_yaml(
+        dir,
         "exp.yaml",
         "\
 name: killed
@@ -102,39 +102,19 @@ stages:
     cache: true
     params: {arch: resnet18, weights: random, input_size: 64}
 ",
-    );
+    )
+}
+
+#[test]
+fn sigkill_mid_run_then_rerun_completes_and_recomputes_only_unfinished_slides() {
+    let dir = TempDir::new().unwrap();
+    let exp = experiment(dir.path());
     let cache = dir.path().join("cache");
 
     // Start a run; SIGKILL it as soon as the first slide's embeddings are complete.
-    let mut child = tessera()
-        .arg("run")
-        .arg(&exp)
-        .arg("--out")
-        .arg(dir.path().join("killed"))
-        .arg("--quiet")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while entries(&cache, "embed").0.is_empty() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before any entry was written"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no cache entry after 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let still_running = child.try_wait().unwrap().is_none();
+    let mut child = start_and_wait_for_first_entry(&exp, &dir.path().join("killed"), &cache);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(
-        still_running,
-        "the run finished before it could be killed: make it longer"
-    );
 
     let (tiles_before, _) = entries(&cache, "tile");
     let (embeds_before, _) = entries(&cache, "embed");
@@ -214,4 +194,99 @@ stages:
         assert!(temporary.is_empty(), "{temporary:?}");
         assert_eq!(complete.len() as u64, SLIDES);
     }
+}
+
+/// Starts `tessera run exp --out out --quiet` and waits until the first embedding entry is
+/// complete; the run is still going then (asserted), so it is stopped mid-way.
+fn start_and_wait_for_first_entry(exp: &Path, out: &Path, cache: &Path) -> std::process::Child {
+    let mut child = tessera()
+        .arg("run")
+        .arg(exp)
+        .arg("--out")
+        .arg(out)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while entries(cache, "embed").0.is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before any entry was written"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no cache entry after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run finished before it could be stopped: make it longer"
+    );
+    child
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_a_rerun_reuses_what_it_finished() {
+    let dir = TempDir::new().unwrap();
+    let exp = experiment(dir.path());
+    let cache = dir.path().join("cache");
+    let out = dir.path().join("interrupted");
+    let mut child = start_and_wait_for_first_entry(&exp, &out, &cache);
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if stopping.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("still running 60 s after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+
+    let text = std::fs::read_to_string(out.join("run.json")).expect("run.json after Ctrl-C");
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["status"], "cancelled", "{report:#}");
+    // A clean stop: entries written whole, no temporary file, every claim released.
+    let mut done = [0u64; 2];
+    for (i, kind) in ["tile", "embed"].into_iter().enumerate() {
+        let (complete, temporary) = entries(&cache, kind);
+        assert!(temporary.is_empty(), "{kind}: {temporary:?}");
+        assert_readable(&complete);
+        done[i] = complete.len() as u64;
+    }
+    let claims: Vec<_> = ["tile", "embed"]
+        .iter()
+        .filter_map(|k| std::fs::read_dir(cache.join(k)).ok())
+        .flat_map(|d| d.flatten())
+        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".claim"))
+        .map(|f| f.path())
+        .collect();
+    assert!(claims.is_empty(), "claims left after Ctrl-C: {claims:?}");
+    assert!(
+        (1..SLIDES).contains(&done[1]),
+        "stopped mid-run: {} of {SLIDES} slides embedded",
+        done[1]
+    );
+
+    let (r, report) = run(&exp, &dir.path().join("rerun"), &[]);
+    let report = report.unwrap_or_else(|| panic!("{r:?}"));
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(count(&report, "embed", "cache_hits"), done[1], "{report:#}");
+    assert_eq!(
+        count(&report, "embed", "cache_misses"),
+        SLIDES - done[1],
+        "{report:#}"
+    );
+    assert_eq!(entries(&cache, "embed").0.len() as u64, SLIDES);
 }
