@@ -13,6 +13,7 @@ pub fn register_builtins(registry: &mut Registry) -> &mut Registry {
     registry.register::<tessera_tile::TileParams>();
     registry.register::<tessera_embed::EmbedParams>();
     registry.register::<tessera_embed::FeaturesParams>();
+    registry.register::<tessera_embed::H5FeaturesParams>();
     registry.register::<tessera_mil::SampleParams>();
     registry.register::<tessera_mil::SparseMapParams>();
     registry.register::<tessera_mil::AugmentParams>();

@@ -120,7 +120,7 @@ fn list_dir(dir: &Path) -> EmbedResult<Vec<PathBuf>> {
         .collect()
 }
 
-fn features_err(path: &Path, message: impl Into<String>) -> EmbedError {
+pub(crate) fn features_err(path: &Path, message: impl Into<String>) -> EmbedError {
     EmbedError::Features {
         path: path.to_path_buf(),
         message: message.into(),
@@ -460,15 +460,21 @@ impl StageKind for FeaturesParams {
                 .files()
                 .map_err(|e| StageError::other("listing the features files", e))?,
         };
-        let mut h = blake3::Hasher::new();
-        for f in files {
-            h.update(f.to_string_lossy().as_bytes());
-            let identity =
-                tessera_pipeline::cache::file_identity(&f).unwrap_or_else(|_| "missing".into());
-            h.update(identity.as_bytes());
-        }
-        Ok(h.finalize().to_hex()[..32].to_string())
+        Ok(files_salt(files))
     }
+}
+
+/// A cache salt naming imported files by path and content identity (size, ends' hash), so an
+/// entry downstream is recomputed when a features file is replaced.
+pub(crate) fn files_salt(files: impl IntoIterator<Item = PathBuf>) -> String {
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        h.update(f.to_string_lossy().as_bytes());
+        let identity =
+            tessera_pipeline::cache::file_identity(&f).unwrap_or_else(|_| "missing".into());
+        h.update(identity.as_bytes());
+    }
+    h.finalize().to_hex()[..32].to_string()
 }
 
 /// The running `features` source.

@@ -3,6 +3,7 @@
 //! - `kind: embed` ([`EmbedParams`]): tiles (`pixels`) to embeddings with a ResNet-18/34/50
 //!   (torchvision names) or a DINOv2/timm ViT, from a local `.safetensors`/`.pth` file.
 //! - `kind: features` ([`FeaturesParams`]): embeddings computed elsewhere, read from Parquet.
+//! - `kind: h5_features` ([`H5FeaturesParams`]): CLAM / TRIDENT per-slide HDF5 feature files.
 //! - [`load_embedder`] / [`TileEmbedder`]: the models, for other stages (fine-tuning).
 
 pub mod columns;
@@ -10,6 +11,7 @@ pub mod embed_stage;
 pub mod embedder;
 pub mod error;
 pub mod features;
+pub mod h5_features;
 pub mod preprocess;
 pub mod resnet;
 pub mod resnet_cpu;
@@ -23,6 +25,7 @@ pub use embedder::{
 };
 pub use error::{EmbedError, EmbedResult};
 pub use features::FeaturesParams;
+pub use h5_features::H5FeaturesParams;
 pub use preprocess::{Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 pub use resnet::{ResNet, ResNetDepth};
 pub use vit::{Vit, VitConfig, VitPooling};

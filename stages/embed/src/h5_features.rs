@@ -1,0 +1,617 @@
+//! `kind: h5_features`: tile embeddings already computed by CLAM, TRIDENT or another tool of
+//! that family, read from their per-slide HDF5 files, so a cohort embedded there trains here
+//! without embedding it again.
+//!
+//! Those tools write one `SLIDE.h5` per slide holding `features` (`[N, D]` floats; some
+//! versions `[1, N, D]`) and `coords` (`[N, 2]` integers: level-0 `x, y` of each tile's
+//! top-left corner, as in tessera). The tile size at level 0 comes from the attributes of
+//! `coords`: `patch_size_level0` (TRIDENT), else `patch_size` when `patch_level` is 0 (CLAM at
+//! level 0); otherwise the `tile_size` parameter must say it.
+
+use crate::error::EmbedResult;
+use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tessera_pipeline::schema::{embedding_type, tile_key_fields, EMBEDDING};
+use tessera_pipeline::{
+    BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
+    StageResult,
+};
+
+use crate::features::{features_err, files_salt, Layout, SLIDE_ID_PLACEHOLDER};
+
+/// Rows per emitted batch: bounded memory for slides with 100k tiles.
+const ROWS_PER_BATCH: usize = 8192;
+
+/// Parameters of `kind: h5_features`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct H5FeaturesParams {
+    /// Where the per-slide files are: a folder holding `SLIDE_ID.h5` (CLAM's
+    /// `h5_files/`, TRIDENT's `features_<model>/`), or a pattern such as
+    /// `feats/{slide_id}.h5` (relative paths: to the experiment file).
+    pub path: String,
+    /// The dataset holding the embeddings, `[N, D]` (or `[1, N, D]`).
+    pub features_dataset: String,
+    /// The dataset holding the level-0 top-left corners, `[N, 2]` as `x, y`.
+    pub coords_dataset: String,
+    /// Tile size in level-0 pixels, for files whose attributes do not give it (CLAM patches
+    /// taken at a level other than 0). Overrides the attributes when set.
+    pub tile_size: Option<i64>,
+}
+
+impl Default for H5FeaturesParams {
+    fn default() -> Self {
+        H5FeaturesParams {
+            path: String::new(),
+            features_dataset: "features".into(),
+            coords_dataset: "coords".into(),
+            tile_size: None,
+        }
+    }
+}
+
+/// One slide's file, read whole: what the stage emits for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct H5Slide {
+    /// `[N, 2]` level-0 top-left corners.
+    pub coords: Vec<[i64; 2]>,
+    /// Level-0 tile size of every tile.
+    pub tile_size: i64,
+    /// Width of an embedding.
+    pub dim: usize,
+    /// `N * dim` values, row-major.
+    pub features: Vec<f32>,
+}
+
+impl H5FeaturesParams {
+    fn pattern(&self, resolve: impl Fn(&str) -> PathBuf) -> String {
+        let resolved = resolve(&self.path);
+        if self.path.contains(SLIDE_ID_PLACEHOLDER) {
+            resolved.to_string_lossy().into_owned()
+        } else {
+            resolved
+                .join(format!("{SLIDE_ID_PLACEHOLDER}.h5"))
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
+    /// The file of `slide_id`.
+    pub fn slide_file(&self, base_dir: &Path, slide_id: &str) -> PathBuf {
+        let pattern =
+            self.pattern(|p| tessera_pipeline::paths::resolve_path(base_dir, Path::new(p)));
+        PathBuf::from(pattern.replace(SLIDE_ID_PLACEHOLDER, slide_id))
+    }
+
+    /// The files of the pattern that exist now, sorted (the first is probed for the width).
+    fn existing_files(&self, base_dir: &Path) -> EmbedResult<Vec<PathBuf>> {
+        Layout::Pattern(
+            self.pattern(|p| tessera_pipeline::paths::resolve_path(base_dir, Path::new(p))),
+        )
+        .files()
+    }
+
+    /// Shape of the features dataset: `(N, D)`, accepting `[1, N, D]`.
+    fn rows_and_dim(&self, path: &Path, shape: &[usize]) -> EmbedResult<(usize, usize)> {
+        match shape {
+            [n, d] => Ok((*n, *d)),
+            [1, n, d] => Ok((*n, *d)),
+            other => Err(features_err(
+                path,
+                format!(
+                    "dataset `{}` has shape {other:?}, expected [tiles, width]",
+                    self.features_dataset
+                ),
+            )),
+        }
+    }
+
+    /// The embedding width of one file, without reading its values.
+    pub fn probe_dim(&self, path: &Path) -> EmbedResult<usize> {
+        let file = open(path)?;
+        let ds = dataset(&file, path, &self.features_dataset)?;
+        let (_, dim) = self.rows_and_dim(path, &ds.shape())?;
+        if dim == 0 {
+            return Err(features_err(
+                path,
+                format!("dataset `{}` has width 0", self.features_dataset),
+            ));
+        }
+        Ok(dim)
+    }
+
+    /// Reads one slide's file whole, checking shapes, values and the tile size.
+    pub fn read(&self, path: &Path) -> EmbedResult<H5Slide> {
+        let file = open(path)?;
+        let feats = dataset(&file, path, &self.features_dataset)?;
+        let (n, dim) = self.rows_and_dim(path, &feats.shape())?;
+        let coords_ds = dataset(&file, path, &self.coords_dataset)?;
+        let cshape = coords_ds.shape();
+        if cshape != [n, 2] {
+            return Err(features_err(
+                path,
+                format!(
+                    "dataset `{}` has shape {cshape:?}, expected [{n}, 2] (x, y of each of the {n} rows of `{}`)",
+                    self.coords_dataset, self.features_dataset
+                ),
+            ));
+        }
+        let features: Vec<f32> = feats.read_raw::<f32>().map_err(|e| {
+            features_err(
+                path,
+                format!("reading `{}` as 32-bit floats: {e}", self.features_dataset),
+            )
+        })?;
+        if let Some(at) = features.iter().position(|v| !v.is_finite()) {
+            return Err(features_err(
+                path,
+                format!(
+                    "dataset `{}`: row {} holds {} (NaN or infinite)",
+                    self.features_dataset,
+                    at / dim.max(1),
+                    features[at]
+                ),
+            ));
+        }
+        let flat: Vec<i64> = coords_ds.read_raw::<i64>().map_err(|e| {
+            features_err(
+                path,
+                format!("reading `{}` as integers: {e}", self.coords_dataset),
+            )
+        })?;
+        let coords = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
+        let tile_size = match self.tile_size {
+            Some(t) => t,
+            None => attr_tile_size(&coords_ds).ok_or_else(|| {
+                features_err(
+                    path,
+                    format!(
+                        "`{}` has no `patch_size_level0` attribute, nor `patch_size` with `patch_level` 0: set `tile_size` (level-0 pixels)",
+                        self.coords_dataset
+                    ),
+                )
+            })?,
+        };
+        if tile_size <= 0 {
+            return Err(features_err(
+                path,
+                format!("tile size {tile_size} is not positive"),
+            ));
+        }
+        Ok(H5Slide {
+            coords,
+            tile_size,
+            dim,
+            features,
+        })
+    }
+}
+
+fn open(path: &Path) -> EmbedResult<hdf5::File> {
+    if !path.is_file() {
+        return Err(features_err(path, "no such file"));
+    }
+    hdf5::File::open(path).map_err(|e| features_err(path, format!("not a readable HDF5 file: {e}")))
+}
+
+fn dataset(file: &hdf5::File, path: &Path, name: &str) -> EmbedResult<hdf5::Dataset> {
+    file.dataset(name).map_err(|_| {
+        let found = file.member_names().unwrap_or_default();
+        features_err(
+            path,
+            format!(
+                "no dataset `{name}` (the file holds: {})",
+                if found.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    found.join(", ")
+                }
+            ),
+        )
+    })
+}
+
+/// The level-0 tile size the writing tool recorded, if it did.
+fn attr_tile_size(coords: &hdf5::Dataset) -> Option<i64> {
+    let int = |name: &str| {
+        coords
+            .attr(name)
+            .ok()
+            .and_then(|a| a.read_scalar::<i64>().ok())
+    };
+    if let Some(t) = int("patch_size_level0") {
+        return Some(t);
+    }
+    match (int("patch_size"), int("patch_level")) {
+        (Some(size), Some(0)) => Some(size),
+        _ => None,
+    }
+}
+
+impl StageKind for H5FeaturesParams {
+    const KIND: &'static str = "h5_features";
+    const VERSION: &'static str = "1";
+    const ABOUT: &'static str = "Reads tile embeddings computed by CLAM, TRIDENT and similar tools from their per-slide HDF5 files (features, coords)";
+
+    fn input_spec(&self) -> InputSpec {
+        InputSpec::Dataset
+    }
+
+    fn output_schema(&self, inputs: &[SchemaRef]) -> StageResult<SchemaRef> {
+        self.output_schema_at(inputs, Path::new("."))
+    }
+
+    fn output_schema_at(&self, _inputs: &[SchemaRef], base_dir: &Path) -> StageResult<SchemaRef> {
+        let files = self
+            .existing_files(base_dir)
+            .map_err(|e| StageError::other("listing the HDF5 features files", e))?;
+        if files.is_empty() {
+            return Err(StageError::msg(format!(
+                "h5_features: no file matches `{}`",
+                self.pattern(|p| tessera_pipeline::paths::resolve_path(base_dir, Path::new(p)))
+            )));
+        }
+        // The width from the first readable file: one broken file among thousands is that
+        // slide's error when it is read, not the whole experiment's.
+        let mut first_error = None;
+        let dim = files
+            .iter()
+            .find_map(|f| match self.probe_dim(f) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    None
+                }
+            })
+            .ok_or_else(|| {
+                let e = first_error.unwrap_or_else(|| features_err(&files[0], "unreadable"));
+                StageError::other("reading the features width (no file is readable)", e)
+            })?;
+        let mut fields = tile_key_fields();
+        fields.push(Field::new(EMBEDDING, embedding_type(dim, false), false));
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    fn validate(&self) -> Result<(), ParamIssue> {
+        if self.path.trim().is_empty() {
+            return Err(ParamIssue::new(
+                "path",
+                "required: a folder of SLIDE_ID.h5 files or a pattern with {slide_id}",
+            ));
+        }
+        if self.features_dataset.is_empty() {
+            return Err(ParamIssue::new("features_dataset", "must not be empty"));
+        }
+        if self.coords_dataset.is_empty() {
+            return Err(ParamIssue::new("coords_dataset", "must not be empty"));
+        }
+        if self.tile_size.is_some_and(|t| t <= 0) {
+            return Err(ParamIssue::new("tile_size", "must be positive"));
+        }
+        Ok(())
+    }
+
+    fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
+        let schema = self.output_schema_at(&[], &ctx.base_dir)?;
+        Ok(Box::new(H5FeaturesStage {
+            params: self.clone(),
+            base_dir: ctx.base_dir.clone(),
+            schema,
+        }))
+    }
+
+    fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String> {
+        Ok(files_salt(
+            ctx.slides
+                .iter()
+                .map(|s| self.slide_file(&ctx.base_dir, &s.id)),
+        ))
+    }
+}
+
+/// The running `h5_features` source.
+struct H5FeaturesStage {
+    params: H5FeaturesParams,
+    base_dir: PathBuf,
+    schema: SchemaRef,
+}
+
+impl H5FeaturesStage {
+    /// One slide's rows as batches of the output schema.
+    fn batches_of(&self, slide_id: &str) -> EmbedResult<Vec<RecordBatch>> {
+        let path = self.params.slide_file(&self.base_dir, slide_id);
+        if !path.is_file() {
+            return Err(features_err(
+                &path,
+                format!("no features file for slide `{slide_id}`"),
+            ));
+        }
+        let slide = self.params.read(&path)?;
+        let want = match self
+            .schema
+            .field_with_name(EMBEDDING)
+            .map(|f| f.data_type())
+        {
+            Ok(DataType::FixedSizeList(_, d)) => *d as usize,
+            _ => 0,
+        };
+        if slide.dim != want {
+            return Err(features_err(
+                &path,
+                format!(
+                    "embeddings are {} wide, the first file's are {want}: one experiment reads one model's features",
+                    slide.dim
+                ),
+            ));
+        }
+        let item = Arc::new(Field::new("item", DataType::Float32, true));
+        let mut out = Vec::new();
+        for (coords, feats) in slide
+            .coords
+            .chunks(ROWS_PER_BATCH)
+            .zip(slide.features.chunks(ROWS_PER_BATCH * slide.dim))
+        {
+            let n = coords.len();
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(arrow::array::StringArray::from(vec![slide_id; n])),
+                Arc::new(Int64Array::from_iter_values(coords.iter().map(|p| p[0]))),
+                Arc::new(Int64Array::from_iter_values(coords.iter().map(|p| p[1]))),
+                Arc::new(Int64Array::from(vec![slide.tile_size; n])),
+                Arc::new(FixedSizeListArray::try_new(
+                    item.clone(),
+                    slide.dim as i32,
+                    Arc::new(Float32Array::from(feats.to_vec())),
+                    None,
+                )?),
+            ];
+            out.push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        }
+        Ok(out)
+    }
+}
+
+impl Stage for H5FeaturesStage {
+    fn on_slide_end(
+        &mut self,
+        ctx: &mut StageContext,
+        _input: usize,
+        slide: &SlideHandle,
+    ) -> StageResult {
+        let batches = self
+            .batches_of(&slide.id)
+            .map_err(|e| StageError::other("reading HDF5 features", e))?;
+        if batches.is_empty() {
+            ctx.warn(Some(slide), "the features file holds no tile");
+        }
+        for batch in batches {
+            ctx.emit(slide, batch)?;
+        }
+        ctx.end_slide(slide)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a CLAM/TRIDENT-style file: `features [n, dim]` (or `[1, n, dim]`), `coords [n, 2]`
+    /// with the given integer attributes.
+    fn write(path: &Path, n: usize, dim: usize, leading_one: bool, attrs: &[(&str, i64)]) {
+        let f = hdf5::File::create(path).unwrap();
+        let values: Vec<f32> = (0..n * dim).map(|i| i as f32 * 0.5).collect();
+        let feats = if leading_one {
+            f.new_dataset::<f32>().shape([1, n, dim]).create("features")
+        } else {
+            f.new_dataset::<f32>().shape([n, dim]).create("features")
+        }
+        .unwrap();
+        feats.write_raw(&values).unwrap();
+        let coords: Vec<i32> = (0..n).flat_map(|i| [i as i32 * 256, 512]).collect();
+        let c = f
+            .new_dataset::<i32>()
+            .shape([n, 2])
+            .create("coords")
+            .unwrap();
+        c.write_raw(&coords).unwrap();
+        for (name, v) in attrs {
+            c.new_attr::<i64>()
+                .create(*name)
+                .unwrap()
+                .write_scalar(v)
+                .unwrap();
+        }
+    }
+
+    fn params(path: &Path) -> H5FeaturesParams {
+        H5FeaturesParams {
+            path: path.to_string_lossy().into_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_trident_and_clam_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        // TRIDENT: patch_size_level0 on coords.
+        write(
+            &dir.path().join("t.h5"),
+            3,
+            4,
+            false,
+            &[("patch_size", 256), ("patch_size_level0", 512)],
+        );
+        let s = params(dir.path()).read(&dir.path().join("t.h5")).unwrap();
+        assert_eq!(s.tile_size, 512);
+        assert_eq!(s.dim, 4);
+        assert_eq!(s.coords, vec![[0, 512], [256, 512], [512, 512]]);
+        assert_eq!(&s.features[4..8], &[2.0, 2.5, 3.0, 3.5]);
+        // CLAM at level 0, features stored [1, N, D].
+        write(
+            &dir.path().join("c.h5"),
+            2,
+            3,
+            true,
+            &[("patch_size", 224), ("patch_level", 0)],
+        );
+        let p = params(dir.path());
+        assert_eq!(p.probe_dim(&dir.path().join("c.h5")).unwrap(), 3);
+        let s = p.read(&dir.path().join("c.h5")).unwrap();
+        assert_eq!((s.tile_size, s.dim, s.coords.len()), (224, 3, 2));
+    }
+
+    #[test]
+    fn a_tile_size_it_cannot_know_must_be_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.h5");
+        // CLAM at level 1: patch_size is in level-1 pixels.
+        write(
+            &file,
+            2,
+            3,
+            false,
+            &[("patch_size", 256), ("patch_level", 1)],
+        );
+        let err = params(dir.path()).read(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("s.h5") && err.contains("set `tile_size`"),
+            "{err}"
+        );
+        let given = H5FeaturesParams {
+            tile_size: Some(512),
+            ..params(dir.path())
+        };
+        assert_eq!(given.read(&file).unwrap().tile_size, 512);
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_the_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = params(dir.path());
+        // Not HDF5 at all.
+        let junk = dir.path().join("junk.h5");
+        std::fs::write(&junk, b"not hdf5").unwrap();
+        let e = p.read(&junk).unwrap_err().to_string();
+        assert!(
+            e.contains("junk.h5") && e.contains("not a readable HDF5"),
+            "{e}"
+        );
+        // Missing dataset: the message lists what is there.
+        let other = dir.path().join("other.h5");
+        write(&other, 2, 3, false, &[("patch_size_level0", 256)]);
+        let renamed = H5FeaturesParams {
+            features_dataset: "feats".into(),
+            ..params(dir.path())
+        };
+        let e = renamed.read(&other).unwrap_err().to_string();
+        assert!(
+            e.contains("no dataset `feats`") && e.contains("coords, features"),
+            "{e}"
+        );
+        // Coordinates that do not match the features' rows.
+        let f = hdf5::File::create(dir.path().join("mismatch.h5")).unwrap();
+        f.new_dataset::<f32>()
+            .shape([3, 2])
+            .create("features")
+            .unwrap()
+            .write_raw(&[0f32; 6])
+            .unwrap();
+        f.new_dataset::<i64>()
+            .shape([2, 2])
+            .create("coords")
+            .unwrap()
+            .write_raw(&[0i64; 4])
+            .unwrap();
+        drop(f);
+        let e = p
+            .read(&dir.path().join("mismatch.h5"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`coords` has shape [2, 2], expected [3, 2]"),
+            "{e}"
+        );
+        // NaN embeddings are refused with their row.
+        let f = hdf5::File::create(dir.path().join("nan.h5")).unwrap();
+        f.new_dataset::<f32>()
+            .shape([2, 2])
+            .create("features")
+            .unwrap()
+            .write_raw(&[0.0, 1.0, f32::NAN, 2.0])
+            .unwrap();
+        let c = f
+            .new_dataset::<i64>()
+            .shape([2, 2])
+            .create("coords")
+            .unwrap();
+        c.write_raw(&[0i64; 4]).unwrap();
+        c.new_attr::<i64>()
+            .create("patch_size_level0")
+            .unwrap()
+            .write_scalar(&256i64)
+            .unwrap();
+        drop(f);
+        let e = p.read(&dir.path().join("nan.h5")).unwrap_err().to_string();
+        assert!(e.contains("row 1") && e.contains("NaN"), "{e}");
+    }
+
+    #[test]
+    fn folder_and_pattern_name_one_file_per_slide() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let folder = H5FeaturesParams {
+            path: "feats".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            folder.slide_file(base, "TCGA-01"),
+            base.join("feats/TCGA-01.h5")
+        );
+        let pattern = H5FeaturesParams {
+            path: "out/{slide_id}/features.h5".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            pattern.slide_file(base, "s1"),
+            base.join("out/s1/features.h5")
+        );
+        std::fs::create_dir_all(base.join("feats")).unwrap();
+        write(
+            &base.join("feats/b.h5"),
+            1,
+            5,
+            false,
+            &[("patch_size_level0", 1)],
+        );
+        write(
+            &base.join("feats/a.h5"),
+            1,
+            5,
+            false,
+            &[("patch_size_level0", 1)],
+        );
+        std::fs::write(base.join("feats/notes.txt"), b"").unwrap();
+        let files = folder.existing_files(base).unwrap();
+        assert_eq!(
+            files,
+            vec![base.join("feats/a.h5"), base.join("feats/b.h5")]
+        );
+        // A broken file sorting first does not hide the width of the readable ones.
+        std::fs::write(base.join("feats/0-broken.h5"), b"truncated").unwrap();
+        let schema = folder.output_schema_at(&[], base).unwrap();
+        assert_eq!(
+            schema.field_with_name(EMBEDDING).unwrap().data_type(),
+            &embedding_type(5, false)
+        );
+        let empty = H5FeaturesParams {
+            path: "nothing/{slide_id}.h5".into(),
+            ..Default::default()
+        };
+        std::fs::create_dir_all(base.join("nothing")).unwrap();
+        let e = empty.output_schema_at(&[], base).unwrap_err().to_string();
+        assert!(e.contains("no file matches"), "{e}");
+    }
+}
