@@ -374,6 +374,27 @@ fn convert_column(path: &Path, batch: &RecordBatch, field: &Field) -> EmbedResul
 }
 
 impl FeaturesParams {
+    /// The schema of the first readable file: with one file per slide, a broken file is that
+    /// slide's error when it is read, not the whole experiment's.
+    fn probe_files(&self, files: &[PathBuf]) -> StageResult<SchemaRef> {
+        let mut first_error = None;
+        for f in files {
+            match probe_schema(f) {
+                Ok(schema) => return Ok(schema),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(match first_error {
+            Some(e) => StageError::other("reading the features schema", e),
+            None => StageError::msg(format!(
+                "features: no Parquet file found at `{}`",
+                self.path
+            )),
+        })
+    }
+
     fn layout(&self, ctx: Option<&BuildContext>) -> Layout {
         Layout::of(&self.path, |p| match ctx {
             Some(ctx) => ctx.resolve(p),
@@ -402,13 +423,7 @@ impl StageKind for FeaturesParams {
         let files = layout
             .files()
             .map_err(|e| StageError::other("listing the features files", e))?;
-        let first = files.first().ok_or_else(|| {
-            StageError::msg(format!(
-                "features: no Parquet file found at `{}`",
-                self.path
-            ))
-        })?;
-        probe_schema(first).map_err(|e| StageError::other("reading the features schema", e))
+        self.probe_files(&files)
     }
 
     fn validate(&self) -> Result<(), ParamIssue> {
@@ -426,14 +441,7 @@ impl StageKind for FeaturesParams {
         let files = layout
             .files()
             .map_err(|e| StageError::other("listing the features files", e))?;
-        let first = files.first().ok_or_else(|| {
-            StageError::msg(format!(
-                "features: no Parquet file found at `{}`",
-                self.path
-            ))
-        })?;
-        let schema =
-            probe_schema(first).map_err(|e| StageError::other("reading the features schema", e))?;
+        let schema = self.probe_files(&files)?;
         let index = match layout {
             Layout::Pattern(_) => None,
             _ => Some(

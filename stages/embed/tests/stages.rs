@@ -374,6 +374,19 @@ fn features_reads_a_folder_and_a_slide_id_pattern() {
         .run(pattern.clone())
         .unwrap();
     assert_eq!((out.rows_of("s1"), out.rows_of("s2")), (2, 1));
+    // A broken per-slide file (sorting first) fails its slide only.
+    std::fs::write(folder.join("s0.parquet"), "truncated").unwrap();
+    let three = test_slides(&[("s0", None, None), ("s1", None, None), ("s2", None, None)]);
+    let out = Harness::new(three, dir.path().join("r3"))
+        .run(pattern.clone())
+        .unwrap();
+    assert_eq!((out.rows_of("s1"), out.rows_of("s2")), (2, 1));
+    let errors = format!(
+        "{:?}",
+        out.report.unwrap().stage("features").unwrap().errors
+    );
+    assert!(errors.contains("s0.parquet"), "{errors}");
+    std::fs::remove_file(folder.join("s0.parquet")).unwrap();
     // The salt changes when a slide's file changes.
     let ctx = test_build_context(dir.path());
     let ctx = tessera_pipeline::BuildContext {
