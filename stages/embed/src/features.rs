@@ -10,7 +10,7 @@ use crate::error::{EmbedError, EmbedResult};
 use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow::compute::kernels::cmp::eq;
 use arrow::compute::{cast, filter_record_batch};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use schemars::JsonSchema;
@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tessera_pipeline::schema::{embedding_type, tile_key_fields, EMBEDDING};
+use tessera_pipeline::schema::{embeddings_schema, EMBEDDING};
 use tessera_pipeline::{
     BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
     StageResult,
@@ -200,9 +199,7 @@ pub fn probe_schema(path: &Path) -> EmbedResult<SchemaRef> {
         DataType::Float32 | DataType::Float64 => false,
         _ => return Err(bad()),
     };
-    let mut fields = tile_key_fields();
-    fields.push(Field::new(EMBEDDING, embedding_type(dim, half), false));
-    Ok(Arc::new(Schema::new(fields)))
+    Ok(embeddings_schema(dim, half))
 }
 
 fn first_list_len(
@@ -374,25 +371,15 @@ fn convert_column(path: &Path, batch: &RecordBatch, field: &Field) -> EmbedResul
 }
 
 impl FeaturesParams {
-    /// The schema of the first readable file: with one file per slide, a broken file is that
-    /// slide's error when it is read, not the whole experiment's.
+    /// The schema of the first readable file ([`first_readable`]).
     fn probe_files(&self, files: &[PathBuf]) -> StageResult<SchemaRef> {
-        let mut first_error = None;
-        for f in files {
-            match probe_schema(f) {
-                Ok(schema) => return Ok(schema),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        Err(match first_error {
-            Some(e) => StageError::other("reading the features schema", e),
-            None => StageError::msg(format!(
+        match first_readable(files, probe_schema) {
+            Some(probed) => probed.map_err(|e| StageError::other("reading the features schema", e)),
+            None => Err(StageError::msg(format!(
                 "features: no Parquet file found at `{}`",
                 self.path
-            )),
-        })
+            ))),
+        }
     }
 
     fn layout(&self, ctx: Option<&BuildContext>) -> Layout {
@@ -470,6 +457,25 @@ impl StageKind for FeaturesParams {
         };
         Ok(files_salt(files))
     }
+}
+
+/// `probe` of the first file it succeeds on, else the first file's error; `None` without files.
+/// With one file per slide, a broken file is that slide's error when it is read, not the whole
+/// experiment's.
+pub(crate) fn first_readable<T>(
+    files: &[PathBuf],
+    probe: impl Fn(&Path) -> EmbedResult<T>,
+) -> Option<EmbedResult<T>> {
+    let mut first_error = None;
+    for f in files {
+        match probe(f) {
+            Ok(v) => return Some(Ok(v)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map(Err)
 }
 
 /// A cache salt naming imported files by path and content identity (size, ends' hash), so an

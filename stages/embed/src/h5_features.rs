@@ -10,18 +10,18 @@
 
 use crate::error::EmbedResult;
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tessera_pipeline::schema::{embedding_type, tile_key_fields, EMBEDDING};
+use tessera_pipeline::schema::embeddings_schema;
 use tessera_pipeline::{
     BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
     StageResult,
 };
 
-use crate::features::{features_err, files_salt, Layout, SLIDE_ID_PLACEHOLDER};
+use crate::features::{features_err, files_salt, first_readable, Layout, SLIDE_ID_PLACEHOLDER};
 
 /// Rows per emitted batch: bounded memory for slides with 100k tiles.
 const ROWS_PER_BATCH: usize = 8192;
@@ -68,31 +68,31 @@ pub struct H5Slide {
 }
 
 impl H5FeaturesParams {
-    fn pattern(&self, resolve: impl Fn(&str) -> PathBuf) -> String {
-        let resolved = resolve(&self.path);
-        if self.path.contains(SLIDE_ID_PLACEHOLDER) {
-            resolved.to_string_lossy().into_owned()
-        } else {
+    /// Where the files are, as a `{slide_id}` pattern resolved against `base_dir` (a folder
+    /// `F` is `F/{slide_id}.h5`).
+    pub fn pattern(&self, base_dir: &Path) -> String {
+        let resolved = tessera_pipeline::paths::resolve_path(base_dir, Path::new(&self.path));
+        let pattern = if self.path.contains(SLIDE_ID_PLACEHOLDER) {
             resolved
-                .join(format!("{SLIDE_ID_PLACEHOLDER}.h5"))
-                .to_string_lossy()
-                .into_owned()
+        } else {
+            resolved.join(format!("{SLIDE_ID_PLACEHOLDER}.h5"))
+        };
+        pattern.to_string_lossy().into_owned()
+    }
+
+    /// The embedding width of the first readable file matching `pattern` now.
+    fn width(&self, pattern: &str) -> StageResult<usize> {
+        let files = Layout::Pattern(pattern.to_string())
+            .files()
+            .map_err(|e| StageError::other("listing the HDF5 features files", e))?;
+        match first_readable(&files, |f| self.probe_dim(f)) {
+            Some(probed) => probed.map_err(|e| {
+                StageError::other("reading the features width (no file is readable)", e)
+            }),
+            None => Err(StageError::msg(format!(
+                "h5_features: no file matches `{pattern}`"
+            ))),
         }
-    }
-
-    /// The file of `slide_id`.
-    pub fn slide_file(&self, base_dir: &Path, slide_id: &str) -> PathBuf {
-        let pattern =
-            self.pattern(|p| tessera_pipeline::paths::resolve_path(base_dir, Path::new(p)));
-        PathBuf::from(pattern.replace(SLIDE_ID_PLACEHOLDER, slide_id))
-    }
-
-    /// The files of the pattern that exist now, sorted (the first is probed for the width).
-    fn existing_files(&self, base_dir: &Path) -> EmbedResult<Vec<PathBuf>> {
-        Layout::Pattern(
-            self.pattern(|p| tessera_pipeline::paths::resolve_path(base_dir, Path::new(p))),
-        )
-        .files()
     }
 
     /// Shape of the features dataset: `(N, D)`, accepting `[1, N, D]`.
@@ -192,9 +192,6 @@ impl H5FeaturesParams {
 }
 
 fn open(path: &Path) -> EmbedResult<hdf5::File> {
-    if !path.is_file() {
-        return Err(features_err(path, "no such file"));
-    }
     hdf5::File::open(path).map_err(|e| features_err(path, format!("not a readable HDF5 file: {e}")))
 }
 
@@ -246,34 +243,10 @@ impl StageKind for H5FeaturesParams {
     }
 
     fn output_schema_at(&self, _inputs: &[SchemaRef], base_dir: &Path) -> StageResult<SchemaRef> {
-        let files = self
-            .existing_files(base_dir)
-            .map_err(|e| StageError::other("listing the HDF5 features files", e))?;
-        if files.is_empty() {
-            return Err(StageError::msg(format!(
-                "h5_features: no file matches `{}`",
-                self.pattern(|p| tessera_pipeline::paths::resolve_path(base_dir, Path::new(p)))
-            )));
-        }
-        // The width from the first readable file: one broken file among thousands is that
-        // slide's error when it is read, not the whole experiment's.
-        let mut first_error = None;
-        let dim = files
-            .iter()
-            .find_map(|f| match self.probe_dim(f) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                    None
-                }
-            })
-            .ok_or_else(|| {
-                let e = first_error.unwrap_or_else(|| features_err(&files[0], "unreadable"));
-                StageError::other("reading the features width (no file is readable)", e)
-            })?;
-        let mut fields = tile_key_fields();
-        fields.push(Field::new(EMBEDDING, embedding_type(dim, false), false));
-        Ok(Arc::new(Schema::new(fields)))
+        Ok(embeddings_schema(
+            self.width(&self.pattern(base_dir))?,
+            false,
+        ))
     }
 
     fn validate(&self) -> Result<(), ParamIssue> {
@@ -296,34 +269,43 @@ impl StageKind for H5FeaturesParams {
     }
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        let schema = self.output_schema_at(&[], &ctx.base_dir)?;
+        let pattern = self.pattern(&ctx.base_dir);
+        let dim = self.width(&pattern)?;
         Ok(Box::new(H5FeaturesStage {
             params: self.clone(),
-            base_dir: ctx.base_dir.clone(),
-            schema,
+            pattern,
+            dim,
+            schema: embeddings_schema(dim, false),
         }))
     }
 
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String> {
+        let pattern = self.pattern(&ctx.base_dir);
         Ok(files_salt(
-            ctx.slides
-                .iter()
-                .map(|s| self.slide_file(&ctx.base_dir, &s.id)),
+            ctx.slides.iter().map(|s| slide_file(&pattern, &s.id)),
         ))
     }
+}
+
+/// The file of `slide_id` under a `{slide_id}` pattern.
+fn slide_file(pattern: &str, slide_id: &str) -> PathBuf {
+    PathBuf::from(pattern.replace(SLIDE_ID_PLACEHOLDER, slide_id))
 }
 
 /// The running `h5_features` source.
 struct H5FeaturesStage {
     params: H5FeaturesParams,
-    base_dir: PathBuf,
+    /// Where each slide's file is (`{slide_id}` pattern, resolved once).
+    pattern: String,
+    /// The embedding width of the first readable file: every slide's must match it.
+    dim: usize,
     schema: SchemaRef,
 }
 
 impl H5FeaturesStage {
     /// One slide's rows as batches of the output schema.
     fn batches_of(&self, slide_id: &str) -> EmbedResult<Vec<RecordBatch>> {
-        let path = self.params.slide_file(&self.base_dir, slide_id);
+        let path = slide_file(&self.pattern, slide_id);
         if !path.is_file() {
             return Err(features_err(
                 &path,
@@ -331,20 +313,12 @@ impl H5FeaturesStage {
             ));
         }
         let slide = self.params.read(&path)?;
-        let want = match self
-            .schema
-            .field_with_name(EMBEDDING)
-            .map(|f| f.data_type())
-        {
-            Ok(DataType::FixedSizeList(_, d)) => *d as usize,
-            _ => 0,
-        };
-        if slide.dim != want {
+        if slide.dim != self.dim {
             return Err(features_err(
                 &path,
                 format!(
-                    "embeddings are {} wide, the first file's are {want}: one experiment reads one model's features",
-                    slide.dim
+                    "embeddings are {} wide, the first file's are {}: one experiment reads one model's features",
+                    slide.dim, self.dim
                 ),
             ));
         }
@@ -397,6 +371,7 @@ impl Stage for H5FeaturesStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_pipeline::schema::{embedding_type, EMBEDDING};
 
     /// Writes a CLAM/TRIDENT-style file: `features [n, dim]` (or `[1, n, dim]`), `coords [n, 2]`
     /// with the given integer attributes.
@@ -567,7 +542,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            folder.slide_file(base, "TCGA-01"),
+            slide_file(&folder.pattern(base), "TCGA-01"),
             base.join("feats/TCGA-01.h5")
         );
         let pattern = H5FeaturesParams {
@@ -575,7 +550,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            pattern.slide_file(base, "s1"),
+            slide_file(&pattern.pattern(base), "s1"),
             base.join("out/s1/features.h5")
         );
         std::fs::create_dir_all(base.join("feats")).unwrap();
@@ -594,7 +569,7 @@ mod tests {
             &[("patch_size_level0", 1)],
         );
         std::fs::write(base.join("feats/notes.txt"), b"").unwrap();
-        let files = folder.existing_files(base).unwrap();
+        let files = Layout::Pattern(folder.pattern(base)).files().unwrap();
         assert_eq!(
             files,
             vec![base.join("feats/a.h5"), base.join("feats/b.h5")]
