@@ -44,6 +44,17 @@ fn entries(cache: &Path, kind: &str) -> (Vec<PathBuf>, Vec<PathBuf>) {
     (complete, temporary)
 }
 
+/// The claim files under the tile and embed entries (both folders must exist).
+fn claims(cache: &Path) -> Vec<PathBuf> {
+    ["tile", "embed"]
+        .iter()
+        .flat_map(|k| std::fs::read_dir(cache.join(k)).unwrap().flatten())
+        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".claim"))
+        .map(|f| f.path())
+        .collect()
+}
+
 /// Every complete entry reads whole and carries its own key in its metadata.
 fn assert_readable(paths: &[PathBuf]) {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -177,13 +188,7 @@ fn sigkill_mid_run_then_rerun_completes_and_recomputes_only_unfinished_slides() 
     }
 
     // The killed run's claims were taken over and released by the re-run.
-    let claims: Vec<_> = ["tile", "embed"]
-        .iter()
-        .flat_map(|k| std::fs::read_dir(cache.join(k)).unwrap().flatten())
-        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
-        .filter(|f| f.file_name().to_string_lossy().ends_with(".claim"))
-        .map(|f| f.path())
-        .collect();
+    let claims = claims(&cache);
     assert!(claims.is_empty(), "{claims:?}");
 
     // Whatever the kill left as temporary files, `cache gc` removes, and nothing else.
@@ -264,14 +269,7 @@ fn ctrl_c_stops_cleanly_and_a_rerun_reuses_what_it_finished() {
         assert_readable(&complete);
         done[i] = complete.len() as u64;
     }
-    let claims: Vec<_> = ["tile", "embed"]
-        .iter()
-        .filter_map(|k| std::fs::read_dir(cache.join(k)).ok())
-        .flat_map(|d| d.flatten())
-        .flat_map(|shard| std::fs::read_dir(shard.path()).unwrap().flatten())
-        .filter(|f| f.file_name().to_string_lossy().ends_with(".claim"))
-        .map(|f| f.path())
-        .collect();
+    let claims = claims(&cache);
     assert!(claims.is_empty(), "claims left after Ctrl-C: {claims:?}");
     assert!(
         (1..SLIDES).contains(&done[1]),
