@@ -370,6 +370,25 @@ fn run(
     } else {
         String::new()
     };
+    // A run that finished but whose results cannot be trusted says so where users look.
+    let alerts: Vec<String> = report
+        .stages
+        .iter()
+        .flat_map(|s| s.alerts())
+        .map(|a| format!("stage `{}`: {}", a.stage, a.message))
+        .collect();
+    for a in &alerts {
+        eprintln!("warning: {a}");
+    }
+    let skipped_after_errors = match alerts.as_slice() {
+        [] => skipped_after_errors,
+        [one] => format!("{skipped_after_errors}, but {one}"),
+        many => format!(
+            "{skipped_after_errors}, but with {} alerts (above; first: {})",
+            many.len(),
+            many[0]
+        ),
+    };
     println!(
         "{:?}{skipped_after_errors} in {:.1} s; report: {}",
         report.status,

@@ -61,6 +61,7 @@ pub(crate) struct StageShared {
     pub stats: StageStats,
     pub errors: Mutex<Vec<ErrorRecord>>,
     pub warnings: Mutex<Vec<ErrorRecord>>,
+    pub details: Mutex<serde_json::Map<String, serde_json::Value>>,
     pub progress: ProgressBar,
     pub cache: Option<StageCache>,
 }
@@ -144,7 +145,24 @@ impl StageContext {
 
     /// Records a warning about a slide (e.g. "no tissue found"); listed in run.json.
     pub fn warn(&self, slide: Option<&SlideHandle>, message: impl Into<String>) {
-        let message = message.into();
+        self.record_warning(slide, message.into(), false);
+    }
+
+    /// A warning that the run's closing line repeats (and a sweep's summary lists): the
+    /// results of this run cannot be trusted as they are, e.g. training that learned nothing.
+    pub fn alert(&self, message: impl Into<String>) {
+        self.record_warning(None, message.into(), true);
+    }
+
+    /// Records `value` under `key` in this stage's `details` in run.json (a later call with
+    /// the same key replaces it).
+    pub fn set_detail(&self, key: impl Into<String>, value: serde_json::Value) {
+        if let Ok(mut d) = self.shared.details.lock() {
+            d.insert(key.into(), value);
+        }
+    }
+
+    fn record_warning(&self, slide: Option<&SlideHandle>, message: String, alert: bool) {
         match slide {
             Some(s) => tracing::warn!(stage = %self.shared.name, slide = %s.id, "{message}"),
             None => tracing::warn!(stage = %self.shared.name, "{message}"),
@@ -154,6 +172,7 @@ impl StageContext {
                 stage: self.shared.name.clone(),
                 slide: slide.map(|s| s.id.clone()),
                 message,
+                alert,
             });
         }
     }

@@ -10,6 +10,10 @@ pub struct ErrorRecord {
     pub stage: String,
     pub slide: Option<String>,
     pub message: String,
+    /// A warning the run's closing line repeats, because the results cannot be trusted as
+    /// they are (e.g. a training run that learned nothing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub alert: bool,
 }
 
 /// Counters a stage's workers update while running.
@@ -70,9 +74,17 @@ pub struct StageReport {
     pub seconds: f64,
     pub errors: Vec<ErrorRecord>,
     pub warnings: Vec<ErrorRecord>,
+    /// What the stage reports about itself beyond counters (e.g. `train`'s parameter counts).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl StageReport {
+    /// The warnings marked as alerts.
+    pub fn alerts(&self) -> impl Iterator<Item = &ErrorRecord> {
+        self.warnings.iter().filter(|w| w.alert)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_stats(
         name: &str,
@@ -83,6 +95,7 @@ impl StageReport {
         stats: &StageStats,
         errors: Vec<ErrorRecord>,
         warnings: Vec<ErrorRecord>,
+        details: serde_json::Map<String, serde_json::Value>,
     ) -> Self {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StageReport {
@@ -100,6 +113,7 @@ impl StageReport {
             seconds: get(&stats.busy_nanos) as f64 / 1e9,
             errors,
             warnings,
+            details,
         }
     }
 }

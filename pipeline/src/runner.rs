@@ -394,6 +394,7 @@ fn execute_pass(
                 stats: StageStats::default(),
                 errors: Mutex::new(Vec::new()),
                 warnings: Mutex::new(Vec::new()),
+                details: Mutex::new(serde_json::Map::new()),
                 progress: bar,
                 cache: s
                     .cache
@@ -511,6 +512,7 @@ fn execute_pass(
         sh.progress.finish();
         let errors = sh.errors.lock().map(|e| e.clone()).unwrap_or_default();
         let warnings = sh.warnings.lock().map(|e| e.clone()).unwrap_or_default();
+        let details = sh.details.lock().map(|d| d.clone()).unwrap_or_default();
         all_errors.extend(errors.iter().cloned());
         let (_, _, skipped) = plan.counts(i);
         stages.push(StageReport::from_stats(
@@ -522,6 +524,7 @@ fn execute_pass(
             &sh.stats,
             errors,
             warnings,
+            details,
         ));
     }
     let report = RunReport {
@@ -984,6 +987,7 @@ fn record_error(ctx: &StageContext, slide: Option<&SlideHandle>, err: &StageErro
         stage: ctx.shared.name.clone(),
         slide: slide.map(|s| s.id.clone()),
         message: err.to_string(),
+        alert: false,
     };
     tracing::error!(stage = %record.stage, slide = record.slide.as_deref().unwrap_or("-"), "{}", record.message);
     if let Ok(mut e) = ctx.shared.errors.lock() {

@@ -41,6 +41,9 @@ pub struct PointRecord {
     /// Why the point could not run, when it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Warnings that make the point's results untrustworthy (e.g. training collapsed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<String>,
     /// The run's metrics.json, loaded on demand (not part of sweep.json).
     #[serde(skip)]
     pub metrics: Option<Value>,

@@ -156,6 +156,20 @@ pub fn run_if_sweep(
             .display(),
         record.seconds
     );
+    let alerted: Vec<&str> = record
+        .points
+        .iter()
+        .filter(|p| !p.alerts.is_empty())
+        .map(|p| p.name.as_str())
+        .collect();
+    if !alerted.is_empty() {
+        eprintln!(
+            "warning: {} of {} points raised alerts (their rows are marked in the results; see each point's run.json): {}",
+            alerted.len(),
+            record.points.len(),
+            alerted.join(", ")
+        );
+    }
     let failed = record
         .points
         .iter()

@@ -83,6 +83,12 @@ fn run_point(p: &PlannedPoint, options: &SweepOptions, progress: bool) -> PointR
                     e.message
                 )
             });
+            record.alerts = report
+                .stages
+                .iter()
+                .flat_map(|s| s.alerts())
+                .map(|a| format!("stage `{}`: {}", a.stage, a.message))
+                .collect();
             record.stages = report
                 .stages
                 .iter()
@@ -120,8 +126,9 @@ fn point_line(r: &PointRecord, done: usize, total: usize) -> String {
         .as_deref()
         .map(|e| format!("; {e}"))
         .unwrap_or_default();
+    let alerts: String = r.alerts.iter().map(|a| format!("; ALERT {a}")).collect();
     format!(
-        "[{done}/{total}] {}: {} in {:.1} s; {cache}{error}",
+        "[{done}/{total}] {}: {} in {:.1} s; {cache}{error}{alerts}",
         r.name, r.status, r.seconds
     )
 }

@@ -133,6 +133,9 @@ fn setup(dev: &Device) -> Setup {
         sparse_pool: GlobalPool::Max,
         attention_hidden: 128,
         lse_r: 1.0,
+        instance_encoder: Vec::new(),
+        encoder_dropout: 0.0,
+        standardize: None,
     };
     let vars = VarMap::new();
     let vb = seeded_var_builder(&vars, 0, dev);

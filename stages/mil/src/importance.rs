@@ -23,7 +23,7 @@ use candle_nn::VarMap;
 
 use crate::models::bag::BagError;
 use crate::models::init::seeded_var_builder;
-use crate::models::{build_any, AnyModel, Bag, BagBatch, MilModel, Pooling};
+use crate::models::{build_any, AnyModel, Bag, BagBatch, MilModel, MilNet, Pooling};
 use crate::train::checkpoint::{self, CheckpointError, CheckpointFiles, CheckpointMeta};
 
 /// How importance is computed (see the module documentation).
@@ -100,7 +100,7 @@ impl<T> Context<T> for candle_core::Result<T> {
 /// A trained model read back from its checkpoint, ready for inference.
 pub struct LoadedModel {
     pub meta: CheckpointMeta,
-    pub model: AnyModel,
+    pub model: MilNet,
     pub device: Device,
     /// Keeps the parameters alive.
     _vars: VarMap,
@@ -160,7 +160,7 @@ impl Importance {
 /// Spatial models need positions on distinct cells (merge collisions first, as the
 /// `sparse_map` stage does): every instance must keep its own site to receive a score.
 pub fn importance(
-    model: &AnyModel,
+    model: &MilNet,
     bag: &Bag,
     device: &Device,
 ) -> Result<Importance, ImportanceError> {
@@ -172,13 +172,20 @@ pub fn importance(
             batch.duplicate_sites()
         )));
     }
-    let logits = model.forward(&batch, false).context("the forward pass")?;
+    // What the pooling reads (standardised, encoded): the scores below explain it.
+    let batch = model
+        .prepare(&batch, false)
+        .context("the instance encoder")?;
+    let logits = model
+        .pooling
+        .forward(&batch, false)
+        .context("the forward pass")?;
     let n_classes = logits.dim(1).context("the logits")?;
     let probs = candle_nn::ops::softmax(&logits.detach(), D::Minus1)
         .and_then(|p| p.i(0)?.to_dtype(DType::F32)?.to_vec1::<f32>())
         .context("the class probabilities")?;
     let n = bag.len();
-    let (method, per_class): (Method, Vec<Vec<f32>>) = match model {
+    let (method, per_class): (Method, Vec<Vec<f32>>) = match &model.pooling {
         AnyModel::Sparse(m) => {
             let x = m.activations(&batch, false).context("the sparse CNN")?;
             let a = Var::from_tensor(&x.features().detach()).context("the activations")?;
@@ -283,6 +290,9 @@ mod tests {
             sparse_pool: GlobalPool::Avg,
             attention_hidden: 6,
             lse_r: 1.0,
+            instance_encoder: Vec::new(),
+            encoder_dropout: 0.0,
+            standardize: None,
         }
     }
 
@@ -298,7 +308,7 @@ mod tests {
         }
     }
 
-    fn model(c: &ModelConfig, seed: u64) -> (AnyModel, VarMap) {
+    fn model(c: &ModelConfig, seed: u64) -> (MilNet, VarMap) {
         let vars = VarMap::new();
         let vb = seeded_var_builder(&vars, seed, &Device::Cpu);
         (build_any(c, &vb).unwrap(), vars)
@@ -319,7 +329,7 @@ mod tests {
                 ..config(Pooling::Sparseconvmil, hidden)
             };
             let (m, _vars) = model(&c, 3);
-            let AnyModel::Sparse(sparse) = &m else {
+            let AnyModel::Sparse(sparse) = &m.pooling else {
                 panic!("not sparse")
             };
             let b = bag(7);

@@ -198,6 +198,9 @@ fn config(pooling: Pooling, dim: usize) -> ModelConfig {
         sparse_pool: GlobalPool::Max,
         attention_hidden: 16,
         lse_r: 1.0,
+        instance_encoder: Vec::new(),
+        encoder_dropout: 0.0,
+        standardize: None,
     }
 }
 

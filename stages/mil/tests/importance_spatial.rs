@@ -28,7 +28,7 @@ fn grad_cam_highlights_the_positive_cluster() {
     let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
     let dir = tempfile::tempdir().unwrap();
     let mut trainer = Trainer::new(
-        params.model_config(config.dim, 2),
+        params.model_config(config.dim, 2, None),
         params.train_config(0),
         classes,
         Device::Cpu,

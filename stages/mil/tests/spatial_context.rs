@@ -32,7 +32,7 @@ fn test_balanced_accuracy(pooling: Pooling, bags: &[Bag], epochs: usize) -> f64 
     };
     let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
     let mut trainer = Trainer::new(
-        params.model_config(16, 2),
+        params.model_config(16, 2, None),
         params.train_config(0),
         classes,
         Device::Cpu,

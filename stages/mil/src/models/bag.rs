@@ -58,6 +58,13 @@ pub enum BagError {
     PositionOutOfRange { slide: String, i: i64, j: i64 },
     #[error("slide `{0}` carries tile pixels, not embeddings: only end-to-end training (`finetune_embedder: true`) can embed them")]
     PixelsWithoutEmbedder(String),
+    #[error("slide `{slide}`: instance {instance} has a non-finite embedding value ({value}) in dimension {dimension}; training and prediction stop here (fix or drop the slide's features)")]
+    NonFinite {
+        slide: String,
+        instance: usize,
+        dimension: usize,
+        value: f32,
+    },
     #[error("{rows} feature rows for {instances} instances")]
     FeatureRows { rows: usize, instances: usize },
     #[error(transparent)]
@@ -94,6 +101,15 @@ impl BagBatch {
                     slide: bag.slide_id.clone(),
                     expected: dim,
                     found: bag.dim,
+                });
+            }
+            // A NaN would pass a ReLU as 0 and be silently ignored: refuse it by name.
+            if let Some(k) = bag.embeddings.iter().position(|v| !v.is_finite()) {
+                return Err(BagError::NonFinite {
+                    slide: bag.slide_id.clone(),
+                    instance: k / dim.max(1),
+                    dimension: k % dim.max(1),
+                    value: bag.embeddings[k],
                 });
             }
         }
@@ -160,6 +176,20 @@ impl BagBatch {
                 features.dims(),
                 self.features.dims()
             );
+        }
+        Ok(BagBatch {
+            features,
+            ..self.clone()
+        })
+    }
+
+    /// The same bags with per-instance features of any width `[N, D']` (the instance
+    /// encoder's output): one row per instance, as [`BagBatch::features`].
+    pub fn with_instance_features(&self, features: Tensor) -> candle_core::Result<BagBatch> {
+        let (n, _) = features.dims2()?;
+        let (rows, _) = self.features.dims2()?;
+        if n != rows {
+            candle_core::bail!("{n} encoded instances for a batch of {rows}");
         }
         Ok(BagBatch {
             features,

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod bag;
+pub mod encoder;
 pub mod head;
 pub mod init;
 pub mod pooling;
@@ -14,6 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use bag::{Bag, BagBatch, Split};
+pub use encoder::{InstanceEncoder, InstanceInput, Standardization};
 pub use sparse::GlobalPool;
 
 /// A bag classifier: logits `[B, n_classes]` for a batch of bags.
@@ -101,6 +103,71 @@ pub struct ModelConfig {
     pub attention_hidden: usize,
     /// Sharpness of log-sum-exp pooling.
     pub lse_r: f64,
+    /// Widths of the shared instance encoder (Linear + ReLU each) before the pooling; empty
+    /// in checkpoints written before it existed.
+    #[serde(default)]
+    pub instance_encoder: Vec<usize>,
+    /// Dropout after each encoder layer, in training.
+    #[serde(default)]
+    pub encoder_dropout: f32,
+    /// The training slides' per-dimension statistics the inputs are standardised with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standardize: Option<Standardization>,
+}
+
+impl ModelConfig {
+    /// Width of what the pooling reads (the encoder's output).
+    pub fn pooled_dim(&self) -> usize {
+        InstanceEncoder::out_dim(self.input_dim, &self.instance_encoder)
+    }
+
+    /// The parameter counts of this architecture (built once on the CPU and counted): the
+    /// "#Params" column of a comparison.
+    pub fn parameter_counts(&self) -> candle_core::Result<ParameterCounts> {
+        let vars = candle_nn::VarMap::new();
+        let vb = init::seeded_var_builder(&vars, 0, &candle_core::Device::Cpu);
+        build_any(self, &vb)?;
+        Ok(ParameterCounts::of(&vars))
+    }
+}
+
+/// Trainable parameters by part, so a results table can show what each model costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParameterCounts {
+    /// The shared instance encoder (`encoder.*`).
+    pub encoder: usize,
+    /// What differs between models: sparse CNN, attention network (everything else).
+    pub pooling: usize,
+    /// The shared classifier head (`head.*`).
+    pub head: usize,
+    /// A fine-tuned tile embedder (`embedder.*`), in end-to-end training.
+    pub embedder: usize,
+    pub total: usize,
+}
+
+impl ParameterCounts {
+    /// Counts the variables of `vars` by name prefix. Batch-norm running statistics are
+    /// buffers, not parameters, and are left out (as `sum(p.numel() for p in parameters())`).
+    pub fn of(vars: &candle_nn::VarMap) -> ParameterCounts {
+        let mut c = ParameterCounts::default();
+        for (name, var) in init::named_vars(vars) {
+            if name.ends_with("running_mean") || name.ends_with("running_var") {
+                continue;
+            }
+            let n = var.elem_count();
+            if name.starts_with("encoder.") {
+                c.encoder += n;
+            } else if name.starts_with("head.") {
+                c.head += n;
+            } else if name.starts_with("embedder.") {
+                c.embedder += n;
+            } else {
+                c.pooling += n;
+            }
+            c.total += n;
+        }
+        c
+    }
 }
 
 /// A built model with its concrete type, for code that needs more than the logits (the
@@ -124,6 +191,27 @@ impl MilModel for AnyModel {
     }
 }
 
+/// A whole MIL model: the shared input layers (standardisation, instance encoder), then the
+/// pooling model with its head.
+#[derive(Debug, Clone)]
+pub struct MilNet {
+    pub input: InstanceInput,
+    pub pooling: AnyModel,
+}
+
+impl MilNet {
+    /// The batch the pooling model reads: the same bags with standardised, encoded instances.
+    pub fn prepare(&self, bags: &BagBatch, train: bool) -> candle_core::Result<BagBatch> {
+        bags.with_instance_features(self.input.forward(bags.features(), train)?)
+    }
+}
+
+impl MilModel for MilNet {
+    fn forward(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor> {
+        self.pooling.forward(&self.prepare(bags, train)?, train)
+    }
+}
+
 /// Builds the model `config` describes, creating its parameters through `vb`.
 pub fn build_model(
     config: &ModelConfig,
@@ -133,9 +221,28 @@ pub fn build_model(
 }
 
 /// [`build_model`] with the concrete type kept (same parameter names, so checkpoints load).
-pub fn build_any(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<AnyModel> {
+pub fn build_any(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<MilNet> {
+    let input = InstanceInput::new(
+        config.input_dim,
+        config.standardize.as_ref(),
+        &config.instance_encoder,
+        config.encoder_dropout,
+        vb,
+    )?;
+    Ok(MilNet {
+        input,
+        pooling: build_pooling(config, vb)?,
+    })
+}
+
+/// The pooling model and head of `config`, reading [`ModelConfig::pooled_dim`]-wide instances.
+fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<AnyModel> {
     use pooling::{head_for, EmbeddingPooling, InstancePooling, Reduce};
-    let c = config;
+    let pooled = ModelConfig {
+        input_dim: config.pooled_dim(),
+        ..config.clone()
+    };
+    let c = &pooled;
     let head = |in_dim: usize| head_for(in_dim, c.head_hidden, c.n_classes, c.dropout, vb);
     Ok(match c.pooling {
         Pooling::Sparseconvmil => {
@@ -221,6 +328,9 @@ mod tests {
                 sparse_pool: GlobalPool::Avg,
                 attention_hidden: 7,
                 lse_r: 1.0,
+                instance_encoder: vec![5],
+                encoder_dropout: 0.1,
+                standardize: None,
             };
             let vars = VarMap::new();
             let vb = init::seeded_var_builder(&vars, 0, &dev);
@@ -229,6 +339,88 @@ mod tests {
             assert_eq!(logits.dims(), &[3, 3], "{}", pooling.name());
             let v = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{}", pooling.name());
+        }
+    }
+
+    fn config(pooling: Pooling, encoder: Vec<usize>) -> ModelConfig {
+        ModelConfig {
+            pooling,
+            input_dim: 10,
+            n_classes: 3,
+            head_hidden: 4,
+            dropout: 0.0,
+            sparse_channels: vec![6, 5],
+            sparse_kernel: 3,
+            sparse_batch_norm: false,
+            sparse_pool: GlobalPool::Avg,
+            attention_hidden: 7,
+            lse_r: 1.0,
+            instance_encoder: encoder,
+            encoder_dropout: 0.0,
+            standardize: None,
+        }
+    }
+
+    /// Hand-counted parameters of every model, with and without the shared encoder: the
+    /// encoder and the head are the same for every model reading the same width.
+    #[test]
+    fn parameter_counts_per_model_by_hand() {
+        let lin = |i: usize, o: usize| i * o + o;
+        for encoder in [vec![], vec![8], vec![12, 8]] {
+            let width = encoder.last().copied().unwrap_or(10);
+            let enc = match encoder.as_slice() {
+                [] => 0,
+                [a] => lin(10, *a),
+                [a, b] => lin(10, *a) + lin(*a, *b),
+                _ => unreachable!(),
+            };
+            let head = |d: usize| lin(d, 4) + lin(4, 3);
+            for pooling in Pooling::ALL {
+                let (pool, head_in) = match pooling {
+                    Pooling::Sparseconvmil => (9 * width * 6 + 6 + 9 * 6 * 5 + 5, 5),
+                    Pooling::Attention => (lin(width, 7) + lin(7, 1), width),
+                    Pooling::GatedAttention => (2 * lin(width, 7) + lin(7, 1), width),
+                    _ => (0, width),
+                };
+                let c = config(pooling, encoder.clone()).parameter_counts().unwrap();
+                let expected = ParameterCounts {
+                    encoder: enc,
+                    pooling: pool,
+                    head: head(head_in),
+                    embedder: 0,
+                    total: enc + pool + head(head_in),
+                };
+                assert_eq!(c, expected, "{} with encoder {encoder:?}", pooling.name());
+            }
+        }
+    }
+
+    /// The encoder widens or narrows what the pooling reads; the logits keep their shape.
+    #[test]
+    fn encoder_output_feeds_the_pooling() {
+        let dev = Device::Cpu;
+        let bag = Bag {
+            slide_id: "s".into(),
+            label_index: 0,
+            split: Split::Train,
+            dim: 10,
+            embeddings: (0..40).map(|v| (v as f32 * 0.21).cos()).collect(),
+            positions: Some(vec![[0, 0], [0, 1], [1, 0], [3, 3]]),
+            pixels: None,
+        };
+        let batch = BagBatch::from_bags(&[&bag], &dev).unwrap();
+        for pooling in Pooling::ALL {
+            let vars = VarMap::new();
+            let vb = init::seeded_var_builder(&vars, 2, &dev);
+            let net = build_any(&config(pooling, vec![16, 6]), &vb).unwrap();
+            let prepared = net.prepare(&batch, false).unwrap();
+            assert_eq!(prepared.features().dims(), &[4, 6], "{}", pooling.name());
+            assert_eq!(
+                net.forward(&batch, false).unwrap().dims(),
+                &[1, 3],
+                "{}",
+                pooling.name()
+            );
         }
     }
 }

@@ -18,6 +18,13 @@ pub enum TrainError {
         slides: String,
         value: f32,
     },
+    #[error("epoch {epoch}, batch {batch} (slides {slides}): the gradient norm is {norm}; training stopped and the last good checkpoint is kept (lower `lr`)")]
+    NonFiniteGradient {
+        epoch: usize,
+        batch: usize,
+        slides: String,
+        norm: f64,
+    },
     #[error("{context}: {source}")]
     Candle {
         context: String,

@@ -198,6 +198,9 @@ mod tests {
             sparse_pool: GlobalPool::Avg,
             attention_hidden: 8,
             lse_r: 1.0,
+            instance_encoder: Vec::new(),
+            encoder_dropout: 0.0,
+            standardize: None,
         };
         let config = TrainConfig {
             epochs: 1,
@@ -207,6 +210,9 @@ mod tests {
             monitor: Monitor::ValLoss,
             patience: 0,
             seed: 3,
+            schedule: crate::train::schedule::LrSchedule::Constant,
+            warmup_epochs: 0,
+            grad_clip: 0.0,
         };
         let setup = EmbedderSetup {
             config: EmbedderConfig {

@@ -14,10 +14,11 @@ use super::checkpoint::{self, CheckpointFiles, CheckpointMeta};
 use super::error::{CandleContext, TrainError};
 use super::finetune::{EmbedderConfig, EmbedderSetup, FinetuneEmbedder, EMBEDDER_PREFIX};
 use super::optim::{Adam, AdamConfig};
-use super::record::{BestRecord, EpochRecord, Monitor, TrainLog};
+use super::record::{BestRecord, Collapse, EpochRecord, Monitor, TrainLog};
+use super::schedule::{LrSchedule, Schedule};
 use crate::metrics::{cross_entropy, ClassificationMetrics};
 use crate::models::init::seeded_var_builder;
-use crate::models::{build_model, Bag, BagBatch, MilModel, ModelConfig, Split};
+use crate::models::{build_model, Bag, BagBatch, MilModel, ModelConfig, ParameterCounts, Split};
 use crate::seeding::stream_rng;
 
 /// How to train (everything but the architecture).
@@ -35,6 +36,24 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Experiment seed: parameter init and batch order.
     pub seed: u64,
+    /// Learning-rate shape over training (`optimizer.lr` is its peak).
+    pub schedule: LrSchedule,
+    /// Epochs of linear warm-up (at most a quarter of `epochs`).
+    pub warmup_epochs: usize,
+    /// Largest global gradient norm (clipped above it); 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+impl TrainConfig {
+    /// The schedule of the learning rate over this run.
+    pub fn lr_schedule(&self) -> Schedule {
+        Schedule {
+            kind: self.schedule,
+            lr: self.optimizer.lr,
+            warmup_epochs: self.warmup_epochs.min(self.epochs / 4) as f64,
+            epochs: self.epochs as f64,
+        }
+    }
 }
 
 /// What one finished epoch decided.
@@ -320,8 +339,29 @@ impl Trainer {
         let grads = loss
             .backward()
             .context(|| format!("{}: backward pass", ctx()))?;
+        let scale = if self.config.grad_clip > 0.0 {
+            let norm = self
+                .optimizer
+                .grad_norm(&grads)
+                .context(|| format!("{}: gradient norm", ctx()))?;
+            if !norm.is_finite() {
+                return Err(TrainError::NonFiniteGradient {
+                    epoch,
+                    batch,
+                    slides: bags
+                        .iter()
+                        .map(|b| b.slide_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    norm,
+                });
+            }
+            (self.config.grad_clip / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
         self.optimizer
-            .step(&grads)
+            .step_scaled(&grads, scale)
             .context(|| format!("{}: optimizer step", ctx()))?;
         Ok(value)
     }
@@ -346,7 +386,11 @@ impl Trainer {
             .class_weighted
             .then(|| self.class_weights(&train));
         let mut total = 0.0;
+        let schedule = self.config.lr_schedule();
+        let batches = train.len().div_ceil(self.config.batch_size.max(1));
         for (batch, chunk) in train.chunks(self.config.batch_size.max(1)).enumerate() {
+            let t = epoch as f64 + (batch + 1) as f64 / batches as f64;
+            self.optimizer.set_lr(schedule.lr_at(t));
             let loss = self.step(chunk, weights.as_deref(), epoch, batch)?;
             total += f64::from(loss) * chunk.len() as f64;
         }
@@ -409,10 +453,13 @@ impl Trainer {
         let train_loss = self.train_epoch(bags)?;
         let val: Vec<&Bag> = bags.iter().filter(|b| b.split == Split::Val).collect();
         let evaluation = self.evaluate(&val)?;
+        let constant_loss = self.constant_loss(bags);
         let mut record = EpochRecord {
             epoch,
             step: self.optimizer.step_count(),
             train_loss,
+            constant_loss,
+            lr: self.optimizer.config().lr,
             train_bags,
             val_loss: evaluation.as_ref().map(|e| e.loss),
             val_auc: evaluation.as_ref().and_then(|e| e.auc),
@@ -521,6 +568,63 @@ impl Trainer {
         Ok(None)
     }
 
+    /// The training loss of the best constant predictor on `bags`' training split: the
+    /// entropy of the class prior (`ln C'` over the `C'` classes present when the loss is
+    /// class-weighted, since the weights make the prior uniform). A model whose loss stays
+    /// there has learned nothing about the inputs.
+    pub fn constant_loss(&self, bags: &[Bag]) -> Option<f64> {
+        let mut counts = vec![0usize; self.classes.len()];
+        for b in bags.iter().filter(|b| b.split == Split::Train) {
+            if let Some(n) = counts.get_mut(b.label_index) {
+                *n += 1;
+            }
+        }
+        let total: usize = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        if self.config.class_weighted {
+            let present = counts.iter().filter(|&&n| n > 0).count();
+            return Some((present as f64).ln());
+        }
+        Some(
+            counts
+                .iter()
+                .filter(|&&n| n > 0)
+                .map(|&n| {
+                    let p = n as f64 / total as f64;
+                    -p * p.ln()
+                })
+                .sum(),
+        )
+    }
+
+    /// Whether training collapsed: after at least [`COLLAPSE_MIN_EPOCHS`] epochs, the mean
+    /// training loss of the last three stayed within [`COLLAPSE_TOLERANCE`] of the constant
+    /// predictor's. (Predictions that are all one class are checked where they are made.)
+    pub fn collapse(&self) -> Option<Collapse> {
+        if self.records.len() < COLLAPSE_MIN_EPOCHS {
+            return None;
+        }
+        let last = &self.records[self.records.len() - 3..];
+        let constant = last.iter().filter_map(|r| r.constant_loss).last()?;
+        if constant <= 0.0 {
+            return None;
+        }
+        let mean = last.iter().map(|r| r.train_loss).sum::<f64>() / last.len() as f64;
+        (mean >= (1.0 - COLLAPSE_TOLERANCE) * constant).then(|| Collapse {
+            train_loss: mean,
+            constant_loss: constant,
+            epochs: self.records.len(),
+            lr: self.config.optimizer.lr,
+        })
+    }
+
+    /// Trainable parameters by part (encoder, pooling, head, fine-tuned embedder).
+    pub fn parameters(&self) -> ParameterCounts {
+        ParameterCounts::of(&self.vars)
+    }
+
     /// The run's log so far.
     pub fn log(&self, stage: &str) -> TrainLog {
         TrainLog {
@@ -539,9 +643,16 @@ impl Trainer {
             },
             resumed_at: self.resumed_at,
             duplicate_sites: self.duplicate_sites,
+            parameters: self.parameters(),
+            collapse: self.collapse(),
         }
     }
 }
+
+/// Epochs before a flat training loss counts as a collapse.
+pub const COLLAPSE_MIN_EPOCHS: usize = 3;
+/// How close to the constant predictor's loss (relative) counts as learning nothing.
+pub const COLLAPSE_TOLERANCE: f64 = 0.01;
 
 /// Index of the largest value (the first on ties).
 pub fn argmax(values: &[f32]) -> usize {

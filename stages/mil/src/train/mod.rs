@@ -16,7 +16,9 @@ pub mod finetune;
 pub mod input;
 pub mod optim;
 pub mod record;
+pub mod schedule;
 pub mod synthetic;
+pub mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -32,7 +34,7 @@ use tessera_pipeline::{
 };
 
 use crate::columns::{require_instances, InstanceColumn};
-use crate::models::{Bag, GlobalPool, ModelConfig, Pooling, Split};
+use crate::models::{Bag, GlobalPool, ModelConfig, Pooling, Split, Standardization};
 use crate::predictions::{predictions_schema, to_batch, Prediction};
 use epochs::{write_log, TrainConfig, Trainer};
 use error::TrainError;
@@ -40,6 +42,7 @@ use finetune::{EmbedderConfig, EmbedderSetup};
 use input::BagRows;
 use optim::AdamConfig;
 use record::Monitor;
+use schedule::LrSchedule;
 use tessera_embed::embed_stage::RANDOM_WEIGHTS;
 use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
 
@@ -67,12 +70,33 @@ pub struct TrainParams {
     /// Hidden units of the classifier head shared by every model (0: one linear layer).
     /// The original SparseConvMIL head has 32.
     pub head_hidden: usize,
+    /// Widths of the instance encoder every model shares (per layer Linear + ReLU, then
+    /// `encoder_dropout`), applied to each instance before the pooling (for sparseconvmil
+    /// before its first sparse convolution), so frozen embeddings reach every pooling through
+    /// the same trainable transform. `[]`: the paper's raw setting (pooling sees the
+    /// embeddings themselves, which handicaps max / mean / LSE).
+    pub instance_encoder: Vec<usize>,
+    /// Dropout after each instance-encoder layer while training.
+    pub encoder_dropout: f32,
+    /// Standardise every input dimension with the mean and standard deviation of the
+    /// **training** slides' instances (computed from the first epoch's training bags, stored
+    /// in the checkpoint, applied to validation, test and heatmaps). Ignored with
+    /// `finetune_embedder` (the embedder's output changes while training).
+    pub standardize: bool,
     /// Dropout before the head while training (0 disables; dropout is not seeded).
     pub dropout: f32,
     /// Number of epochs (a resumed run continues up to this total).
     pub epochs: usize,
-    /// Adam learning rate.
+    /// Peak Adam learning rate (reached after the warm-up).
     pub lr: f64,
+    /// Learning-rate shape after the warm-up: `cosine` (down to 1% of `lr` at the last step)
+    /// or `constant`; evaluated per step.
+    pub lr_schedule: LrSchedule,
+    /// Epochs of linear learning-rate warm-up (at most a quarter of `epochs`: shorter runs
+    /// warm up less).
+    pub warmup_epochs: usize,
+    /// Clip the global gradient norm of each step to this value (0 disables).
+    pub grad_clip: f64,
     /// L2 weight decay added to the gradients (torch.optim.Adam semantics, not AdamW's
     /// decoupled decay).
     pub weight_decay: f64,
@@ -111,7 +135,6 @@ pub struct TrainParams {
 
 impl Default for TrainParams {
     fn default() -> Self {
-        let adam = AdamConfig::default();
         TrainParams {
             pooling: Pooling::Sparseconvmil,
             sparse_channels: vec![32, 32],
@@ -121,10 +144,16 @@ impl Default for TrainParams {
             attention_hidden: 128,
             lse_r: 1.0,
             head_hidden: 32,
+            instance_encoder: vec![DEFAULT_ENCODER_WIDTH],
+            encoder_dropout: 0.0,
+            standardize: true,
             dropout: 0.0,
-            epochs: 100,
-            lr: adam.lr,
-            weight_decay: adam.weight_decay,
+            epochs: DEFAULT_EPOCHS,
+            lr: DEFAULT_LR,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_epochs: DEFAULT_WARMUP_EPOCHS,
+            grad_clip: DEFAULT_GRAD_CLIP,
+            weight_decay: DEFAULT_WEIGHT_DECAY,
             batch_size: 2,
             class_weighted: false,
             monitor: Monitor::ValLoss,
@@ -139,9 +168,25 @@ impl Default for TrainParams {
     }
 }
 
+/// Defaults of the optimisation, chosen by the study in docs/defaults-study.md (several
+/// synthetic data sets, spatial and not, 2 to many classes, small and large bags, every
+/// pooling model), not on the shipped example.
+pub const DEFAULT_LR: f64 = 1e-3;
+pub const DEFAULT_WEIGHT_DECAY: f64 = 1e-4;
+pub const DEFAULT_EPOCHS: usize = 40;
+pub const DEFAULT_WARMUP_EPOCHS: usize = 2;
+pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
+pub const DEFAULT_ENCODER_WIDTH: usize = 128;
+
 impl TrainParams {
-    /// The architecture for embeddings of width `input_dim` and `n_classes` classes.
-    pub fn model_config(&self, input_dim: usize, n_classes: usize) -> ModelConfig {
+    /// The architecture for embeddings of width `input_dim` and `n_classes` classes, with the
+    /// training slides' statistics when the inputs are standardised.
+    pub fn model_config(
+        &self,
+        input_dim: usize,
+        n_classes: usize,
+        standardize: Option<Standardization>,
+    ) -> ModelConfig {
         ModelConfig {
             pooling: self.pooling,
             input_dim,
@@ -154,7 +199,15 @@ impl TrainParams {
             sparse_pool: self.sparse_pool,
             attention_hidden: self.attention_hidden,
             lse_r: self.lse_r,
+            instance_encoder: self.instance_encoder.clone(),
+            encoder_dropout: self.encoder_dropout,
+            standardize,
         }
+    }
+
+    /// Whether this run standardises its inputs (never on pixels).
+    pub fn standardizes(&self) -> bool {
+        self.standardize && !self.finetune_embedder
     }
 
     /// The fine-tuned embedder's architecture and input, in end-to-end training.
@@ -199,6 +252,9 @@ impl TrainParams {
             monitor: self.monitor,
             patience: self.patience,
             seed,
+            schedule: self.lr_schedule,
+            warmup_epochs: self.warmup_epochs,
+            grad_clip: self.grad_clip,
         }
     }
 }
@@ -250,6 +306,24 @@ impl StageKind for TrainParams {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ParamIssue::new("dropout", "must lie in [0, 1)"));
         }
+        if !(0.0..1.0).contains(&self.encoder_dropout) {
+            return Err(ParamIssue::new("encoder_dropout", "must lie in [0, 1)"));
+        }
+        if let Some(n) = self.instance_encoder.iter().position(|&w| w == 0) {
+            return Err(ParamIssue::new(
+                "instance_encoder",
+                format!(
+                    "layer {n} has width 0: give each layer a positive width (e.g. [128]), or [] for no encoder"
+                ),
+            ));
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            return Err(ParamIssue::new(
+                "grad_clip",
+                "must be zero (no clipping) or a positive norm",
+            ));
+        }
+
         if !(self.lse_r.is_finite() && self.lse_r > 0.0) {
             return Err(ParamIssue::new("lse_r", "must be a positive number"));
         }
@@ -338,6 +412,23 @@ impl StageKind for TrainParams {
     }
 }
 
+/// The alert for held-out predictions that are all one class although their labels are not
+/// (a model that ignores its input), `None` otherwise.
+fn one_class_predictions(bags: &[&Bag], probs: &[Vec<f32>], classes: &[String]) -> Option<String> {
+    let predicted: std::collections::BTreeSet<usize> =
+        probs.iter().map(|p| epochs::argmax(p)).collect();
+    let labels: std::collections::BTreeSet<usize> = bags.iter().map(|b| b.label_index).collect();
+    if bags.len() < 2 || predicted.len() != 1 || labels.len() < 2 {
+        return None;
+    }
+    let only = predicted.first().and_then(|&c| classes.get(c))?;
+    Some(format!(
+        "training collapsed: every one of the {} validation/test slides is predicted `{only}` although they hold {} classes; the model ignores its input. Likely causes: a learning rate too high or too low, unscaled inputs (`standardize: true`), too few epochs, or a strong class imbalance (`class_weighted: true`)",
+        bags.len(),
+        labels.len()
+    ))
+}
+
 /// The running stage.
 struct TrainStage {
     params: TrainParams,
@@ -360,9 +451,17 @@ struct TrainStage {
 }
 
 impl TrainStage {
-    fn trainer(&mut self, ctx: &StageContext, dim: usize) -> Result<&mut Trainer, TrainError> {
+    fn trainer(
+        &mut self,
+        ctx: &StageContext,
+        dim: usize,
+        bags: &[Bag],
+    ) -> Result<&mut Trainer, TrainError> {
         if self.trainer.is_none() {
-            let model = self.params.model_config(dim, self.classes.len());
+            let standardize = self.standardization(ctx, bags)?;
+            let model = self
+                .params
+                .model_config(dim, self.classes.len(), standardize);
             let config = self.params.train_config(ctx.seed());
             let classes = self.classes.clone();
             let trainer = match &self.embedder {
@@ -374,13 +473,71 @@ impl TrainStage {
             let mut trainer = trainer.with_checkpoints(ctx.out_dir().join("checkpoints"));
             if let Some(path) = &self.resume {
                 let meta = trainer.resume(path)?;
-                tracing::info!(stage = ctx.stage_name(), checkpoint = %path.display(), epoch = meta.epoch, "resuming training at epoch {}", meta.epoch + 1);
+                tracing::info!(stage = ctx.stage_name(), checkpoint = %path.display(), epoch = meta.epoch + 1, "resuming training at epoch {}", meta.epoch + 1);
             }
+            let parameters = trainer.parameters();
+            ctx.set_detail(
+                "parameters",
+                serde_json::to_value(parameters).unwrap_or_default(),
+            );
+            tracing::info!(
+                stage = ctx.stage_name(),
+                "{}: {} parameters (encoder {}, pooling {}, head {}{})",
+                self.params.pooling.name(),
+                parameters.total,
+                parameters.encoder,
+                parameters.pooling,
+                parameters.head,
+                if parameters.embedder > 0 {
+                    format!(", embedder {}", parameters.embedder)
+                } else {
+                    String::new()
+                }
+            );
             self.trainer = Some(trainer);
         }
         self.trainer
             .as_mut()
             .ok_or_else(|| TrainError::NoTrainingBags(0))
+    }
+
+    /// The statistics inputs are standardised with: a resumed run keeps its checkpoint's,
+    /// a new one fits them on the training bags of its first epoch (never on val/test).
+    fn standardization(
+        &self,
+        ctx: &StageContext,
+        bags: &[Bag],
+    ) -> Result<Option<Standardization>, TrainError> {
+        if !self.params.standardizes() {
+            return Ok(None);
+        }
+        if let Some(path) = &self.resume {
+            let files = checkpoint::CheckpointFiles::locate(path)?;
+            return Ok(checkpoint::read_meta(&files)?.model.standardize);
+        }
+        let Some(fitted) = Standardization::fit(bags) else {
+            return Err(TrainError::NoTrainingBags(0));
+        };
+        if !fitted.constant_dims.is_empty() {
+            let shown: Vec<String> = fitted
+                .constant_dims
+                .iter()
+                .take(8)
+                .map(|d| d.to_string())
+                .collect();
+            ctx.warn(
+                None,
+                format!(
+                    "standardize: {} of {} embedding dimensions are constant over the {} training instances (dimension {}{}); they are centred, not scaled, and carry no information",
+                    fitted.constant_dims.len(),
+                    fitted.stats.dim(),
+                    fitted.instances,
+                    shown.join(", "),
+                    if fitted.constant_dims.len() > shown.len() { ", ..." } else { "" }
+                ),
+            );
+        }
+        Ok(Some(fitted.stats))
     }
 
     /// Trains one epoch on `bags` unless training is already over.
@@ -394,7 +551,7 @@ impl TrainStage {
         };
         let stage = ctx.stage_name().to_string();
         let epochs = self.params.epochs;
-        let trainer = self.trainer(ctx, dim)?;
+        let trainer = self.trainer(ctx, dim, bags)?;
         if trainer.is_done() {
             return Ok(());
         }
@@ -526,6 +683,11 @@ impl Stage for TrainStage {
             write_log(&ctx.out_dir().join("train_log.json"), &trainer.log(&stage))?;
             let held_out: Vec<&Bag> = bags.iter().filter(|b| b.split != Split::Train).collect();
             let probs = trainer.predict(&held_out)?;
+            if let Some(collapse) = trainer.collapse() {
+                ctx.alert(collapse.message());
+            } else if let Some(message) = one_class_predictions(&held_out, &probs, &self.classes) {
+                ctx.alert(message);
+            }
             let by_id: HashMap<&str, &SlideHandle> =
                 self.seen.values().map(|s| (s.id.as_str(), s)).collect();
             for (bag, probs) in held_out.iter().zip(probs) {

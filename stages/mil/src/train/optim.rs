@@ -92,9 +92,37 @@ impl Adam {
         self.step
     }
 
+    /// Sets the learning rate of the next steps (a schedule's value).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// The global L2 norm of the gradients of every parameter (what
+    /// `torch.nn.utils.clip_grad_norm_` compares with its `max_norm`).
+    pub fn grad_norm(&self, grads: &GradStore) -> candle_core::Result<f64> {
+        let mut sum = 0f64;
+        for slot in &self.slots {
+            if let Some(g) = grads.get(slot.var.as_tensor()) {
+                sum += g
+                    .to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()? as f64;
+            }
+        }
+        Ok(sum.sqrt())
+    }
+
     /// One update from `grads`; variables without a gradient (e.g. batch-norm running
     /// statistics) are left alone, as in PyTorch.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// [`Adam::step`] with every gradient multiplied by `scale` first (gradient clipping:
+    /// `min(1, max_norm / norm)`, as `clip_grad_norm_` before `torch.optim.Adam.step`, so the
+    /// L2 decay is added after the scaling).
+    pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> candle_core::Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -111,6 +139,7 @@ impl Adam {
                         m: RefCell::new(m),
                         v: RefCell::new(v),
                         c,
+                        scale: scale as f32,
                         bias1,
                         bias2,
                     };
@@ -118,10 +147,15 @@ impl Adam {
                 }
                 Moments::Device { m, v } => {
                     let w = slot.var.as_tensor();
+                    let grad = if scale != 1.0 {
+                        (grad * scale)?
+                    } else {
+                        grad.clone()
+                    };
                     let g = if c.weight_decay != 0.0 {
                         (grad + (w.detach() * c.weight_decay)?)?
                     } else {
-                        grad.clone()
+                        grad
                     };
                     let new_m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
                     let new_v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -206,6 +240,8 @@ struct AdamKernel<'a> {
     m: RefCell<&'a mut Vec<f32>>,
     v: RefCell<&'a mut Vec<f32>>,
     c: AdamConfig,
+    /// Multiplies the gradient before the decay is added (clipping).
+    scale: f32,
     bias1: f64,
     bias2: f64,
 }
@@ -247,7 +283,7 @@ impl InplaceOp2 for AdamKernel<'_> {
         let inv_sqrt_bias2 = (1.0 / self.bias2.sqrt()) as f32;
         let eps = c.eps as f32;
         for (((wi, &gi), mi), vi) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let gi = gi + wd * *wi;
+            let gi = self.scale * gi + wd * *wi;
             *mi = b1 * *mi + (1.0 - b1) * gi;
             *vi = b2 * *vi + (1.0 - b2) * gi * gi;
             *wi -= step * *mi / (vi.sqrt() * inv_sqrt_bias2 + eps);
@@ -354,5 +390,41 @@ mod tests {
             a["v.w"].to_vec1::<f32>().unwrap(),
             state["v.w"].to_vec1::<f32>().unwrap()
         );
+    }
+
+    /// Oracle: clip_grad_norm_ then Adam, by hand, on both update paths.
+    #[test]
+    fn clipping_scales_gradients_to_the_max_norm_before_the_decay() {
+        let c = AdamConfig {
+            lr: 0.1,
+            beta1: 0.8,
+            beta2: 0.9,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        };
+        for dtype in [DType::F32, DType::F64] {
+            let dev = Device::Cpu;
+            let w0 = [3.0f64, -4.0];
+            let var = Var::from_tensor(&Tensor::new(&w0, &dev).unwrap().to_dtype(dtype).unwrap())
+                .unwrap();
+            let mut adam = Adam::new(vec![("w".into(), var.clone())], c).unwrap();
+            // loss = sum(w^2) / 2 -> grad w, norm 5; clip to 1 -> grad w / 5.
+            let loss = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            let grads = loss.backward().unwrap();
+            let norm = adam.grad_norm(&grads).unwrap();
+            assert!((norm - 5.0).abs() < 1e-6, "{norm}");
+            adam.step_scaled(&grads, 1.0 / norm).unwrap();
+            let clipped: Vec<Vec<f64>> = vec![w0.iter().map(|w| w / 5.0).collect()];
+            let expected = torch_adam(&w0, &clipped, c);
+            let got = var
+                .as_tensor()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for (g, e) in got.iter().zip(&expected) {
+                assert!((g - e).abs() < 1e-6, "{dtype:?}: {g} vs {e}");
+            }
+        }
     }
 }

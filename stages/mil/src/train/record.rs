@@ -13,6 +13,13 @@ pub struct EpochRecord {
     pub step: u64,
     /// Mean training loss over the epoch's bags (class-weighted when enabled).
     pub train_loss: f64,
+    /// The loss of the best constant predictor on the same bags (the class prior's entropy):
+    /// a train loss that stays here means nothing was learned.
+    #[serde(default)]
+    pub constant_loss: Option<f64>,
+    /// Learning rate of the epoch's last step.
+    #[serde(default)]
+    pub lr: f64,
     pub train_bags: usize,
     /// Mean unweighted cross-entropy on the validation bags.
     pub val_loss: Option<f64>,
@@ -98,6 +105,38 @@ pub struct TrainLog {
     /// Instances dropped because two shared a sparse-map cell (should be 0: the sparse-map
     /// stage resolves collisions).
     pub duplicate_sites: u64,
+    /// Trainable parameters by part.
+    #[serde(default)]
+    pub parameters: crate::models::ParameterCounts,
+    /// Set when training learned nothing (see `Trainer::collapse`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse: Option<Collapse>,
+}
+
+/// Evidence that a run learned nothing: its training loss stayed at the constant predictor's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Collapse {
+    /// Mean training loss of the last three epochs.
+    pub train_loss: f64,
+    /// The constant predictor's loss (entropy of the class prior).
+    pub constant_loss: f64,
+    pub epochs: usize,
+    /// The peak learning rate of the run.
+    pub lr: f64,
+}
+
+impl Collapse {
+    /// The warning users read, with the likely causes.
+    pub fn message(&self) -> String {
+        format!(
+            "training collapsed: after {} epochs the training loss ({:.4}) is within 1% of the \
+             constant predictor's ({:.4}, the entropy of the class prior), so the model \
+             predicts the prior and learned nothing from the inputs. Likely causes: a learning \
+             rate ({}) too high (dead ReLUs) or too low for this model, unscaled inputs \
+             (`standardize: true`), or labels the inputs do not determine",
+            self.epochs, self.train_loss, self.constant_loss, self.lr
+        )
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +148,8 @@ mod tests {
             epoch: 0,
             step: 0,
             train_loss: 0.0,
+            constant_loss: None,
+            lr: 0.0,
             train_bags: 0,
             val_loss: Some(loss),
             val_auc: Some(auc),

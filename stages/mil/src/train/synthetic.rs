@@ -208,6 +208,21 @@ pub fn to_record_batch(
     slides: &[SyntheticSlide],
     config: &SpatialConfig,
 ) -> Result<RecordBatch, SyntheticError> {
+    slides_record_batch(slides, config.dim, config.tile_size, config.seed)
+}
+
+/// [`to_record_batch`] for slides of any synthetic data set (embeddings of width `dim`).
+pub fn slides_record_batch(
+    slides: &[SyntheticSlide],
+    dim: usize,
+    tile_size: i64,
+    seed: u64,
+) -> Result<RecordBatch, SyntheticError> {
+    let config = SlideGeometry {
+        dim,
+        tile_size,
+        seed,
+    };
     let mut ids = Vec::new();
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     let mut values = Vec::new();
@@ -233,17 +248,35 @@ pub fn to_record_batch(
         .map_err(|e| SyntheticError::Mil(MilError::Arrow(e)))
 }
 
+/// What the embeddings table needs besides the slides.
+struct SlideGeometry {
+    dim: usize,
+    tile_size: i64,
+    seed: u64,
+}
+
 /// Writes `dataset.csv` (`slide_id,label,split`) and `features.parquet` into `dir`.
 pub fn write_example(dir: &Path, config: &SpatialConfig) -> Result<(), SyntheticError> {
+    let slides = spatial_slides(config)?;
+    write_slides(dir, &slides, config.dim, config.tile_size, config.seed)
+}
+
+/// Writes any synthetic data set's `dataset.csv` and `features.parquet` into `dir`.
+pub fn write_slides(
+    dir: &Path,
+    slides: &[SyntheticSlide],
+    dim: usize,
+    tile_size: i64,
+    seed: u64,
+) -> Result<(), SyntheticError> {
     let write_err = |path: &Path, e: &dyn std::fmt::Display| SyntheticError::Write {
         path: path.display().to_string(),
         message: e.to_string(),
     };
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, &e))?;
-    let slides = spatial_slides(config)?;
     let csv_path = dir.join("dataset.csv");
     let mut csv = String::from("slide_id,label,split\n");
-    for s in &slides {
+    for s in slides {
         csv.push_str(&format!(
             "{},{},{}\n",
             s.row.slide_id,
@@ -252,7 +285,7 @@ pub fn write_example(dir: &Path, config: &SpatialConfig) -> Result<(), Synthetic
         ));
     }
     std::fs::write(&csv_path, csv).map_err(|e| write_err(&csv_path, &e))?;
-    let batch = to_record_batch(&slides, config)?;
+    let batch = slides_record_batch(slides, dim, tile_size, seed)?;
     let parquet_path = dir.join("features.parquet");
     let file = std::fs::File::create(&parquet_path).map_err(|e| write_err(&parquet_path, &e))?;
     let props = parquet::file::properties::WriterProperties::builder()
@@ -267,7 +300,8 @@ pub fn write_example(dir: &Path, config: &SpatialConfig) -> Result<(), Synthetic
     Ok(())
 }
 
-fn gaussian(rng: &mut ChaCha8Rng) -> f32 {
+/// A standard normal draw (Box-Muller).
+pub fn gaussian(rng: &mut ChaCha8Rng) -> f32 {
     let u1: f64 = 1.0 - rng.random::<f64>();
     let u2: f64 = rng.random::<f64>();
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
@@ -280,7 +314,7 @@ fn neighbours8(c: [i64; 2]) -> impl Iterator<Item = [i64; 2]> {
 }
 
 /// `n` 4-connected cells grown from a random seed cell.
-fn blob(tissue: &[[i64; 2]], n: usize, rng: &mut ChaCha8Rng) -> Option<HashSet<[i64; 2]>> {
+pub fn blob(tissue: &[[i64; 2]], n: usize, rng: &mut ChaCha8Rng) -> Option<HashSet<[i64; 2]>> {
     let cells: HashSet<[i64; 2]> = tissue.iter().copied().collect();
     for _ in 0..100 {
         let start = *tissue.choose(rng)?;
@@ -313,7 +347,7 @@ fn blob(tissue: &[[i64; 2]], n: usize, rng: &mut ChaCha8Rng) -> Option<HashSet<[
 }
 
 /// `n` cells of which no two touch (8-neighbourhood).
-fn scattered(tissue: &[[i64; 2]], n: usize, rng: &mut ChaCha8Rng) -> Option<HashSet<[i64; 2]>> {
+pub fn scattered(tissue: &[[i64; 2]], n: usize, rng: &mut ChaCha8Rng) -> Option<HashSet<[i64; 2]>> {
     for _ in 0..100 {
         let mut order = tissue.to_vec();
         order.shuffle(rng);
