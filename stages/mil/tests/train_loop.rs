@@ -114,7 +114,7 @@ fn resume_refuses_another_architecture() {
 }
 
 #[test]
-fn non_finite_loss_names_epoch_and_batch_and_keeps_the_last_checkpoint() {
+fn nan_embeddings_are_refused_by_slide_and_keep_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut bags = bags();
     // No hidden layer: a ReLU would turn NaN into 0 (max semantics) and hide it.
@@ -219,4 +219,73 @@ fn weighted_loss_is_the_torch_weighted_mean() {
         (f64::from(got) - expected).abs() < 1e-5,
         "{got} vs {expected}"
     );
+}
+
+/// Inputs that carry nothing (every embedding the same) cannot be learned: the training loss
+/// stays at the constant predictor's, and the collapse is told; the same model on the real
+/// spatial bags learns and raises nothing.
+#[test]
+fn collapse_is_told_for_a_run_that_cannot_learn_and_not_for_one_that_does() {
+    let params = TrainParams {
+        epochs: 6,
+        pooling: Pooling::Sparseconvmil,
+        ..TrainParams::default()
+    };
+    let mut blank = bags();
+    for bag in blank.iter_mut() {
+        bag.embeddings.iter_mut().for_each(|v| *v = 0.25);
+    }
+    let mut t = trainer(&params);
+    fit(&mut t, &blank).unwrap();
+    let collapse = t.collapse().expect("a run on constant inputs collapses");
+    assert!(
+        (collapse.constant_loss - std::f64::consts::LN_2).abs() < 1e-9,
+        "balanced classes: the prior's entropy is ln 2, got {}",
+        collapse.constant_loss
+    );
+    assert!(collapse.message().contains("training collapsed"));
+    assert!(t.log("train").collapse.is_some());
+
+    let learns = TrainParams {
+        epochs: 12,
+        ..params
+    };
+    let mut t = trainer(&learns);
+    let records = fit(&mut t, &bags()).unwrap();
+    assert!(
+        t.collapse().is_none(),
+        "a learning run is not a collapse: {:?}",
+        records.iter().map(|r| r.train_loss).collect::<Vec<_>>()
+    );
+    assert!(records.last().unwrap().train_loss < 0.5 * std::f64::consts::LN_2);
+}
+
+/// The constant predictor's loss is the entropy of the training prior, and ln(C) when the
+/// loss is class-weighted (the weights make the prior uniform).
+#[test]
+fn constant_loss_is_the_entropy_of_the_training_prior() {
+    let mut bags = bags();
+    // 3 of the training bags to class 0, the rest keep theirs: count the prior by hand.
+    for b in bags
+        .iter_mut()
+        .filter(|b| b.split == tessera_mil::models::Split::Train)
+        .take(3)
+    {
+        b.label_index = 0;
+    }
+    let train: Vec<&Bag> = bags
+        .iter()
+        .filter(|b| b.split == tessera_mil::models::Split::Train)
+        .collect();
+    let n0 = train.iter().filter(|b| b.label_index == 0).count() as f64;
+    let n = train.len() as f64;
+    let (p0, p1) = (n0 / n, 1.0 - n0 / n);
+    let expected = -(p0 * p0.ln() + p1 * p1.ln());
+    let t = trainer(&TrainParams::default());
+    assert!((t.constant_loss(&bags).unwrap() - expected).abs() < 1e-12);
+    let weighted = trainer(&TrainParams {
+        class_weighted: true,
+        ..TrainParams::default()
+    });
+    assert!((weighted.constant_loss(&bags).unwrap() - 2f64.ln()).abs() < 1e-12);
 }

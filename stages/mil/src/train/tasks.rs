@@ -31,8 +31,11 @@ pub enum Task {
     SpatialShapes,
     /// Clustered vs scattered with a faint signal (norm 3 against unit noise), 8x8 tiles, 64-d.
     SpatialFaint,
-    /// MNIST-bags style: 10 instance prototypes in 64-d, bags of 10-50 instances, positive
-    /// when a bag holds the key prototype (1-3 witnesses).
+    /// MNIST-bags as Ilse et al. (2018) build it: 10 instance prototypes ("digits") in 64-d,
+    /// bags of about 10 instances (6-14), positive when a bag holds the key prototype; in a
+    /// positive bag each instance is the key with probability 0.1 (at least one).
+    MnistBags,
+    /// Presence at a lower witness rate: bags of 10-50 instances, 1-3 witnesses.
     Presence,
     /// Six classes: which of five key prototypes a bag holds (or none), bags of 20-100.
     PresenceMany,
@@ -42,10 +45,11 @@ pub enum Task {
 
 impl Task {
     /// Every task, spatial first.
-    pub const ALL: [Task; 6] = [
+    pub const ALL: [Task; 7] = [
         Task::Spatial,
         Task::SpatialShapes,
         Task::SpatialFaint,
+        Task::MnistBags,
         Task::Presence,
         Task::PresenceMany,
         Task::LargeBags,
@@ -57,6 +61,7 @@ impl Task {
             Task::Spatial => "spatial",
             Task::SpatialShapes => "spatial_shapes",
             Task::SpatialFaint => "spatial_faint",
+            Task::MnistBags => "mnist_bags",
             Task::Presence => "presence",
             Task::PresenceMany => "presence_many",
             Task::LargeBags => "large_bags",
@@ -142,6 +147,19 @@ pub fn generate(task: Task, n_bags: usize, seed: u64) -> Result<TaskData, Synthe
         Task::Spatial => spatial_two(task, n_bags, 36, 16, 6, 6.0, seed),
         Task::SpatialFaint => spatial_two(task, n_bags, 64, 64, 10, 3.0, seed),
         Task::SpatialShapes => spatial_shapes(n_bags, seed),
+        Task::MnistBags => presence(
+            task,
+            PresenceShape {
+                n_bags,
+                dim: 64,
+                prototypes: 10,
+                keys: 1,
+                size: (6, 14),
+                witnesses: Witnesses::Rate(0.1),
+                signal: 6.0,
+            },
+            seed,
+        ),
         Task::Presence => presence(
             task,
             PresenceShape {
@@ -150,8 +168,8 @@ pub fn generate(task: Task, n_bags: usize, seed: u64) -> Result<TaskData, Synthe
                 prototypes: 10,
                 keys: 1,
                 size: (10, 50),
-                witnesses: (1, 3),
-                signal: 4.0,
+                witnesses: Witnesses::Count(1, 3),
+                signal: 6.0,
             },
             seed,
         ),
@@ -163,8 +181,8 @@ pub fn generate(task: Task, n_bags: usize, seed: u64) -> Result<TaskData, Synthe
                 prototypes: 12,
                 keys: 5,
                 size: (20, 100),
-                witnesses: (1, 4),
-                signal: 4.0,
+                witnesses: Witnesses::Count(1, 4),
+                signal: 6.0,
             },
             seed,
         ),
@@ -176,8 +194,8 @@ pub fn generate(task: Task, n_bags: usize, seed: u64) -> Result<TaskData, Synthe
                 prototypes: 10,
                 keys: 1,
                 size: (400, 800),
-                witnesses: (4, 8),
-                signal: 4.0,
+                witnesses: Witnesses::Count(4, 8),
+                signal: 6.0,
             },
             seed,
         ),
@@ -316,17 +334,32 @@ struct PresenceShape {
     keys: usize,
     /// Instances per bag, inclusive range.
     size: (usize, usize),
-    /// Key instances in a bag that holds its key, inclusive range.
-    witnesses: (usize, usize),
-    /// Norm of each prototype against unit-variance noise.
+    /// Key instances in a bag that holds its key.
+    witnesses: Witnesses,
+    /// Norm of each prototype against unit-variance noise (6: a key instance stands 6 noise
+    /// standard deviations from the others along its own direction, so that instance-level
+    /// evidence is clear and the task measures the pooling, not the sample size).
     signal: f32,
+}
+
+/// How many key instances a bag that holds its key has.
+#[derive(Debug, Clone, Copy)]
+enum Witnesses {
+    /// Uniform in the inclusive range.
+    Count(usize, usize),
+    /// Each instance is a key with this probability (at least one).
+    Rate(f64),
 }
 
 /// Bags of prototype instances; class `k < keys` holds key `k`, class `keys` ("none") holds
 /// no key. Instances lie on random cells of a compact patch: positions carry nothing.
 fn presence(task: Task, shape: PresenceShape, seed: u64) -> Result<TaskData, SyntheticError> {
     let s = &shape;
-    if s.keys == 0 || s.prototypes <= s.keys || s.size.0 < s.witnesses.1 || s.size.0 > s.size.1 {
+    let most_witnesses = match s.witnesses {
+        Witnesses::Count(_, hi) => hi,
+        Witnesses::Rate(_) => 1,
+    };
+    if s.keys == 0 || s.prototypes <= s.keys || s.size.0 < most_witnesses || s.size.0 > s.size.1 {
         return Err(SyntheticError::Config(format!(
             "{}: inconsistent shape",
             task.name()
@@ -352,7 +385,10 @@ fn presence(task: Task, shape: PresenceShape, seed: u64) -> Result<TaskData, Syn
                 .map(|_| *others.choose(&mut rng).unwrap_or(&s.keys))
                 .collect();
             if class < s.keys {
-                let w = rng.random_range(s.witnesses.0..=s.witnesses.1);
+                let w = match s.witnesses {
+                    Witnesses::Count(lo, hi) => rng.random_range(lo..=hi),
+                    Witnesses::Rate(p) => (0..n).filter(|_| rng.random_bool(p)).count().max(1),
+                };
                 kinds[..w].iter_mut().for_each(|k| *k = class);
             }
             kinds.shuffle(&mut rng);
