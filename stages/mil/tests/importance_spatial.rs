@@ -20,9 +20,9 @@ fn grad_cam_highlights_the_positive_cluster() {
     };
     let slides = spatial_slides(&config).expect("synthetic data");
     let bags = to_bags(&slides, config.dim);
+    // train's defaults (epochs included): what a user's heatmap explains.
     let params = TrainParams {
         pooling: Pooling::Sparseconvmil,
-        epochs: 10,
         ..TrainParams::default()
     };
     let classes: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();

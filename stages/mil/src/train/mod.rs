@@ -59,8 +59,9 @@ pub struct TrainParams {
     pub sparse_channels: Vec<usize>,
     /// sparseconvmil: kernel side of the submanifold convolutions (odd).
     pub sparse_kernel: usize,
-    /// sparseconvmil: batch-norm over active sites after each convolution (the study found it
-    /// needed on presence-type labels; the original code has none).
+    /// sparseconvmil: batch-norm over active sites after each convolution (off, as in the
+    /// original code: the study found it lifts SparseConvMIL on presence-type labels but
+    /// blurs its Grad-CAM heatmaps, which then also credit background tiles).
     pub sparse_batch_norm: bool,
     /// sparseconvmil: global pooling of the sparse map, `avg` (original) or `max`.
     pub sparse_pool: GlobalPool,
@@ -140,7 +141,7 @@ impl Default for TrainParams {
             pooling: Pooling::Sparseconvmil,
             sparse_channels: vec![32, 32],
             sparse_kernel: 3,
-            sparse_batch_norm: true,
+            sparse_batch_norm: false,
             sparse_pool: GlobalPool::Avg,
             attention_hidden: 128,
             lse_r: 1.0,
