@@ -91,6 +91,8 @@ struct Outcome {
     auc: Option<f64>,
     best_epoch: usize,
     collapsed: bool,
+    /// Selected epoch within the band of guessing on validation.
+    at_chance: bool,
     seconds: f64,
 }
 
@@ -129,6 +131,7 @@ fn run(
         }
     }
     let collapsed = trainer.collapse().is_some();
+    let at_chance = trainer.at_chance().is_some();
     let best_epoch = trainer.load_best().map_err(|e| e.to_string())?.unwrap_or(0);
     let test: Vec<&Bag> = bags.iter().filter(|b| b.split == Split::Test).collect();
     let probs = trainer.predict(&test).map_err(|e| e.to_string())?;
@@ -142,6 +145,7 @@ fn run(
         auc: m.auc,
         best_epoch,
         collapsed,
+        at_chance,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -168,7 +172,7 @@ fn main() {
         label.join(" ")
     };
     println!("### {label} (seed {})\n", args.seed);
-    println!("| task | model | test balanced accuracy | AUC | best epoch | collapsed | s |");
+    println!("| task | model | test balanced accuracy | AUC | best epoch | alert | s |");
     println!("|---|---|---:|---:|---:|---|---:|");
     let mut spatial_sparse_min = f64::INFINITY;
     let mut spatial_invariant_max = f64::NEG_INFINITY;
@@ -201,7 +205,13 @@ fn main() {
                         o.balanced_accuracy,
                         o.auc.map_or("n/a".into(), |a| format!("{a:.3}")),
                         o.best_epoch + 1,
-                        if o.collapsed { "yes" } else { "" },
+                        if o.collapsed {
+                            "collapsed"
+                        } else if o.at_chance {
+                            "chance"
+                        } else {
+                            ""
+                        },
                         o.seconds
                     );
                     collapses += usize::from(o.collapsed);

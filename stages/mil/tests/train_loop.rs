@@ -289,3 +289,42 @@ fn constant_loss_is_the_entropy_of_the_training_prior() {
     });
     assert!((weighted.constant_loss(&bags).unwrap() - 2f64.ln()).abs() < 1e-12);
 }
+
+/// A permutation-invariant model on a spatial label fits nothing that holds on validation:
+/// its selected epoch is within the band of guessing and that is told; SparseConvMIL on the
+/// same bags is not.
+#[test]
+fn a_model_at_chance_on_validation_is_told_and_a_learning_one_is_not() {
+    let config = SpatialConfig::new(120, 16, 4, 2);
+    let bags = to_bags(&spatial_slides(&config).unwrap(), 4);
+    let val = bags
+        .iter()
+        .filter(|b| b.split == tessera_mil::models::Split::Val)
+        .count();
+    assert!(val >= tessera_mil::train::epochs::CHANCE_MIN_VAL_BAGS);
+    let run = |pooling| {
+        let mut t = trainer(&TrainParams {
+            pooling,
+            epochs: 12,
+            ..TrainParams::default()
+        });
+        fit(&mut t, &bags).unwrap();
+        t
+    };
+    let mean = run(Pooling::Mean);
+    let chance = mean.at_chance().expect("mean pooling cannot see a spatial label");
+    assert_eq!(chance.val_bags, val);
+    assert!((chance.chance - 0.5).abs() < 1e-12);
+    assert!(chance.message().starts_with("no better than chance"));
+    assert!(mean.log("train").at_chance.is_some());
+    let sparse = run(Pooling::Sparseconvmil);
+    assert!(
+        sparse.at_chance().is_none(),
+        "{:?}",
+        sparse
+            .records()
+            .iter()
+            .map(|r| r.val_balanced_accuracy)
+            .collect::<Vec<_>>()
+    );
+}

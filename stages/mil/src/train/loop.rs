@@ -14,7 +14,7 @@ use super::checkpoint::{self, CheckpointFiles, CheckpointMeta};
 use super::error::{CandleContext, TrainError};
 use super::finetune::{EmbedderConfig, EmbedderSetup, FinetuneEmbedder, EMBEDDER_PREFIX};
 use super::optim::{Adam, AdamConfig};
-use super::record::{BestRecord, Collapse, EpochRecord, Monitor, TrainLog};
+use super::record::{AtChance, BestRecord, Collapse, EpochRecord, Monitor, TrainLog};
 use super::schedule::{LrSchedule, Schedule};
 use crate::metrics::{cross_entropy, ClassificationMetrics};
 use crate::models::init::seeded_var_builder;
@@ -620,6 +620,29 @@ impl Trainer {
         })
     }
 
+    /// Whether the selected (best) epoch's validation balanced accuracy is no better than
+    /// chance: below `1/C + 2 sd` of a guessing model's balanced accuracy on `n` validation
+    /// slides (binomial `sd = sqrt(p (1 - p) / n)`, `p = 1/C`). Judged only on at least
+    /// [`CHANCE_MIN_VAL_BAGS`] validation slides, where that band is narrow enough to mean
+    /// something. A model that fits its training slides but not this is not learning the label.
+    pub fn at_chance(&self) -> Option<AtChance> {
+        let best = self.best.as_ref()?;
+        let record = self.records.iter().find(|r| r.epoch == best.epoch)?;
+        let accuracy = record.val_balanced_accuracy?;
+        if record.val_bags < CHANCE_MIN_VAL_BAGS {
+            return None;
+        }
+        let p = 1.0 / self.classes.len().max(2) as f64;
+        let bound = p + 2.0 * (p * (1.0 - p) / record.val_bags as f64).sqrt();
+        (accuracy < bound).then_some(AtChance {
+            val_balanced_accuracy: accuracy,
+            chance: p,
+            bound,
+            val_bags: record.val_bags,
+            epoch: best.epoch,
+        })
+    }
+
     /// Trainable parameters by part (encoder, pooling, head, fine-tuned embedder).
     pub fn parameters(&self) -> ParameterCounts {
         ParameterCounts::of(&self.vars)
@@ -645,9 +668,13 @@ impl Trainer {
             duplicate_sites: self.duplicate_sites,
             parameters: self.parameters(),
             collapse: self.collapse(),
+            at_chance: self.at_chance(),
         }
     }
 }
+
+/// Validation slides under which [`Trainer::at_chance`] does not judge.
+pub const CHANCE_MIN_VAL_BAGS: usize = 20;
 
 /// Epochs before a flat training loss counts as a collapse.
 pub const COLLAPSE_MIN_EPOCHS: usize = 3;

@@ -689,6 +689,8 @@ impl Stage for TrainStage {
                 ctx.alert(collapse.message());
             } else if let Some(message) = one_class_predictions(&held_out, &probs, &self.classes) {
                 ctx.alert(message);
+            } else if let Some(chance) = trainer.at_chance() {
+                ctx.alert(chance.message());
             }
             let by_id: HashMap<&str, &SlideHandle> =
                 self.seen.values().map(|s| (s.id.as_str(), s)).collect();

@@ -111,6 +111,9 @@ pub struct TrainLog {
     /// Set when training learned nothing (see `Trainer::collapse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collapse: Option<Collapse>,
+    /// Set when the selected epoch is no better than chance on validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_chance: Option<AtChance>,
 }
 
 /// Evidence that a run learned nothing: its training loss stayed at the constant predictor's.
@@ -179,5 +182,33 @@ mod tests {
         assert!(!Monitor::ValAuc.improves(&rec(0.6, 0.8), Some(&best_auc)));
         assert!(!Monitor::ValBalancedAccuracy.improves(&rec(0.1, 0.9), None));
         assert!(!Monitor::ValLoss.improves(&rec(f64::NAN, 0.9), None));
+    }
+}
+
+/// Evidence that a model learned nothing that holds beyond its training slides: its best
+/// validation balanced accuracy lies within the band of guessing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AtChance {
+    pub val_balanced_accuracy: f64,
+    /// `1 / C`.
+    pub chance: f64,
+    /// `chance + 2 sd` of guessing on `val_bags` slides.
+    pub bound: f64,
+    pub val_bags: usize,
+    /// The selected (best) epoch, 0-based.
+    pub epoch: usize,
+}
+
+impl AtChance {
+    /// The warning users read.
+    pub fn message(&self) -> String {
+        format!(
+            "no better than chance: the selected epoch ({}) reaches validation balanced accuracy {:.3} on {} slides, within the band of guessing (chance {:.3}, 2 sd {:.3}); the model does not learn this label from these inputs (for a spatial label, only sparseconvmil can), or it overfits the training slides",
+            self.epoch + 1,
+            self.val_balanced_accuracy,
+            self.val_bags,
+            self.chance,
+            self.bound
+        )
     }
 }
