@@ -312,7 +312,9 @@ fn a_model_at_chance_on_validation_is_told_and_a_learning_one_is_not() {
         t
     };
     let mean = run(Pooling::Mean);
-    let chance = mean.at_chance().expect("mean pooling cannot see a spatial label");
+    let chance = mean
+        .at_chance()
+        .expect("mean pooling cannot see a spatial label");
     assert_eq!(chance.val_bags, val);
     assert!((chance.chance - 0.5).abs() < 1e-12);
     assert!(chance.message().starts_with("no better than chance"));
