@@ -43,14 +43,28 @@ fn spatial_sweep_prints_one_row_per_model_and_sparseconvmil_wins() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // the printed table: header, then one row per model in the declared order
+    // the printed table: header, then one row per model in the declared order (a run that
+    // raised an alert has `⚠ ...` after its model's name)
+    let label = |l: &str| {
+        let first = l.split(" | ").next().unwrap_or("");
+        first
+            .trim_start_matches("| ")
+            .split(" ⚠")
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
     let rows: Vec<&str> = stdout
         .lines()
-        .filter(|l| MODELS.iter().any(|m| l.starts_with(&format!("| {m} |"))))
+        .filter(|l| MODELS.contains(&label(l).as_str()))
         .collect();
     assert_eq!(rows.len(), 9, "{stdout}");
     for (row, model) in rows.iter().zip(MODELS) {
-        assert!(row.starts_with(&format!("| {model} | 1 |")), "{row}");
+        assert_eq!(label(row), model, "{row}");
+        // n = 1 run, then the trainable parameter count from train_log.json
+        let cells: Vec<&str> = row.split(" | ").collect();
+        assert_eq!(cells[1], "1", "{row}");
+        assert_ne!(cells[2], "n/a", "{row}");
     }
     let balanced_accuracy = |model: &str| -> f64 {
         let m: serde_json::Value = serde_json::from_str(
@@ -69,8 +83,35 @@ fn spatial_sweep_prints_one_row_per_model_and_sparseconvmil_wins() {
         "{summary}"
     );
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    let sparse_row = md
+        .lines()
+        .find(|l| l.starts_with("| sparseconvmil "))
+        .unwrap();
+    let ba_cell = sparse_row.split(" | ").nth(3).unwrap();
+    assert!(ba_cell.starts_with("**"), "the best row is bold: {md}");
+    // with one run per row, the row's interval is its run's own (same slides, same bootstrap)
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("pooling=sparseconvmil/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let ci = &metrics["ci"]["balanced_accuracy"];
     assert!(
-        md.contains("| sparseconvmil | 1 | **"),
-        "the best row is bold: {md}"
+        ba_cell.ends_with(&format!(
+            "[{:.3}, {:.3}]",
+            ci[0].as_f64().unwrap(),
+            ci[1].as_f64().unwrap()
+        )),
+        "{ba_cell} vs {ci}"
+    );
+    // the baselines near chance are significantly worse than sparseconvmil on the AUC
+    let worse = md
+        .lines()
+        .filter(|l| MODELS[1..].contains(&label(l).as_str()))
+        .filter(|l| !l.split(" | ").nth(4).unwrap_or("").contains('≈'))
+        .count();
+    assert!(worse >= 6, "{md}");
+    assert!(
+        md.contains("≈: not significantly worse"),
+        "the legend: {md}"
     );
 }

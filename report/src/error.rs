@@ -27,6 +27,11 @@ pub enum ReportError {
     NotARun(PathBuf),
     #[error("no font to draw text with: {0}")]
     Font(String),
+    #[error("statistics of {what}: {source}")]
+    Stats {
+        what: String,
+        source: tessera_stats::StatsError,
+    },
     #[error("drawing {path}: {message}")]
     Draw { path: PathBuf, message: String },
 }

@@ -1,12 +1,13 @@
 //! The paper's figures, drawn with plotters as PNG and SVG into `OUT/figures/`: metric vs
-//! downsampling factor and metric vs tiles per slide (Figure 2a/2b; one line per model, error
-//! bars = std over repeats), per-model comparison bars, ROC curves and the confusion matrix.
+//! downsampling factor and metric vs tiles per slide (Figure 2a/2b; one line per model), per-model
+//! comparison bars, ROC curves and the confusion matrix. Error bars are the bootstrap CIs of the
+//! rows' pooled test predictions when the table has them, else the std over repeats.
 //! Only the figures the sweep has data for are drawn; the others are listed with the reason.
 
 use crate::error::ReportError;
 use crate::record::SweepRecord;
 use crate::results::{
-    aggregate, compact, display_value, short_key, ResultRow, ResultsTable, METRICS,
+    compact, display_value, percent, results_table, short_key, ResultRow, ResultsTable, METRICS,
 };
 use crate::roc::{area, read_scores, roc_curve};
 use plotters::coord::types::RangedCoordf64;
@@ -179,8 +180,55 @@ fn tick(v: f64) -> String {
     }
 }
 
-/// Lines of a figure: (label, [(x, mean, std)] sorted by x).
-type Series = Vec<(String, Vec<(f64, f64, f64)>)>;
+/// What the error bars of a figure show: one kind per figure, named on its axis.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bars {
+    /// The rows' bootstrap CIs at this level (rows without one get no bar).
+    Ci(f64),
+    /// Mean ± std over the repeats.
+    Std,
+    None,
+}
+
+impl Bars {
+    /// CIs when any of `rows` has one for one of `metrics`, else std when any row has repeats.
+    fn of(table: &ResultsTable, rows: &[&ResultRow], metrics: &[&str]) -> Bars {
+        let ci = rows
+            .iter()
+            .any(|r| metrics.iter().any(|m| r.ci.contains_key(*m)));
+        match table.bootstrap {
+            Some(b) if ci => Bars::Ci(b.level),
+            _ if rows.iter().any(|r| r.runs > 1) => Bars::Std,
+            _ => Bars::None,
+        }
+    }
+
+    /// The error bar `(low, high)` of a row's metric, clipped to [0, 1].
+    fn of_row(self, row: &ResultRow, metric: &str) -> Option<(f64, f64)> {
+        let bar = match self {
+            Bars::Ci(_) => row.ci.get(metric).copied(),
+            Bars::Std => row
+                .metrics
+                .get(metric)
+                .filter(|m| m.std > 0.0)
+                .map(|m| (m.mean - m.std, m.mean + m.std)),
+            Bars::None => None,
+        };
+        bar.map(|(lo, hi)| (lo.max(0.0), hi.min(1.0)))
+    }
+
+    /// What the axis says about the values and the bars.
+    fn describe(self) -> String {
+        match self {
+            Bars::Ci(level) => format!(" (mean; bars: {}% bootstrap CI)", percent(level)),
+            Bars::Std => " (mean ± std)".into(),
+            Bars::None => String::new(),
+        }
+    }
+}
+
+/// Lines of a figure: (label, [(x, mean, error bar)] sorted by x).
+type Series = Vec<(String, Vec<(f64, f64, Option<(f64, f64)>)>)>;
 
 /// One line figure: a metric against a numeric swept parameter.
 struct LineFigure {
@@ -231,30 +279,35 @@ fn draw_lines<DB: DrawingBackend>(
         .map_err(err)?;
     let labelled: Vec<(f64, String)> = fig.xs.iter().map(|&x| (t(x), tick(x))).collect();
     axis_ticks(&plot, &chart, Axis::X, y0 - 0.03, &labelled)?;
+    // Series side by side around each x (dodged), so their error bars do not hide each other.
+    let step = (hi - lo + 2.0 * pad) * 0.008;
+    let centre = (fig.series.len().max(1) - 1) as f64 / 2.0;
     for (i, (_, pts)) in fig.series.iter().enumerate() {
         let c = color(i);
+        let at = |x: f64| t(x) + (i as f64 - centre) * step;
         chart
             .draw_series(LineSeries::new(
-                pts.iter().map(|&(x, m, _)| (t(x), m)),
+                pts.iter().map(|&(x, m, _)| (at(x), m)),
                 c.stroke_width(2),
             ))
             .map_err(err)?;
         chart
-            .draw_series(pts.iter().filter(|p| p.2 > 0.0).map(|&(x, m, s)| {
-                ErrorBar::new_vertical(
-                    t(x),
-                    (m - s).max(0.0),
+            .draw_series(pts.iter().filter_map(|&(x, m, bar)| {
+                let (lo, hi) = bar?;
+                Some(ErrorBar::new_vertical(
+                    at(x),
+                    lo,
                     m,
-                    (m + s).min(1.0),
+                    hi,
                     c.stroke_width(2),
                     10,
-                )
+                ))
             }))
             .map_err(err)?;
         chart
             .draw_series(
                 pts.iter()
-                    .map(|&(x, m, _)| Circle::new((t(x), m), 4, c.filled())),
+                    .map(|&(x, m, _)| Circle::new((at(x), m), 4, c.filled())),
             )
             .map_err(err)?;
     }
@@ -303,6 +356,8 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
         .filter(|(m, _)| *m == "balanced_accuracy" || *m == "auc")
     {
         let mut series: Series = Vec::new();
+        let rows: Vec<&ResultRow> = table.rows.iter().collect();
+        let bars = Bars::of(table, &rows, &[metric]);
         for r in &table.rows {
             let (Some(x), Some(ms)) =
                 (r.param(key).and_then(Value::as_f64), r.metrics.get(*metric))
@@ -310,9 +365,10 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
                 continue;
             };
             let label = label_without(r, &table.keys, key);
+            let point = (x, ms.mean, bars.of_row(r, metric));
             match series.iter_mut().find(|(l, _)| *l == label) {
-                Some((_, pts)) => pts.push((x, ms.mean, ms.std)),
-                None => series.push((label, vec![(x, ms.mean, ms.std)])),
+                Some((_, pts)) => pts.push(point),
+                None => series.push((label, vec![point])),
             }
         }
         if series.is_empty() {
@@ -324,7 +380,6 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
         series.truncate(MAX_SERIES);
         let min = xs.first().copied().unwrap_or(1.0);
         let max = xs.last().copied().unwrap_or(1.0);
-        let repeats = table.rows.iter().any(|r| r.runs > 1);
         out.push((
             format!("{metric}_vs_{}", short_key(key)),
             LineFigure {
@@ -333,10 +388,7 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
                     x_label.split(" (").next().unwrap_or(x_label)
                 )),
                 x_label: x_label.to_string(),
-                y_label: format!(
-                    "test {header}{}",
-                    if repeats { " (mean ± std)" } else { "" }
-                ),
+                y_label: format!("test {header}{}", bars.describe()),
                 log_x: min > 0.0 && max / min >= 16.0,
                 xs: xs.clone(),
                 legend_title: {
@@ -374,12 +426,14 @@ fn draw_bars<DB: DrawingBackend>(
     root.fill(&WHITE).map_err(err)?;
     let (w, _) = root.dim_in_pixel();
     let (plot, legend) = root.split_horizontally(w - LEGEND_WIDTH);
-    let repeats = rows.iter().any(|r| r.runs > 1);
     let metrics: Vec<(&str, &str)> = METRICS
         .iter()
         .copied()
         .filter(|(m, _)| *m != "cross_entropy")
         .collect();
+    let names_only: Vec<&str> = metrics.iter().map(|(m, _)| *m).collect();
+    let bars = Bars::of(table, rows, &names_only);
+    let y_desc = format!("test metric{}", bars.describe());
     let groups = metrics.len();
     let mut chart = ChartBuilder::on(&plot)
         .caption(title, (FONT, 24))
@@ -392,11 +446,7 @@ fn draw_bars<DB: DrawingBackend>(
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(0)
-        .y_desc(if repeats {
-            "test metric (mean ± std)"
-        } else {
-            "test metric"
-        })
+        .y_desc(y_desc)
         .y_label_formatter(&|v| format!("{v:.1}"))
         .axis_desc_style((FONT, 19))
         .label_style((FONT, 16))
@@ -425,14 +475,14 @@ fn draw_bars<DB: DrawingBackend>(
                     c.filled(),
                 )))
                 .map_err(err)?;
-            if ms.std > 0.0 {
+            if let Some((lo, hi)) = bars.of_row(r, metric) {
                 let x = left + width * 0.46;
                 chart
                     .draw_series(std::iter::once(ErrorBar::new_vertical(
                         x,
-                        (ms.mean - ms.std).max(0.0),
+                        lo,
                         ms.mean,
-                        (ms.mean + ms.std).min(1.0),
+                        hi,
                         BLACK.stroke_width(1),
                         6,
                     )))
@@ -604,7 +654,7 @@ pub fn draw_all(out_dir: &Path, record: &SweepRecord) -> Result<Figures, ReportE
     crate::font::ensure_font()?;
     let dir = out_dir.join("figures");
     std::fs::create_dir_all(&dir).map_err(|e| ReportError::io(&dir, e))?;
-    let table = aggregate(&record.points, &record.keys);
+    let table = results_table(out_dir, record)?;
     let mut figs = Figures::default();
     let with_metrics = table.rows.iter().filter(|r| r.runs > 0).count();
     if with_metrics == 0 {
@@ -843,9 +893,7 @@ mod tests {
 
     /// Two models x two downsampling factors, two seeds each, with metrics and predictions.
     fn sweep(dir: &Path) -> SweepRecord {
-        use arrow::array::{ArrayRef, Float32Builder, Int64Array, ListBuilder, StringArray};
-        use arrow::datatypes::{DataType, Field, Schema};
-        use std::sync::Arc;
+        use crate::runs::tests::write_predictions;
         let mut points = Vec::new();
         for (m, model) in ["sparseconvmil", "mean"].iter().enumerate() {
             for d in [1, 8] {
@@ -859,34 +907,20 @@ mod tests {
                         "split": "test", "classes": ["a", "b"],
                         "confusion_matrix": [[3, 1], [0, 4]]});
                     std::fs::write(p.join("metrics.json"), metrics.to_string()).unwrap();
-                    let mut probs = ListBuilder::new(Float32Builder::new());
                     let labels = [0i64, 1, 0, 1, 1, 0];
-                    for (i, l) in labels.iter().enumerate() {
-                        let s = (0.2 + 0.1 * i as f32 + 0.3 * *l as f32).min(1.0);
-                        probs.values().append_value(1.0 - s);
-                        probs.values().append_value(s);
-                        probs.append(true);
-                    }
-                    let schema = Arc::new(Schema::new(vec![
-                        Field::new("split", DataType::Utf8, false),
-                        Field::new("label_index", DataType::Int64, false),
-                        Field::new(
-                            "probs",
-                            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
-                            false,
-                        ),
-                    ]));
-                    let cols: Vec<ArrayRef> = vec![
-                        Arc::new(StringArray::from(vec!["test"; 6])),
-                        Arc::new(Int64Array::from(labels.to_vec())),
-                        Arc::new(probs.finish()),
-                    ];
-                    let batch =
-                        arrow::record_batch::RecordBatch::try_new(schema.clone(), cols).unwrap();
-                    let f = std::fs::File::create(p.join("predictions.parquet")).unwrap();
-                    let mut w = parquet::arrow::ArrowWriter::try_new(f, schema, None).unwrap();
-                    w.write(&batch).unwrap();
-                    w.close().unwrap();
+                    let rows: Vec<(String, i64, f32)> = labels
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &l)| {
+                            let s = (0.2 + 0.1 * i as f32 + 0.3 * l as f32).min(1.0);
+                            (format!("s{i}"), l, s)
+                        })
+                        .collect();
+                    let rows: Vec<(&str, &str, i64, f32)> = rows
+                        .iter()
+                        .map(|(id, l, s)| (id.as_str(), "test", *l, *s))
+                        .collect();
+                    write_predictions(&p, &rows);
                     points.push(PointRecord {
                         name,
                         params: json!({"sparse_map.downsample": d, "train.pooling": model})

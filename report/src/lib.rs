@@ -5,13 +5,15 @@
 //! The crate knows tessera's output files only by their documented columns and keys
 //! (`metrics.json`, `predictions.parquet`), not by the stages that write them.
 
+pub mod confidence;
 pub mod error;
 pub mod record;
 pub mod results;
+pub mod runs;
 
 pub use error::ReportError;
 pub use record::{PointRecord, PointStage, StageTotals, SweepRecord};
-pub use results::{aggregate, ResultsTable};
+pub use results::{aggregate, results_table, ResultsTable};
 pub mod figures;
 pub mod font;
 pub mod roc;

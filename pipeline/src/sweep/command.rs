@@ -190,7 +190,14 @@ pub fn single_run_table(out_dir: &Path) -> Option<String> {
     let mut record = tessera_report::SweepRecord::single(out_dir);
     record.load_metrics(out_dir).ok()?;
     record.points.first()?.metrics.as_ref()?;
-    Some(tessera_report::aggregate(&record.points, &[]).to_markdown())
+    let table = match tessera_report::results_table(out_dir, &record) {
+        Ok(table) => table,
+        Err(e) => {
+            tracing::warn!("the results table has no confidence intervals: {e}");
+            tessera_report::aggregate(&record.points, &[])
+        }
+    };
+    Some(table.to_markdown())
 }
 
 /// `tessera report OUT`: the results table (rewritten for a sweep) and every figure the

@@ -193,7 +193,7 @@ pub fn write_results(
     if record.points.iter().all(|p| p.metrics.is_none()) {
         return Ok(None);
     }
-    let table = tessera_report::aggregate(&record.points, &record.keys);
+    let table = tessera_report::results_table(out_root, &record)?;
     table.write_parquet(&out_root.join("results.parquet"))?;
     let markdown = table.to_markdown();
     let path = out_root.join("results.md");

@@ -1,19 +1,22 @@
-//! Slide-classification metrics as plain functions (no tensors), shared by `evaluate` and by
-//! training (validation metrics for early stopping). Conventions follow scikit-learn so numbers
-//! compare with CLAM / TRIDENT / STAMP reports:
+//! Slide-classification metrics of one split as `metrics.json` reports them, shared by
+//! `evaluate` and by training (validation metrics for early stopping). The numbers come from
+//! [`tessera_stats`] (re-exported here, so `tessera_mil::metrics::*` keeps working), which
+//! follows scikit-learn so numbers compare with CLAM / TRIDENT / STAMP reports:
 //! - balanced accuracy: mean recall over the classes present in the labels;
 //! - macro precision / recall / F1: unweighted mean over the classes present in the labels or
 //!   the predictions; a 0/0 ratio counts as 0; F1 is averaged per class (not F1 of the means);
-//! - macro one-vs-rest ROC AUC: mean over the classes that have both positives and negatives
-//!   in the split (the others are skipped and reported); ties get average ranks;
+//! - macro one-vs-rest ROC AUC and AUPRC (average precision, step-wise, no interpolation):
+//!   mean over the classes that have both positives and negatives in the split (the others are
+//!   skipped and reported); tied scores are one threshold;
 //! - cross-entropy: mean of `-ln p(true class)`, with `p` clipped to `[1e-15, 1]`.
 
 use crate::error::MilError;
-use serde_json::{json, Value};
-
-/// Probabilities below this are clipped in the cross-entropy, so one confident mistake gives a
-/// large but finite loss (as scikit-learn's `log_loss`).
-pub const CROSS_ENTROPY_EPS: f64 = 1e-15;
+use serde_json::{json, Map, Value};
+pub use tessera_stats::{
+    average_precision, balanced_accuracy, confusion_matrix, cross_entropy, macro_auc_ovr,
+    macro_auprc_ovr, macro_precision_recall_f1, roc_auc, ClassStats, Evaluator, Metric,
+    CROSS_ENTROPY_EPS,
+};
 
 /// The metrics of one split.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +30,10 @@ pub struct ClassificationMetrics {
     pub auc: Option<f64>,
     /// One-vs-rest AUC per class; `None` for the classes skipped.
     pub auc_per_class: Vec<Option<f64>>,
+    /// Macro one-vs-rest average precision; `None` like the AUC.
+    pub auprc: Option<f64>,
+    /// Every class's precision, recall, F1, AUC, AUPRC and support.
+    pub per_class: Vec<ClassStats>,
     pub cross_entropy: f64,
     /// `confusion_matrix[true][predicted]` over every class.
     pub confusion_matrix: Vec<Vec<u64>>,
@@ -40,53 +47,64 @@ impl ClassificationMetrics {
         probs: &[f32],
         n_classes: usize,
     ) -> Result<Self, MilError> {
-        let n = labels.len();
-        if n == 0 {
-            return Err(MilError::Metrics("no predictions to evaluate".into()));
-        }
-        if predicted.len() != n || probs.len() != n * n_classes {
-            return Err(MilError::Metrics(format!(
-                "{n} labels, {} predictions and {} probabilities for {n_classes} classes",
-                predicted.len(),
-                probs.len()
-            )));
-        }
-        if let Some(bad) = labels.iter().chain(predicted).find(|&&c| c >= n_classes) {
-            return Err(MilError::Metrics(format!(
-                "class index {bad} with {n_classes} classes"
-            )));
-        }
-        let cm = confusion_matrix(labels, predicted, n_classes);
-        let (precision, recall, f1) = macro_precision_recall_f1(&cm);
-        let (auc, auc_per_class) = macro_auc_ovr(labels, probs, n_classes);
-        Ok(ClassificationMetrics {
-            n,
-            balanced_accuracy: balanced_accuracy(&cm),
-            precision,
-            recall,
-            f1,
-            auc,
-            auc_per_class,
-            cross_entropy: cross_entropy(labels, probs, n_classes),
-            confusion_matrix: cm,
-        })
+        let evaluator = Evaluator::new(labels, predicted, probs, n_classes)
+            .map_err(|e| MilError::Metrics(e.to_string()))?;
+        Ok(Self::of(&evaluator))
     }
 
-    /// The JSON of `metrics.json` for one split (keys `balanced_accuracy`, `precision`,
-    /// `recall`, `f1`, `auc`, `cross_entropy`, `confusion_matrix`, `classes`, `n`, plus the
-    /// per-class AUC and the classes skipped in the macro AUC).
+    /// The metrics of prepared predictions (the same evaluator then serves the bootstrap).
+    pub fn of(evaluator: &Evaluator) -> Self {
+        let e = evaluator.evaluate();
+        let value = |m: Metric| e.values.get(m);
+        ClassificationMetrics {
+            n: evaluator.len(),
+            balanced_accuracy: value(Metric::BalancedAccuracy).unwrap_or(0.0),
+            precision: value(Metric::Precision).unwrap_or(0.0),
+            recall: value(Metric::Recall).unwrap_or(0.0),
+            f1: value(Metric::F1).unwrap_or(0.0),
+            auc: value(Metric::Auc),
+            auc_per_class: e.per_class.iter().map(|c| c.auc).collect(),
+            auprc: value(Metric::Auprc),
+            cross_entropy: value(Metric::CrossEntropy).unwrap_or(0.0),
+            per_class: e.per_class,
+            confusion_matrix: e.confusion_matrix,
+        }
+    }
+
+    /// The JSON of `metrics.json` for one split: `balanced_accuracy`, `precision`, `recall`,
+    /// `f1`, `auc`, `auprc`, `cross_entropy`, `confusion_matrix`, `classes`, `n`, `per_class`
+    /// (`{class: {precision, recall, f1, auc, auprc, support}}`), the per-class AUC and the
+    /// classes skipped in the macro AUC and AUPRC.
     pub fn to_json(&self, classes: &[String]) -> Value {
-        let skipped: Vec<&str> = self
-            .auc_per_class
-            .iter()
-            .zip(classes)
-            .filter(|(a, _)| a.is_none())
-            .map(|(_, c)| c.as_str())
-            .collect();
-        let per_class: serde_json::Map<String, Value> = classes
+        let skipped = |pick: fn(&ClassStats) -> Option<f64>| -> Vec<&str> {
+            self.per_class
+                .iter()
+                .zip(classes)
+                .filter(|(c, _)| pick(c).is_none())
+                .map(|(_, name)| name.as_str())
+                .collect()
+        };
+        let auc_per_class: Map<String, Value> = classes
             .iter()
             .zip(&self.auc_per_class)
             .map(|(c, a)| (c.clone(), json!(a)))
+            .collect();
+        let per_class: Map<String, Value> = classes
+            .iter()
+            .zip(&self.per_class)
+            .map(|(name, c)| {
+                (
+                    name.clone(),
+                    json!({
+                        "precision": c.precision,
+                        "recall": c.recall,
+                        "f1": c.f1,
+                        "auc": c.auc,
+                        "auprc": c.auprc,
+                        "support": c.support,
+                    }),
+                )
+            })
             .collect();
         json!({
             "balanced_accuracy": self.balanced_accuracy,
@@ -94,137 +112,17 @@ impl ClassificationMetrics {
             "recall": self.recall,
             "f1": self.f1,
             "auc": self.auc,
+            "auprc": self.auprc,
             "cross_entropy": self.cross_entropy,
             "confusion_matrix": self.confusion_matrix,
             "classes": classes,
             "n": self.n,
-            "auc_per_class": per_class,
-            "auc_skipped_classes": skipped,
+            "per_class": per_class,
+            "auc_per_class": auc_per_class,
+            "auc_skipped_classes": skipped(|c| c.auc),
+            "auprc_skipped_classes": skipped(|c| c.auprc),
         })
     }
-}
-
-/// `cm[true][predicted]` counts.
-pub fn confusion_matrix(labels: &[usize], predicted: &[usize], n_classes: usize) -> Vec<Vec<u64>> {
-    let mut cm = vec![vec![0u64; n_classes]; n_classes];
-    for (&t, &p) in labels.iter().zip(predicted) {
-        if t < n_classes && p < n_classes {
-            cm[t][p] += 1;
-        }
-    }
-    cm
-}
-
-fn ratio(num: u64, den: u64) -> f64 {
-    if den == 0 {
-        0.0
-    } else {
-        num as f64 / den as f64
-    }
-}
-
-/// Mean recall over the classes present in the labels.
-pub fn balanced_accuracy(cm: &[Vec<u64>]) -> f64 {
-    let recalls: Vec<f64> = cm
-        .iter()
-        .enumerate()
-        .filter(|(_, row)| row.iter().sum::<u64>() > 0)
-        .map(|(c, row)| ratio(row[c], row.iter().sum()))
-        .collect();
-    mean(&recalls).unwrap_or(0.0)
-}
-
-/// Macro precision, recall and F1 over the classes present in labels or predictions.
-pub fn macro_precision_recall_f1(cm: &[Vec<u64>]) -> (f64, f64, f64) {
-    let (mut p, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new());
-    for c in 0..cm.len() {
-        let support: u64 = cm[c].iter().sum();
-        let predicted: u64 = cm.iter().map(|row| row[c]).sum();
-        if support == 0 && predicted == 0 {
-            continue;
-        }
-        let (precision, recall) = (ratio(cm[c][c], predicted), ratio(cm[c][c], support));
-        let f1 = if precision + recall > 0.0 {
-            2.0 * precision * recall / (precision + recall)
-        } else {
-            0.0
-        };
-        p.push(precision);
-        r.push(recall);
-        f.push(f1);
-    }
-    (
-        mean(&p).unwrap_or(0.0),
-        mean(&r).unwrap_or(0.0),
-        mean(&f).unwrap_or(0.0),
-    )
-}
-
-fn mean(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-}
-
-/// ROC AUC of `scores` for `positive`, as the Mann-Whitney U statistic with average ranks for
-/// ties (equal to the area under the ROC curve with ties drawn as diagonal segments).
-/// `None` without both positives and negatives.
-pub fn roc_auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
-    let n_pos = positive.iter().filter(|p| **p).count();
-    let n_neg = positive.len() - n_pos;
-    if n_pos == 0 || n_neg == 0 {
-        return None;
-    }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let mut rank_sum_pos = 0.0;
-    let mut start = 0;
-    while start < order.len() {
-        let mut end = start + 1;
-        while end < order.len() && scores[order[end]] == scores[order[start]] {
-            end += 1;
-        }
-        // Ranks start..end (0-based) share their average, 1-based.
-        let average_rank = (start + end + 1) as f64 / 2.0;
-        rank_sum_pos +=
-            average_rank * order[start..end].iter().filter(|&&i| positive[i]).count() as f64;
-        start = end;
-    }
-    let u = rank_sum_pos - (n_pos * (n_pos + 1)) as f64 / 2.0;
-    Some(u / (n_pos * n_neg) as f64)
-}
-
-/// Macro one-vs-rest AUC and the AUC of every class (`None` where skipped).
-pub fn macro_auc_ovr(
-    labels: &[usize],
-    probs: &[f32],
-    n_classes: usize,
-) -> (Option<f64>, Vec<Option<f64>>) {
-    let per_class: Vec<Option<f64>> = (0..n_classes)
-        .map(|c| {
-            let scores: Vec<f64> = (0..labels.len())
-                .map(|i| f64::from(probs[i * n_classes + c]))
-                .collect();
-            let positive: Vec<bool> = labels.iter().map(|&l| l == c).collect();
-            roc_auc(&scores, &positive)
-        })
-        .collect();
-    let present: Vec<f64> = per_class.iter().flatten().copied().collect();
-    (mean(&present), per_class)
-}
-
-/// Mean negative log-probability of the true class.
-pub fn cross_entropy(labels: &[usize], probs: &[f32], n_classes: usize) -> f64 {
-    if labels.is_empty() {
-        return 0.0;
-    }
-    let total: f64 = labels
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| {
-            let p = f64::from(probs[i * n_classes + l]);
-            -p.clamp(CROSS_ENTROPY_EPS, 1.0).ln()
-        })
-        .sum();
-    total / labels.len() as f64
 }
 
 #[cfg(test)]
@@ -317,6 +215,12 @@ mod tests {
         // Class 2: pos {0.7, 0.4}, neg {0.1, 0.2, 0.1, 0.1}: 8/8.
         close(m.auc_per_class[0].unwrap(), 7.0 / 8.0);
         close(m.auc.unwrap(), (7.0 / 8.0 + 1.0 + 1.0) / 3.0);
+        // Class 0 ranked: 0.6 pos, 0.5 neg, 0.3 pos -> AP = 1/2 * 1 + 1/2 * 2/3. Classes 1, 2:
+        // both positives on top -> 1.
+        close(m.per_class[0].auprc.unwrap(), 5.0 / 6.0);
+        close(m.auprc.unwrap(), (5.0 / 6.0 + 1.0 + 1.0) / 3.0);
+        close(m.per_class[1].f1, 0.8);
+        assert_eq!(m.per_class[2].support, 2);
         let ce = -[0.6f64, 0.3, 0.8, 0.7, 0.7, 0.4]
             .iter()
             .map(|p| p.ln())
@@ -344,6 +248,15 @@ mod tests {
         assert_eq!(json["auc_skipped_classes"], json!(["c"]));
         assert_eq!(json["n"], json!(3));
         assert!(json["auc_per_class"]["c"].is_null());
+        // Class 1: 0.5 pos, then the tie {0.2 neg, 0.2 pos} is one threshold:
+        // AP = 1/2 * 1 + 1/2 * 2/3; class 0: 1.
+        close(m.per_class[1].auprc.unwrap(), 5.0 / 6.0);
+        close(m.auprc.unwrap(), (1.0 + 5.0 / 6.0) / 2.0);
+        assert_eq!(json["auprc_skipped_classes"], json!(["c"]));
+        assert_eq!(json["per_class"]["c"]["support"], json!(0));
+        assert!(json["per_class"]["c"]["auprc"].is_null());
+        assert_eq!(json["per_class"]["b"]["recall"], json!(0.5));
+        close(json["auprc"].as_f64().unwrap(), 11.0 / 12.0);
     }
 
     #[test]
