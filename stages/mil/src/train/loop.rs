@@ -607,12 +607,12 @@ impl Trainer {
             return None;
         }
         let last = &self.records[self.records.len() - 3..];
-        let constant = last.iter().filter_map(|r| r.constant_loss).last()?;
+        let constant = last.iter().filter_map(|r| r.constant_loss).next_back()?;
         if constant <= 0.0 {
             return None;
         }
         let mean = last.iter().map(|r| r.train_loss).sum::<f64>() / last.len() as f64;
-        (mean >= (1.0 - COLLAPSE_TOLERANCE) * constant).then(|| Collapse {
+        (mean >= (1.0 - COLLAPSE_TOLERANCE) * constant).then_some(Collapse {
             train_loss: mean,
             constant_loss: constant,
             epochs: self.records.len(),
