@@ -3,52 +3,23 @@
 //! Multi-class: the micro-averaged one-vs-rest curve (every (slide, class) pair a decision).
 
 use crate::error::ReportError;
-use arrow::array::AsArray;
-use arrow::datatypes::{Float32Type, Int64Type};
+use crate::runs::read_predictions;
 use std::path::Path;
 
-/// (score, is positive) pairs of one split of a predictions file.
+/// (score, is positive) pairs of one split of a predictions file (read by
+/// [`crate::runs::read_predictions`]): the positive class's probability for two classes, every
+/// class's one-vs-rest probability otherwise.
 pub fn read_scores(path: &Path, split: &str) -> Result<Vec<(f64, bool)>, ReportError> {
-    let bad = |message: String| ReportError::Table {
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| ReportError::io(path, e))?;
-    let reader =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let mut pairs = Vec::new();
-    for batch in reader {
-        let batch = batch?;
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .ok_or_else(|| bad(format!("no `{name}` column")))
-        };
-        let splits = column("split")?
-            .as_string_opt::<i32>()
-            .ok_or_else(|| bad("`split` is not Utf8".into()))?;
-        let labels = column("label_index")?
-            .as_primitive_opt::<Int64Type>()
-            .ok_or_else(|| bad("`label_index` is not Int64".into()))?;
-        let probs = column("probs")?
-            .as_list_opt::<i32>()
-            .ok_or_else(|| bad("`probs` is not a list".into()))?;
-        for row in 0..batch.num_rows() {
-            if splits.value(row) != split {
-                continue;
-            }
-            let p = probs.value(row);
-            let p = p
-                .as_primitive_opt::<Float32Type>()
-                .ok_or_else(|| bad("`probs` items are not Float32".into()))?;
-            let label = labels.value(row);
-            let n = p.len();
-            if n == 2 {
-                pairs.push((f64::from(p.value(1)), label == 1));
-            } else {
-                for c in 0..n {
-                    pairs.push((f64::from(p.value(c)), label == c as i64));
-                }
+    for row in read_predictions(path)?
+        .into_iter()
+        .filter(|r| r.split == split)
+    {
+        if row.probs.len() == 2 {
+            pairs.push((f64::from(row.probs[1]), row.label_index == 1));
+        } else {
+            for (c, p) in row.probs.iter().enumerate() {
+                pairs.push((f64::from(*p), row.label_index == c));
             }
         }
     }
