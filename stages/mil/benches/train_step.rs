@@ -453,6 +453,7 @@ fn torch_script() -> Option<PathBuf> {
 fn arch_json(config: &ModelConfig) -> Value {
     serde_json::to_value(ModelConfig {
         standardize: None,
+        clam_dsmil: Default::default(),
         ..config.clone()
     })
     .expect("model config")

@@ -7,8 +7,11 @@
 //!   pooling and a linear head this is exactly CAM (`(1/N) sum_k w_ck A[s,k]`); with the MLP
 //!   head or max pooling it is its first-order generalisation. Scores are signed: positive
 //!   sites push the class logit up, negative ones down.
-//! - **attention / gated_attention**: the attention weights (softmax over the bag, summing to
-//!   1). They are class-agnostic: the same value is reported for every class.
+//! - **attention / gated_attention / abmil / clam_sb**: the attention weights (softmax over
+//!   the bag, summing to 1). They are class-agnostic: the same value is reported for every
+//!   class.
+//! - **clam_mb / dsmil**: the attention weights of each class's branch (CLAM-MB's per-class
+//!   attention, DSMIL's attention to each class's critical instance), one column per class.
 //! - **instance_max / instance_mean / instance_lse**: each instance's class logits from the
 //!   shared head, the very scores the model pools.
 //! - **max / mean / lse** (embedding pooling): gradient x input saliency,
@@ -31,8 +34,10 @@ use crate::train::checkpoint::{self, CheckpointError, CheckpointFiles, Checkpoin
 pub enum Method {
     /// Gradient x activation at the last sparse layer (SparseConvMIL).
     GradCam,
-    /// Attention weights (attention, gated_attention).
+    /// Attention weights (attention, gated_attention, abmil, clam_sb).
     Attention,
+    /// Attention weights of each class's branch (clam_mb, dsmil).
+    BranchAttention,
     /// Per-instance class logits (instance_max/mean/lse).
     InstanceScores,
     /// Gradient x input saliency (max/mean/lse embedding pooling).
@@ -44,7 +49,10 @@ impl Method {
     pub fn for_pooling(pooling: Pooling) -> Method {
         match pooling {
             Pooling::Sparseconvmil => Method::GradCam,
-            Pooling::Attention | Pooling::GatedAttention => Method::Attention,
+            Pooling::Attention | Pooling::GatedAttention | Pooling::Abmil | Pooling::ClamSb => {
+                Method::Attention
+            }
+            Pooling::ClamMb | Pooling::Dsmil => Method::BranchAttention,
             Pooling::InstanceMax | Pooling::InstanceMean | Pooling::InstanceLse => {
                 Method::InstanceScores
             }
@@ -57,6 +65,7 @@ impl Method {
         match self {
             Method::GradCam => "grad_cam",
             Method::Attention => "attention",
+            Method::BranchAttention => "branch_attention",
             Method::InstanceScores => "instance_scores",
             Method::GradientInput => "gradient_x_input",
         }
@@ -216,6 +225,35 @@ pub fn importance(
                 .context("the attention weights")?;
             (Method::Attention, vec![w; n_classes])
         }
+        AnyModel::Clam(m) => {
+            // [1, K, branches]: one branch (ABMIL, CLAM-SB) or one per class (CLAM-MB).
+            let w = m
+                .weights(&batch)
+                .and_then(|w| w.squeeze(0)?.to_vec2::<f32>())
+                .context("the attention weights")?;
+            if w.first().is_some_and(|r| r.len() == n_classes) && n_classes > 1 {
+                let per_class = (0..n_classes)
+                    .map(|c| w.iter().map(|row| row[c]).collect())
+                    .collect();
+                (Method::BranchAttention, per_class)
+            } else {
+                let column: Vec<f32> = w.iter().map(|row| row[0]).collect();
+                (Method::Attention, vec![column; n_classes])
+            }
+        }
+        AnyModel::Dsmil(m) => {
+            let a = m
+                .attention(&batch)
+                .and_then(|a| match a.into_iter().next() {
+                    Some(a) => a.to_dtype(DType::F32)?.to_vec2::<f32>(),
+                    None => candle_core::bail!("no bag"),
+                })
+                .context("the attention weights")?;
+            let per_class = (0..n_classes)
+                .map(|c| a.iter().map(|row| row[c]).collect())
+                .collect();
+            (Method::BranchAttention, per_class)
+        }
         AnyModel::Instance(m) => {
             let s = m
                 .instance_scores(&batch)
@@ -293,6 +331,7 @@ mod tests {
             instance_encoder: Vec::new(),
             encoder_dropout: 0.0,
             standardize: None,
+            clam_dsmil: Default::default(),
         }
     }
 

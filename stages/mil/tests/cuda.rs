@@ -201,6 +201,7 @@ fn config(pooling: Pooling, dim: usize) -> ModelConfig {
         instance_encoder: Vec::new(),
         encoder_dropout: 0.0,
         standardize: None,
+        clam_dsmil: Default::default(),
     }
 }
 

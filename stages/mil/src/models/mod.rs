@@ -3,10 +3,14 @@
 
 pub mod attention;
 pub mod bag;
+pub mod clam;
+pub mod dsmil;
 pub mod encoder;
 pub mod head;
 pub mod init;
 pub mod pooling;
+#[cfg(test)]
+pub mod reference;
 pub mod sparse;
 
 use candle_core::Tensor;
@@ -22,6 +26,50 @@ pub use sparse::GlobalPool;
 pub trait MilModel: Send {
     /// `train` enables dropout and batch statistics.
     fn forward(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor>;
+
+    /// The training forward pass: the outputs the task loss is computed on, plus what the
+    /// model adds to that loss (CLAM's instance clustering, DSMIL's max-instance branch).
+    /// `labels` are the bags' class indices in classification, `None` for other tasks.
+    fn forward_train(
+        &self,
+        bags: &BagBatch,
+        labels: Option<&[usize]>,
+    ) -> candle_core::Result<TrainOutput> {
+        let _ = labels;
+        Ok(TrainOutput::plain(self.forward(bags, true)?))
+    }
+}
+
+/// What one training forward pass contributes to the loss:
+/// `task_weight * task_loss(outputs) + sum of the auxiliary terms`.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    /// `[B, n_outputs]`, the same outputs `forward` gives.
+    pub outputs: Tensor,
+    /// Weight of the task loss on `outputs` (1 for models without auxiliary terms).
+    pub task_weight: f64,
+    pub auxiliary: Vec<AuxiliaryLoss>,
+}
+
+impl TrainOutput {
+    /// Outputs alone, trained with the task loss only.
+    pub fn plain(outputs: Tensor) -> TrainOutput {
+        TrainOutput {
+            outputs,
+            task_weight: 1.0,
+            auxiliary: Vec::new(),
+        }
+    }
+}
+
+/// A term a model adds to the task loss.
+#[derive(Debug, Clone)]
+pub enum AuxiliaryLoss {
+    /// A second set of outputs `[B, n_outputs]` trained with the task's own loss (DSMIL's
+    /// max-instance branch), so the term works for every task.
+    TaskOutputs { outputs: Tensor, weight: f64 },
+    /// A scalar loss the model computed itself (CLAM's instance clustering).
+    Value { loss: Tensor, weight: f64 },
 }
 
 /// Which model aggregates a bag's instances.
@@ -46,11 +94,21 @@ pub enum Pooling {
     Attention,
     /// Gated attention pooling (Ilse et al. 2018).
     GatedAttention,
+    /// ABMIL as CLAM/TRIDENT configure it: gated attention of `abmil_hidden` units with
+    /// dropout `abmil_dropout` in its branches.
+    Abmil,
+    /// CLAM-SB (Lu et al. 2021): ABMIL plus instance-level clustering on the most and least
+    /// attended instances.
+    ClamSb,
+    /// CLAM-MB: one attention branch per class, plus instance-level clustering.
+    ClamMb,
+    /// DSMIL (Li et al. 2021): critical-instance max branch plus distance-based attention.
+    Dsmil,
 }
 
 impl Pooling {
     /// Every choice, for tests and documentation.
-    pub const ALL: [Pooling; 9] = [
+    pub const ALL: [Pooling; 13] = [
         Pooling::Sparseconvmil,
         Pooling::InstanceMax,
         Pooling::InstanceMean,
@@ -60,6 +118,10 @@ impl Pooling {
         Pooling::Lse,
         Pooling::Attention,
         Pooling::GatedAttention,
+        Pooling::Abmil,
+        Pooling::ClamSb,
+        Pooling::ClamMb,
+        Pooling::Dsmil,
     ];
 
     /// Whether the model reads instance positions (the others are permutation-invariant).
@@ -79,6 +141,10 @@ impl Pooling {
             Pooling::Lse => "lse",
             Pooling::Attention => "attention",
             Pooling::GatedAttention => "gated_attention",
+            Pooling::Abmil => "abmil",
+            Pooling::ClamSb => "clam_sb",
+            Pooling::ClamMb => "clam_mb",
+            Pooling::Dsmil => "dsmil",
         }
     }
 }
@@ -113,6 +179,46 @@ pub struct ModelConfig {
     /// The training slides' per-dimension statistics the inputs are standardised with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standardize: Option<Standardization>,
+    /// Settings of ABMIL, CLAM and DSMIL (defaults in checkpoints written before them).
+    #[serde(default)]
+    pub clam_dsmil: ClamDsmilOptions,
+}
+
+/// Settings of the CLAM family and DSMIL, as their authors configure them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClamDsmilOptions {
+    /// Hidden units of the gated attention network (CLAM's "small": 256).
+    pub abmil_hidden: usize,
+    /// Dropout in the attention branches while training (CLAM: 0.25).
+    pub abmil_dropout: f32,
+    /// Instances pseudo-labelled on each side by CLAM's clustering (`k_sample`: 8).
+    pub clam_k: usize,
+    /// Weight of CLAM's bag loss; the instance loss gets the rest (0.7).
+    pub clam_bag_weight: f64,
+    /// CLAM's `subtyping`: out-of-class branches learn their top-k as negatives.
+    pub clam_subtyping: bool,
+    /// Units of DSMIL's query network (128).
+    pub dsmil_query: usize,
+}
+
+impl ClamDsmilOptions {
+    /// The authors' settings (CLAM "small" with dropout, k_sample 8, bag weight 0.7; DSMIL's
+    /// 128-unit queries).
+    pub const DEFAULT: ClamDsmilOptions = ClamDsmilOptions {
+        abmil_hidden: 256,
+        abmil_dropout: 0.25,
+        clam_k: 8,
+        clam_bag_weight: 0.7,
+        clam_subtyping: false,
+        dsmil_query: 128,
+    };
+}
+
+impl Default for ClamDsmilOptions {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 impl ModelConfig {
@@ -178,16 +284,34 @@ pub enum AnyModel {
     Instance(pooling::InstancePooling),
     Embedding(pooling::EmbeddingPooling),
     Attention(attention::AttentionMil),
+    Clam(clam::ClamMil),
+    Dsmil(dsmil::Dsmil),
+}
+
+impl AnyModel {
+    fn as_model(&self) -> &dyn MilModel {
+        match self {
+            AnyModel::Sparse(m) => m,
+            AnyModel::Instance(m) => m,
+            AnyModel::Embedding(m) => m,
+            AnyModel::Attention(m) => m,
+            AnyModel::Clam(m) => m,
+            AnyModel::Dsmil(m) => m,
+        }
+    }
 }
 
 impl MilModel for AnyModel {
     fn forward(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor> {
-        match self {
-            AnyModel::Sparse(m) => m.forward(bags, train),
-            AnyModel::Instance(m) => m.forward(bags, train),
-            AnyModel::Embedding(m) => m.forward(bags, train),
-            AnyModel::Attention(m) => m.forward(bags, train),
-        }
+        self.as_model().forward(bags, train)
+    }
+
+    fn forward_train(
+        &self,
+        bags: &BagBatch,
+        labels: Option<&[usize]>,
+    ) -> candle_core::Result<TrainOutput> {
+        self.as_model().forward_train(bags, labels)
     }
 }
 
@@ -209,6 +333,15 @@ impl MilNet {
 impl MilModel for MilNet {
     fn forward(&self, bags: &BagBatch, train: bool) -> candle_core::Result<Tensor> {
         self.pooling.forward(&self.prepare(bags, train)?, train)
+    }
+
+    fn forward_train(
+        &self,
+        bags: &BagBatch,
+        labels: Option<&[usize]>,
+    ) -> candle_core::Result<TrainOutput> {
+        self.pooling
+            .forward_train(&self.prepare(bags, true)?, labels)
     }
 }
 
@@ -287,6 +420,31 @@ fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<A
                 vb,
             )?)
         }
+        Pooling::Abmil | Pooling::ClamSb | Pooling::ClamMb => {
+            let o = &c.clam_dsmil;
+            let clustering = (c.pooling != Pooling::Abmil).then_some(clam::Clustering {
+                k: o.clam_k,
+                bag_weight: o.clam_bag_weight,
+                subtyping: o.clam_subtyping,
+            });
+            AnyModel::Clam(clam::ClamMil::new(
+                c.input_dim,
+                o.abmil_hidden,
+                o.abmil_dropout,
+                c.n_classes,
+                c.pooling == Pooling::ClamMb,
+                clustering,
+                head(c.input_dim)?,
+                vb,
+            )?)
+        }
+        Pooling::Dsmil => AnyModel::Dsmil(dsmil::Dsmil::new(
+            c.input_dim,
+            c.clam_dsmil.dsmil_query,
+            c.n_classes,
+            head(dsmil::Dsmil::head_width(c.input_dim, c.n_classes))?,
+            vb,
+        )?),
     })
 }
 
@@ -331,6 +489,7 @@ mod tests {
                 instance_encoder: vec![5],
                 encoder_dropout: 0.1,
                 standardize: None,
+                clam_dsmil: Default::default(),
             };
             let vars = VarMap::new();
             let vb = init::seeded_var_builder(&vars, 0, &dev);
@@ -358,6 +517,7 @@ mod tests {
             instance_encoder: encoder,
             encoder_dropout: 0.0,
             standardize: None,
+            clam_dsmil: Default::default(),
         }
     }
 
@@ -380,6 +540,17 @@ mod tests {
                     Pooling::Sparseconvmil => (9 * width * 6 + 6 + 9 * 6 * 5 + 5, 5),
                     Pooling::Attention => (lin(width, 7) + lin(7, 1), width),
                     Pooling::GatedAttention => (2 * lin(width, 7) + lin(7, 1), width),
+                    // CLAM's sizes by default: 256 attention units, one 2-way instance
+                    // classifier per class.
+                    Pooling::Abmil => (2 * lin(width, 256) + lin(256, 1), width),
+                    Pooling::ClamSb => {
+                        (2 * lin(width, 256) + lin(256, 1) + 3 * lin(width, 2), width)
+                    }
+                    Pooling::ClamMb => {
+                        (2 * lin(width, 256) + lin(256, 3) + 3 * lin(width, 2), width)
+                    }
+                    // Instance classifier, 128-unit query network; the head reads C x width.
+                    Pooling::Dsmil => (lin(width, 3) + lin(width, 128) + lin(128, 128), 3 * width),
                     _ => (0, width),
                 };
                 let c = config(pooling, encoder.clone()).parameter_counts().unwrap();

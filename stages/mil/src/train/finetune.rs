@@ -201,6 +201,7 @@ mod tests {
             instance_encoder: Vec::new(),
             encoder_dropout: 0.0,
             standardize: None,
+            clam_dsmil: Default::default(),
         };
         let config = TrainConfig {
             epochs: 1,

@@ -18,7 +18,10 @@ use super::record::{AtChance, BestRecord, Collapse, EpochRecord, Monitor, TrainL
 use super::schedule::{LrSchedule, Schedule};
 use crate::metrics::{cross_entropy, ClassificationMetrics};
 use crate::models::init::seeded_var_builder;
-use crate::models::{build_model, Bag, BagBatch, MilModel, ModelConfig, ParameterCounts, Split};
+use crate::models::{
+    build_model, AuxiliaryLoss, Bag, BagBatch, MilModel, ModelConfig, ParameterCounts, Split,
+    TrainOutput,
+};
 use crate::seeding::stream_rng;
 
 /// How to train (everything but the architecture).
@@ -314,12 +317,13 @@ impl Trainer {
         let input = self.batch(bags, true)?;
         self.duplicate_sites += input.duplicate_sites() as u64;
         let ctx = || format!("epoch {epoch}, batch {batch}");
-        let logits = self
+        let labels: Vec<usize> = bags.iter().map(|b| b.label_index).collect();
+        let output = self
             .model
-            .forward(&input, true)
+            .forward_train(&input, Some(&labels))
             .context(|| format!("{}: forward pass", ctx()))?;
-        let loss =
-            loss(&logits, bags, weights, &self.device).context(|| format!("{}: loss", ctx()))?;
+        let loss = total_loss(&output, bags, weights, &self.device)
+            .context(|| format!("{}: loss", ctx()))?;
         let value = loss
             .to_scalar::<f32>()
             .context(|| format!("{}: loss", ctx()))?;
@@ -717,6 +721,27 @@ pub fn loss(
             (nll * per_bag)?.sum_all()? / f64::from(total.max(f32::MIN_POSITIVE))
         }
     }
+}
+
+/// The loss of one training forward pass: the task loss of the model's outputs, weighted,
+/// plus its auxiliary terms (see [`TrainOutput`]).
+pub fn total_loss(
+    output: &TrainOutput,
+    bags: &[&Bag],
+    weights: Option<&[f32]>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut total = (loss(&output.outputs, bags, weights, device)? * output.task_weight)?;
+    for term in &output.auxiliary {
+        let value = match term {
+            AuxiliaryLoss::TaskOutputs { outputs, weight } => {
+                (loss(outputs, bags, weights, device)? * *weight)?
+            }
+            AuxiliaryLoss::Value { loss, weight } => (loss * *weight)?,
+        };
+        total = (total + value)?;
+    }
+    Ok(total)
 }
 
 /// Writes `log` as pretty JSON to `path` (through a temporary file).

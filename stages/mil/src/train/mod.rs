@@ -34,7 +34,9 @@ use tessera_pipeline::{
 };
 
 use crate::columns::{require_instances, InstanceColumn};
-use crate::models::{Bag, GlobalPool, ModelConfig, Pooling, Split, Standardization};
+use crate::models::{
+    Bag, ClamDsmilOptions, GlobalPool, ModelConfig, Pooling, Split, Standardization,
+};
 use crate::predictions::{predictions_schema, to_batch, Prediction};
 use epochs::{write_log, TrainConfig, Trainer};
 use error::TrainError;
@@ -52,7 +54,9 @@ use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
 pub struct TrainParams {
     /// The model: `sparseconvmil` (needs `map_i`, `map_j` from a `sparse_map` stage),
     /// instance-level `instance_max` / `instance_mean` / `instance_lse`, embedding-level
-    /// `max` / `mean` / `lse`, `attention` or `gated_attention` (Ilse et al. 2018).
+    /// `max` / `mean` / `lse`, `attention` or `gated_attention` (Ilse et al. 2018), `abmil`
+    /// (gated attention as CLAM/TRIDENT configure it), `clam_sb` / `clam_mb` (CLAM with
+    /// instance-level clustering, Lu et al. 2021) or `dsmil` (Li et al. 2021).
     pub pooling: Pooling,
     /// sparseconvmil: output channels of each 2D submanifold convolution (with bias, each
     /// followed by ReLU). The original uses two layers of 32 or 128.
@@ -67,6 +71,25 @@ pub struct TrainParams {
     pub sparse_pool: GlobalPool,
     /// attention / gated_attention: hidden units of the attention network (128, 512, 2048).
     pub attention_hidden: usize,
+    /// abmil / clam_sb / clam_mb: hidden units of the gated attention network (CLAM's
+    /// "small" size, 256). For CLAM's exact sizes also set `instance_encoder: [512]`,
+    /// `encoder_dropout: 0.25` (CLAM's `fc`) and `head_hidden: 0` (its linear classifier).
+    pub abmil_hidden: usize,
+    /// abmil / clam_sb / clam_mb: dropout in the attention branches while training (0.25).
+    pub abmil_dropout: f32,
+    /// clam_sb / clam_mb: instances pseudo-labelled on each side by the instance-level
+    /// clustering (CLAM's `k_sample`, 8; fewer when a bag is smaller).
+    pub clam_k: usize,
+    /// clam_sb / clam_mb: weight of the bag loss; the instance-clustering loss gets
+    /// `1 - clam_bag_weight` (CLAM: 0.7). Clustering needs class labels: with other tasks
+    /// only the bag loss trains.
+    pub clam_bag_weight: f64,
+    /// clam_sb / clam_mb: CLAM's `subtyping` — the other classes' instance classifiers also
+    /// learn their branch's most attended instances as negatives (for mutually exclusive
+    /// subtypes), the loss averaged over classes.
+    pub clam_subtyping: bool,
+    /// dsmil: units of the query network that measures distances to the critical instance.
+    pub dsmil_query: usize,
     /// instance_lse / lse: sharpness r of `(1/r) log mean exp(r x)`.
     pub lse_r: f64,
     /// Hidden units of the classifier head shared by every model (0: one linear layer).
@@ -144,6 +167,12 @@ impl Default for TrainParams {
             sparse_batch_norm: false,
             sparse_pool: GlobalPool::Avg,
             attention_hidden: 128,
+            abmil_hidden: DEFAULT_CLAM_DSMIL.abmil_hidden,
+            abmil_dropout: DEFAULT_CLAM_DSMIL.abmil_dropout,
+            clam_k: DEFAULT_CLAM_DSMIL.clam_k,
+            clam_bag_weight: DEFAULT_CLAM_DSMIL.clam_bag_weight,
+            clam_subtyping: DEFAULT_CLAM_DSMIL.clam_subtyping,
+            dsmil_query: DEFAULT_CLAM_DSMIL.dsmil_query,
             lse_r: 1.0,
             head_hidden: 32,
             instance_encoder: vec![DEFAULT_ENCODER_WIDTH],
@@ -179,6 +208,8 @@ pub const DEFAULT_EPOCHS: usize = 40;
 pub const DEFAULT_WARMUP_EPOCHS: usize = 2;
 pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
 pub const DEFAULT_ENCODER_WIDTH: usize = 128;
+/// ABMIL / CLAM / DSMIL settings as their authors configure them.
+const DEFAULT_CLAM_DSMIL: ClamDsmilOptions = ClamDsmilOptions::DEFAULT;
 
 impl TrainParams {
     /// The architecture for embeddings of width `input_dim` and `n_classes` classes, with the
@@ -204,6 +235,14 @@ impl TrainParams {
             instance_encoder: self.instance_encoder.clone(),
             encoder_dropout: self.encoder_dropout,
             standardize,
+            clam_dsmil: ClamDsmilOptions {
+                abmil_hidden: self.abmil_hidden,
+                abmil_dropout: self.abmil_dropout,
+                clam_k: self.clam_k,
+                clam_bag_weight: self.clam_bag_weight,
+                clam_subtyping: self.clam_subtyping,
+                dsmil_query: self.dsmil_query,
+            },
         }
     }
 
@@ -265,7 +304,7 @@ impl StageKind for TrainParams {
     const KIND: &'static str = "train";
     const VERSION: &'static str = "1";
     const ABOUT: &'static str =
-        "Trains SparseConvMIL or a MIL baseline (max/mean/LSE, attention) on per-epoch bags; writes checkpoints and train_log.json, emits val/test predictions";
+        "Trains SparseConvMIL or a MIL baseline (max/mean/LSE, attention, ABMIL, CLAM, DSMIL) on per-epoch bags; writes checkpoints and train_log.json, emits val/test predictions";
 
     fn input_spec(&self) -> InputSpec {
         // The instances (embeddings, or pixels with finetune_embedder) are checked by
@@ -326,6 +365,15 @@ impl StageKind for TrainParams {
             ));
         }
 
+        if !(0.0..1.0).contains(&self.abmil_dropout) {
+            return Err(ParamIssue::new("abmil_dropout", "must lie in [0, 1)"));
+        }
+        positive("abmil_hidden", self.abmil_hidden > 0)?;
+        positive("clam_k", self.clam_k > 0)?;
+        positive("dsmil_query", self.dsmil_query > 0)?;
+        if !(self.clam_bag_weight.is_finite() && (0.0..=1.0).contains(&self.clam_bag_weight)) {
+            return Err(ParamIssue::new("clam_bag_weight", "must lie in [0, 1]"));
+        }
         if !(self.lse_r.is_finite() && self.lse_r > 0.0) {
             return Err(ParamIssue::new("lse_r", "must be a positive number"));
         }
