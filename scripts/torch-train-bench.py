@@ -192,6 +192,97 @@ class MilNet(nn.Module):
         return scores.mean(1) if self.pooling == "instance_mean" else scores.amax(1)
 
 
+# Models whose PyTorch side is a published implementation rather than tessera's formulation:
+# torchmil's (PyPI) ABMIL, CLAM_SB, DSMIL and TransMIL; CLAM-MB (which torchmil lacks) after
+# the authors' model_clam.py. Their parameters differ from tessera's, so the bench times them
+# but cannot run the same-weights check on them.
+REFERENCE_POOLINGS = {"abmil", "clam_sb", "clam_mb", "dsmil", "transmil", "transmil_map"}
+
+
+class ClamMB(nn.Module):
+    """CLAM-MB as mahmoodlab/CLAM's `CLAM_MB` (gated attention with one branch per class,
+    an independent Linear(L, 1) bag classifier per class, one 2-way instance classifier per
+    class, k_sample top/bottom pseudo-labels for the true class's branch), cross-entropy
+    instance loss (`--inst_loss ce`), one bag at a time as the authors train."""
+
+    def __init__(self, width, hidden, classes, k):
+        super().__init__()
+        self.a = nn.Linear(width, hidden)
+        self.b = nn.Linear(width, hidden)
+        self.c = nn.Linear(hidden, classes)
+        self.classifiers = nn.ModuleList([nn.Linear(width, 1) for _ in range(classes)])
+        self.instance_classifiers = nn.ModuleList([nn.Linear(width, 2) for _ in range(classes)])
+        self.k, self.classes = k, classes
+
+    def loss(self, h, label):
+        A = self.c(torch.tanh(self.a(h)) * torch.sigmoid(self.b(h))).t()  # C x N
+        A = F.softmax(A, dim=1)
+        k = min(self.k, h.shape[0])
+        a = A[label]
+        top = torch.topk(a, k)[1]
+        bottom = torch.topk(-a, k)[1]
+        inst = self.instance_classifiers[label](torch.cat([h[top], h[bottom]]))
+        targets = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)]).to(h.device)
+        inst_loss = F.cross_entropy(inst, targets)
+        M = A @ h
+        logits = torch.cat([self.classifiers[c](M[c]) for c in range(self.classes)]).unsqueeze(0)
+        bag_loss = F.cross_entropy(logits, torch.tensor([label], device=h.device))
+        return 0.7 * bag_loss + 0.3 * inst_loss
+
+
+class ReferenceNet(nn.Module):
+    """A published implementation of `cfg["pooling"]` behind tessera's standardisation and
+    instance encoder (Linear + ReLU per width), trained with the authors' loss: CLAM's bag
+    weight 0.7 / instance 0.3, DSMIL's 0.5 bag / 0.5 max-instance. torchmil's models are
+    binary (BCE on one logit); the bench's task is binary too."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        import torchmil.models as tm
+
+        self.pooling = cfg["pooling"]
+        width = cfg["input_dim"]
+        self.encoder = nn.ModuleList()
+        for out in cfg["instance_encoder"]:
+            self.encoder.append(nn.Linear(width, out))
+            width = out
+        o = cfg.get("clam_dsmil", {})
+        hidden, k = o.get("abmil_hidden", 256), o.get("clam_k", 8)
+        self.weights = {}
+        if self.pooling == "abmil":
+            self.net = tm.ABMIL(in_shape=(width,), att_dim=hidden, gated=True)
+        elif self.pooling == "clam_sb":
+            # torchmil's BCE instance loss fails on its 2-way instance classifiers; its default
+            # (CLAM's own default) is the smooth top-1 SVM.
+            self.net = tm.CLAM_SB(in_shape=(width,), att_dim=hidden, gated=True, k_sample=k)
+            self.weights = {"BCEWithLogitsLoss": 0.7, "InstLoss": 0.3}
+        elif self.pooling == "dsmil":
+            self.net = tm.DSMIL(in_shape=(width,), att_dim=o.get("dsmil_query", 128), nonlinear_q=True)
+            self.weights = {"BCEWithLogitsLoss": 0.5, "BCEWithLogitsLoss_max": 0.5}
+        elif self.pooling in ("transmil", "transmil_map"):
+            self.net = tm.TransMIL(in_shape=(width,))
+        elif self.pooling == "clam_mb":
+            self.net = ClamMB(width, hidden, cfg["n_classes"], k)
+        else:
+            raise ValueError(f"no reference for {self.pooling}")
+        self.register_buffer("mean", torch.zeros(cfg["input_dim"]))
+        self.register_buffer("inv_std", torch.ones(cfg["input_dim"]))
+
+    def standardize_with(self, mean, std):
+        self.mean.copy_(mean)
+        self.inv_std.copy_(1.0 / std)
+
+    def train_loss(self, x, labels, n_bags):
+        x = (x - self.mean) * self.inv_std
+        for layer in self.encoder:
+            x = F.relu(layer(x))
+        X = x.reshape(n_bags, -1, x.shape[1])  # equal-sized bags
+        if isinstance(self.net, ClamMB):
+            return sum(self.net.loss(X[b], int(labels[b])) for b in range(n_bags)) / n_bags
+        _, losses = self.net.compute_loss(labels.float(), X)
+        return sum(self.weights.get(name, 1.0) * v for name, v in losses.items())
+
+
 def standardization(xs):
     """Population mean / std per dimension of the bags' instances (ddof 0, f64 sums as tessera's
     `Standardization::fit`); 1 for a constant dimension."""
@@ -223,7 +314,8 @@ class Trainer:
 
     def reset(self):
         """A freshly initialised model and optimizer (same standardisation)."""
-        self.model = MilNet(self.cfg).to(self.device)
+        net = ReferenceNet if self.cfg["pooling"] in REFERENCE_POOLINGS else MilNet
+        self.model = net(self.cfg).to(self.device)
         if self.stats is not None:
             self.model.standardize_with(*self.stats)
         o = self.optimizer
@@ -248,8 +340,10 @@ class Trainer:
             [torch.full((b[0].shape[0],), n, dtype=torch.long, device=self.device) for n, b in enumerate(bags)]
         )
         labels = torch.tensor([b[2] for b in bags], device=self.device)
-        logits = self.model(x, coords, bag_index, len(bags))
-        loss = F.cross_entropy(logits, labels)
+        if isinstance(self.model, ReferenceNet):
+            loss = self.model.train_loss(x, labels, len(bags))
+        else:
+            loss = F.cross_entropy(self.model(x, coords, bag_index, len(bags)), labels)
         value = loss.item()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

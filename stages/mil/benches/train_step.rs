@@ -41,7 +41,7 @@ use tessera_mil::models::init::{named_vars, seeded_var_builder};
 use tessera_mil::models::Standardization;
 use tessera_mil::models::{build_model, Bag, BagBatch, MilModel, ModelConfig, Pooling, Split};
 use tessera_mil::seeding::stream_rng;
-use tessera_mil::train::epochs::loss;
+use tessera_mil::train::epochs::total_loss;
 use tessera_mil::train::optim::Adam;
 use tessera_mil::train::TrainParams;
 
@@ -211,8 +211,9 @@ fn step(s: &mut Setup, bags: &[&Bag], phases: &mut Phases, dev: &Device) -> f32 
     let t = Instant::now();
     let input = BagBatch::from_bags(bags, dev).expect("batch");
     let t1 = Instant::now();
-    let logits = s.model.forward(&input, true).expect("forward");
-    let l = loss(&logits, bags, None, dev).expect("loss");
+    let labels: Vec<usize> = bags.iter().map(|b| b.label_index).collect();
+    let output = s.model.forward_train(&input, Some(&labels)).expect("forward");
+    let l = total_loss(&output, bags, None, dev).expect("loss");
     let value = black_box(l.to_scalar::<f32>().expect("scalar"));
     let t2 = Instant::now();
     let grads = l.backward().expect("backward");
@@ -278,6 +279,29 @@ fn step_flops(config: &ModelConfig, bags: &[&Bag]) -> f64 {
         }
         Pooling::InstanceMax | Pooling::InstanceMean | Pooling::InstanceLse => head(n, width),
         Pooling::Max | Pooling::Mean | Pooling::Lse => head(b, width),
+        Pooling::Abmil | Pooling::ClamSb | Pooling::ClamMb => {
+            // Gated attention with one branch (or one per class), attention-weighted sums; the
+            // instance classifiers of the clustering see 2k instances only.
+            let a = config.clam_dsmil.abmil_hidden as f64;
+            let branches = if config.pooling == Pooling::ClamMb {
+                config.n_classes as f64
+            } else {
+                1.0
+            };
+            2.0 * 2.0 * n * width as f64 * a
+                + 2.0 * n * a * branches
+                + 2.0 * n * width as f64 * branches
+                + head(b * branches, width)
+        }
+        Pooling::Dsmil => {
+            // Instance classifier, two query layers, attention logits and sums per class.
+            let (c, q) = (config.n_classes as f64, config.clam_dsmil.dsmil_query as f64);
+            2.0 * n * width as f64 * c
+                + 2.0 * n * (width as f64 * q + q * q)
+                + 2.0 * n * q * c
+                + 2.0 * n * width as f64 * c
+                + head(b, width * config.n_classes)
+        }
     };
     3.0 * flops
 }
@@ -453,7 +477,6 @@ fn torch_script() -> Option<PathBuf> {
 fn arch_json(config: &ModelConfig) -> Value {
     serde_json::to_value(ModelConfig {
         standardize: None,
-        clam_dsmil: Default::default(),
         ..config.clone()
     })
     .expect("model config")
@@ -645,6 +668,15 @@ fn main() {
         h = defaults.head_hidden,
     );
 
+    println!(
+        "abmil, clam_sb, clam_mb, dsmil: tessera at its defaults for them (CLAM's gated attention of {} units with dropout {}, k = {}, bag weight {}; DSMIL's {}-unit queries) against a published implementation behind the same standardisation and encoder: torchmil's ABMIL, CLAM_SB (its default smooth top-1 SVM instance loss) and DSMIL (binary, BCE on one logit), and CLAM-MB written in the script after the authors' model_clam.py (torchmil has none). Their parameters differ from tessera's, so the same-weights check below covers tessera's own formulations only.\n",
+        defaults.abmil_hidden,
+        defaults.abmil_dropout,
+        defaults.clam_k,
+        defaults.clam_bag_weight,
+        defaults.dsmil_query,
+    );
+
     // Same function: both sides train the same weights on the same inputs.
     if let Some(t) = torch.as_mut() {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -699,6 +731,14 @@ fn main() {
         (Pooling::Mean, 1000, 0.5),
         (Pooling::InstanceMax, 100, 0.5),
         (Pooling::InstanceMax, 1000, 0.5),
+        (Pooling::Abmil, 100, 0.5),
+        (Pooling::Abmil, 1000, 0.5),
+        (Pooling::ClamSb, 100, 0.5),
+        (Pooling::ClamSb, 1000, 0.5),
+        (Pooling::ClamMb, 100, 0.5),
+        (Pooling::ClamMb, 1000, 0.5),
+        (Pooling::Dsmil, 100, 0.5),
+        (Pooling::Dsmil, 1000, 0.5),
     ] {
         let b = bag(k, density, 1);
         let s = setup(pooling, &[&b], &dev);
