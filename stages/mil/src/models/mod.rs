@@ -6,8 +6,10 @@ pub mod bag;
 pub mod encoder;
 pub mod head;
 pub mod init;
+pub mod nystrom;
 pub mod pooling;
 pub mod sparse;
+pub mod transmil;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -46,11 +48,18 @@ pub enum Pooling {
     Attention,
     /// Gated attention pooling (Ilse et al. 2018).
     GatedAttention,
+    /// TransMIL (Shao et al. 2021): two Nystrom-attention layers around a convolutional
+    /// position encoding (PPEG) of the tokens laid out on a square in bag order; class token
+    /// to the head.
+    Transmil,
+    /// TransMIL whose position encoding runs on the instances' sparse-map cells (submanifold
+    /// depthwise convolutions) instead of the arbitrary square (needs `map_i`, `map_j`).
+    TransmilMap,
 }
 
 impl Pooling {
     /// Every choice, for tests and documentation.
-    pub const ALL: [Pooling; 9] = [
+    pub const ALL: [Pooling; 11] = [
         Pooling::Sparseconvmil,
         Pooling::InstanceMax,
         Pooling::InstanceMean,
@@ -60,11 +69,13 @@ impl Pooling {
         Pooling::Lse,
         Pooling::Attention,
         Pooling::GatedAttention,
+        Pooling::Transmil,
+        Pooling::TransmilMap,
     ];
 
     /// Whether the model reads instance positions (the others are permutation-invariant).
     pub fn is_spatial(self) -> bool {
-        self == Pooling::Sparseconvmil
+        matches!(self, Pooling::Sparseconvmil | Pooling::TransmilMap)
     }
 
     /// The YAML name.
@@ -79,6 +90,8 @@ impl Pooling {
             Pooling::Lse => "lse",
             Pooling::Attention => "attention",
             Pooling::GatedAttention => "gated_attention",
+            Pooling::Transmil => "transmil",
+            Pooling::TransmilMap => "transmil_map",
         }
     }
 }
@@ -178,6 +191,7 @@ pub enum AnyModel {
     Instance(pooling::InstancePooling),
     Embedding(pooling::EmbeddingPooling),
     Attention(attention::AttentionMil),
+    TransMil(transmil::TransMil),
 }
 
 impl MilModel for AnyModel {
@@ -187,6 +201,7 @@ impl MilModel for AnyModel {
             AnyModel::Instance(m) => m.forward(bags, train),
             AnyModel::Embedding(m) => m.forward(bags, train),
             AnyModel::Attention(m) => m.forward(bags, train),
+            AnyModel::TransMil(m) => m.forward(bags, train),
         }
     }
 }
@@ -287,6 +302,17 @@ fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<A
                 vb,
             )?)
         }
+        Pooling::Transmil | Pooling::TransmilMap => AnyModel::TransMil(transmil::TransMil::new(
+            c.input_dim,
+            nystrom::NystromConfig::transmil(c.input_dim),
+            if c.pooling == Pooling::TransmilMap {
+                transmil::PpegLayout::Map
+            } else {
+                transmil::PpegLayout::Square
+            },
+            head(c.input_dim)?,
+            vb,
+        )?),
     })
 }
 
@@ -380,6 +406,15 @@ mod tests {
                     Pooling::Sparseconvmil => (9 * width * 6 + 6 + 9 * 6 * 5 + 5, 5),
                     Pooling::Attention => (lin(width, 7) + lin(7, 1), width),
                     Pooling::GatedAttention => (2 * lin(width, 7) + lin(7, 1), width),
+                    Pooling::Transmil | Pooling::TransmilMap => {
+                        // 8 heads of max(d / 8, 1), no qkv bias; res_conv 8 x 33; PPEG
+                        // depthwise 7x7, 5x5, 3x3 with bias; three layer norms; class token.
+                        let d = width;
+                        let inner = 8 * (d / 8).max(1);
+                        let layer = 2 * d + 3 * inner * d + lin(inner, d) + 8 * 33;
+                        let ppeg = d * (49 + 25 + 9) + 3 * d;
+                        (d + 2 * layer + ppeg + 2 * d, width)
+                    }
                     _ => (0, width),
                 };
                 let c = config(pooling, encoder.clone()).parameter_counts().unwrap();

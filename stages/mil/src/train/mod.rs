@@ -52,7 +52,9 @@ use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
 pub struct TrainParams {
     /// The model: `sparseconvmil` (needs `map_i`, `map_j` from a `sparse_map` stage),
     /// instance-level `instance_max` / `instance_mean` / `instance_lse`, embedding-level
-    /// `max` / `mean` / `lse`, `attention` or `gated_attention` (Ilse et al. 2018).
+    /// `max` / `mean` / `lse`, `attention` or `gated_attention` (Ilse et al. 2018),
+    /// `transmil` (Shao et al. 2021) or `transmil_map` (TransMIL with its position encoding on
+    /// the sparse map; needs `map_i`, `map_j`).
     pub pooling: Pooling,
     /// sparseconvmil: output channels of each 2D submanifold convolution (with bias, each
     /// followed by ReLU). The original uses two layers of 32 or 128.
@@ -350,7 +352,7 @@ impl StageKind for TrainParams {
                 "is only used with `finetune_embedder: true`",
             ));
         }
-        if self.pooling.is_spatial() {
+        if self.pooling == Pooling::Sparseconvmil {
             if self.sparse_channels.is_empty() || self.sparse_channels.contains(&0) {
                 return Err(ParamIssue::new(
                     "sparse_channels",
