@@ -212,7 +212,10 @@ fn step(s: &mut Setup, bags: &[&Bag], phases: &mut Phases, dev: &Device) -> f32 
     let input = BagBatch::from_bags(bags, dev).expect("batch");
     let t1 = Instant::now();
     let labels: Vec<usize> = bags.iter().map(|b| b.label_index).collect();
-    let output = s.model.forward_train(&input, Some(&labels)).expect("forward");
+    let output = s
+        .model
+        .forward_train(&input, Some(&labels))
+        .expect("forward");
     let l = total_loss(&output, bags, None, dev).expect("loss");
     let value = black_box(l.to_scalar::<f32>().expect("scalar"));
     let t2 = Instant::now();
@@ -295,15 +298,51 @@ fn step_flops(config: &ModelConfig, bags: &[&Bag]) -> f64 {
         }
         Pooling::Dsmil => {
             // Instance classifier, two query layers, attention logits and sums per class.
-            let (c, q) = (config.n_classes as f64, config.clam_dsmil.dsmil_query as f64);
+            let (c, q) = (
+                config.n_classes as f64,
+                config.clam_dsmil.dsmil_query as f64,
+            );
             2.0 * n * width as f64 * c
                 + 2.0 * n * (width as f64 * q + q * q)
                 + 2.0 * n * q * c
                 + 2.0 * n * width as f64 * c
                 + head(b, width * config.n_classes)
         }
+        Pooling::Transmil | Pooling::TransmilMap => {
+            let square = config.pooling == Pooling::Transmil;
+            bags.iter()
+                .map(|bag| transmil_flops(bag.len(), width, square))
+                .sum::<f64>()
+                + head(b, width)
+        }
     };
     3.0 * flops
+}
+
+/// Forward FLOPs of TransMIL's two Nystrom layers and PPEG for one bag of `n` instances of
+/// width `d` (multiply-adds x 2; softmaxes, norms and the pseudo-inverse's additions left out).
+fn transmil_flops(n: usize, d: usize, square: bool) -> f64 {
+    let tokens = if square {
+        let side = tessera_mil::models::transmil::ceil_sqrt(n);
+        side * side
+    } else {
+        n
+    };
+    let a = tessera_mil::models::nystrom::NystromConfig::transmil(d);
+    let (m, inner, h) = (a.landmarks, a.heads * a.dim_head, a.heads);
+    let seq = tokens + 1;
+    let np = seq.div_ceil(m) * m;
+    let (np, m, d, inner, h) = (np as f64, m as f64, d as f64, inner as f64, h as f64);
+    let layer = 2.0 * np * d * 3.0 * inner // to_qkv
+        + 2.0 * 2.0 * np * m * inner // sim1, sim3
+        + 2.0 * m * m * inner // sim2
+        + a.pinv_iterations as f64 * 3.0 * 2.0 * h * m * m * m + 2.0 * h * m * m * m // pinv
+        + 2.0 * m * np * inner // attn3 @ v
+        + 2.0 * h * np * m * m // attn1 @ pinv
+        + 2.0 * np * m * inner // (..) @ (attn3 v)
+        + 2.0 * a.residual_kernel as f64 * np * inner // value convolution
+        + 2.0 * np * inner * d; // to_out
+    2.0 * layer + 2.0 * 49.0 * tokens as f64 * d
 }
 
 /// (site, active neighbour) pairs of a `kernel` x `kernel` submanifold convolution, the site

@@ -12,6 +12,10 @@
 //!   class.
 //! - **clam_mb / dsmil**: the attention weights of each class's branch (CLAM-MB's per-class
 //!   attention, DSMIL's attention to each class's critical instance), one column per class.
+//! - **transmil / transmil_map**: the class token's attention to each instance in the last
+//!   transformer layer, mean over heads (the Nystrom approximation of the attention matrix;
+//!   tokens added by padding dropped). Class-agnostic, like the attention weights, but they
+//!   need not sum to 1 and can be slightly negative.
 //! - **instance_max / instance_mean / instance_lse**: each instance's class logits from the
 //!   shared head, the very scores the model pools.
 //! - **max / mean / lse** (embedding pooling): gradient x input saliency,
@@ -38,6 +42,8 @@ pub enum Method {
     Attention,
     /// Attention weights of each class's branch (clam_mb, dsmil).
     BranchAttention,
+    /// The class token's last-layer attention to each instance (transmil, transmil_map).
+    ClsAttention,
     /// Per-instance class logits (instance_max/mean/lse).
     InstanceScores,
     /// Gradient x input saliency (max/mean/lse embedding pooling).
@@ -57,6 +63,7 @@ impl Method {
                 Method::InstanceScores
             }
             Pooling::Max | Pooling::Mean | Pooling::Lse => Method::GradientInput,
+            Pooling::Transmil | Pooling::TransmilMap => Method::ClsAttention,
         }
     }
 
@@ -66,6 +73,7 @@ impl Method {
             Method::GradCam => "grad_cam",
             Method::Attention => "attention",
             Method::BranchAttention => "branch_attention",
+            Method::ClsAttention => "cls_attention",
             Method::InstanceScores => "instance_scores",
             Method::GradientInput => "gradient_x_input",
         }
@@ -73,7 +81,7 @@ impl Method {
 
     /// False when every class gets the same score (attention weights).
     pub fn class_specific(self) -> bool {
-        self != Method::Attention
+        !matches!(self, Method::Attention | Method::ClsAttention)
     }
 }
 
@@ -253,6 +261,15 @@ pub fn importance(
                 .map(|c| a.iter().map(|row| row[c]).collect())
                 .collect();
             (Method::BranchAttention, per_class)
+        }
+        AnyModel::TransMil(m) => {
+            let w = m
+                .cls_attention(&batch)
+                .context("the class token's attention")?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            (Method::ClsAttention, vec![w; n_classes])
         }
         AnyModel::Instance(m) => {
             let s = m
@@ -482,6 +499,50 @@ mod tests {
         for c in 0..2 {
             let total: f32 = (0..4).map(|i| got.row(i)[c]).sum();
             assert!((total - (logits[0][c] - bias[c])).abs() < 1e-4);
+        }
+    }
+
+    /// TransMIL's scores: one per instance (repeated padding tokens dropped), the same for
+    /// every class, finite; transmil ignores positions, transmil_map ignores a translation of
+    /// the map but not a rearrangement.
+    #[test]
+    fn cls_attention_scores_one_per_instance_and_invariances() {
+        let dev = Device::Cpu;
+        for pooling in [Pooling::Transmil, Pooling::TransmilMap] {
+            let c = ModelConfig {
+                instance_encoder: vec![16],
+                ..config(pooling, 4)
+            };
+            let (m, _vars) = model(&c, 6);
+            let b = bag(7);
+            let got = importance(&m, &b, &dev).unwrap();
+            assert_eq!(got.method, Method::ClsAttention);
+            assert!(!got.method.class_specific());
+            assert_eq!(got.scores.len(), 7 * 2);
+            assert!(got.scores.iter().all(|v| v.is_finite()));
+            assert!((0..7).all(|i| got.row(i)[0] == got.row(i)[1]));
+            assert!((got.probs.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            let mut moved = b.clone();
+            moved.positions = Some(
+                b.positions
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .map(|p| [p[0] + 11, p[1] + 3])
+                    .collect(),
+            );
+            assert_eq!(importance(&m, &moved, &dev).unwrap().scores, got.scores);
+            let mut spread = b.clone();
+            spread.positions = Some((0..7).map(|k| [3 * k, 0]).collect());
+            let other = importance(&m, &spread, &dev).unwrap().scores;
+            if pooling == Pooling::Transmil {
+                assert_eq!(other, got.scores);
+                let mut bare = b.clone();
+                bare.positions = None;
+                assert_eq!(importance(&m, &bare, &dev).unwrap().scores, got.scores);
+            } else {
+                assert_ne!(other, got.scores);
+            }
         }
     }
 

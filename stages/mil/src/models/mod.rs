@@ -8,10 +8,12 @@ pub mod dsmil;
 pub mod encoder;
 pub mod head;
 pub mod init;
+pub mod nystrom;
 pub mod pooling;
 #[cfg(test)]
 pub mod reference;
 pub mod sparse;
+pub mod transmil;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -104,11 +106,18 @@ pub enum Pooling {
     ClamMb,
     /// DSMIL (Li et al. 2021): critical-instance max branch plus distance-based attention.
     Dsmil,
+    /// TransMIL (Shao et al. 2021): two Nystrom-attention layers around a convolutional
+    /// position encoding (PPEG) of the tokens laid out on a square in bag order; class token
+    /// to the head.
+    Transmil,
+    /// TransMIL whose position encoding runs on the instances' sparse-map cells (submanifold
+    /// depthwise convolutions) instead of the arbitrary square (needs `map_i`, `map_j`).
+    TransmilMap,
 }
 
 impl Pooling {
     /// Every choice, for tests and documentation.
-    pub const ALL: [Pooling; 13] = [
+    pub const ALL: [Pooling; 15] = [
         Pooling::Sparseconvmil,
         Pooling::InstanceMax,
         Pooling::InstanceMean,
@@ -122,11 +131,13 @@ impl Pooling {
         Pooling::ClamSb,
         Pooling::ClamMb,
         Pooling::Dsmil,
+        Pooling::Transmil,
+        Pooling::TransmilMap,
     ];
 
     /// Whether the model reads instance positions (the others are permutation-invariant).
     pub fn is_spatial(self) -> bool {
-        self == Pooling::Sparseconvmil
+        matches!(self, Pooling::Sparseconvmil | Pooling::TransmilMap)
     }
 
     /// The YAML name.
@@ -145,6 +156,8 @@ impl Pooling {
             Pooling::ClamSb => "clam_sb",
             Pooling::ClamMb => "clam_mb",
             Pooling::Dsmil => "dsmil",
+            Pooling::Transmil => "transmil",
+            Pooling::TransmilMap => "transmil_map",
         }
     }
 }
@@ -286,6 +299,7 @@ pub enum AnyModel {
     Attention(attention::AttentionMil),
     Clam(clam::ClamMil),
     Dsmil(dsmil::Dsmil),
+    TransMil(transmil::TransMil),
 }
 
 impl AnyModel {
@@ -297,6 +311,7 @@ impl AnyModel {
             AnyModel::Attention(m) => m,
             AnyModel::Clam(m) => m,
             AnyModel::Dsmil(m) => m,
+            AnyModel::TransMil(m) => m,
         }
     }
 }
@@ -445,6 +460,17 @@ fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<A
             head(dsmil::Dsmil::head_width(c.input_dim, c.n_classes))?,
             vb,
         )?),
+        Pooling::Transmil | Pooling::TransmilMap => AnyModel::TransMil(transmil::TransMil::new(
+            c.input_dim,
+            nystrom::NystromConfig::transmil(c.input_dim),
+            if c.pooling == Pooling::TransmilMap {
+                transmil::PpegLayout::Map
+            } else {
+                transmil::PpegLayout::Square
+            },
+            head(c.input_dim)?,
+            vb,
+        )?),
     })
 }
 
@@ -551,6 +577,15 @@ mod tests {
                     }
                     // Instance classifier, 128-unit query network; the head reads C x width.
                     Pooling::Dsmil => (lin(width, 3) + lin(width, 128) + lin(128, 128), 3 * width),
+                    Pooling::Transmil | Pooling::TransmilMap => {
+                        // 8 heads of max(d / 8, 1), no qkv bias; res_conv 8 x 33; PPEG
+                        // depthwise 7x7, 5x5, 3x3 with bias; three layer norms; class token.
+                        let d = width;
+                        let inner = 8 * (d / 8).max(1);
+                        let layer = 2 * d + 3 * inner * d + lin(inner, d) + 8 * 33;
+                        let ppeg = d * (49 + 25 + 9) + 3 * d;
+                        (d + 2 * layer + ppeg + 2 * d, width)
+                    }
                     _ => (0, width),
                 };
                 let c = config(pooling, encoder.clone()).parameter_counts().unwrap();

@@ -56,7 +56,9 @@ pub struct TrainParams {
     /// instance-level `instance_max` / `instance_mean` / `instance_lse`, embedding-level
     /// `max` / `mean` / `lse`, `attention` or `gated_attention` (Ilse et al. 2018), `abmil`
     /// (gated attention as CLAM/TRIDENT configure it), `clam_sb` / `clam_mb` (CLAM with
-    /// instance-level clustering, Lu et al. 2021) or `dsmil` (Li et al. 2021).
+    /// instance-level clustering, Lu et al. 2021), `dsmil` (Li et al. 2021), `transmil` (Shao
+    /// et al. 2021) or `transmil_map` (TransMIL with its position encoding on the sparse map;
+    /// needs `map_i`, `map_j`).
     pub pooling: Pooling,
     /// sparseconvmil: output channels of each 2D submanifold convolution (with bias, each
     /// followed by ReLU). The original uses two layers of 32 or 128.
@@ -398,7 +400,7 @@ impl StageKind for TrainParams {
                 "is only used with `finetune_embedder: true`",
             ));
         }
-        if self.pooling.is_spatial() {
+        if self.pooling == Pooling::Sparseconvmil {
             if self.sparse_channels.is_empty() || self.sparse_channels.contains(&0) {
                 return Err(ParamIssue::new(
                     "sparse_channels",
