@@ -60,7 +60,12 @@ fn sparseconvmil_uses_the_arrangement_and_baselines_cannot() {
         t.elapsed().as_secs_f64()
     );
     let mut report = vec![format!("sparseconvmil {sparse:.3}")];
-    for pooling in Pooling::ALL.into_iter().filter(|p| !p.is_spatial()) {
+    // TransMIL is left out: not permutation-invariant. Here each bag is a full 6 x 6 grid in
+    // row-major order, so its square is exactly the map, and it learns the task (0.99).
+    for pooling in Pooling::ALL
+        .into_iter()
+        .filter(|p| p.is_permutation_invariant())
+    {
         let t = std::time::Instant::now();
         let acc = test_balanced_accuracy(pooling, &bags, 10);
         eprintln!(

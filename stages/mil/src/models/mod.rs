@@ -78,6 +78,16 @@ impl Pooling {
         matches!(self, Pooling::Sparseconvmil | Pooling::TransmilMap)
     }
 
+    /// Whether the bag's logits ignore the order of its instances. TransMIL is not: its
+    /// square (and Nystrom's landmarks and value convolution, for both variants) follow the
+    /// bag order, which is the tiles' table order (a scan of the slide) unless shuffled.
+    pub fn is_permutation_invariant(self) -> bool {
+        !matches!(
+            self,
+            Pooling::Sparseconvmil | Pooling::Transmil | Pooling::TransmilMap
+        )
+    }
+
     /// The YAML name.
     pub fn name(self) -> &'static str {
         match self {
@@ -191,7 +201,7 @@ pub enum AnyModel {
     Instance(pooling::InstancePooling),
     Embedding(pooling::EmbeddingPooling),
     Attention(attention::AttentionMil),
-    TransMil(transmil::TransMil),
+    TransMil(Box<transmil::TransMil>),
 }
 
 impl MilModel for AnyModel {
@@ -302,17 +312,20 @@ fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<A
                 vb,
             )?)
         }
-        Pooling::Transmil | Pooling::TransmilMap => AnyModel::TransMil(transmil::TransMil::new(
-            c.input_dim,
-            nystrom::NystromConfig::transmil(c.input_dim),
-            if c.pooling == Pooling::TransmilMap {
+        Pooling::Transmil | Pooling::TransmilMap => {
+            let layout = if c.pooling == Pooling::TransmilMap {
                 transmil::PpegLayout::Map
             } else {
                 transmil::PpegLayout::Square
-            },
-            head(c.input_dim)?,
-            vb,
-        )?),
+            };
+            AnyModel::TransMil(Box::new(transmil::TransMil::new(
+                c.input_dim,
+                nystrom::NystromConfig::transmil(c.input_dim),
+                layout,
+                head(c.input_dim)?,
+                vb,
+            )?))
+        }
     })
 }
 
