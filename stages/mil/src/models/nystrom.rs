@@ -114,6 +114,12 @@ impl NystromAttention {
         self.config
     }
 
+    /// Changes the training dropout (0 makes a training step deterministic, for comparisons
+    /// of training steps with another implementation).
+    pub fn set_dropout(&mut self, p: f32) {
+        self.config.dropout = p;
+    }
+
     /// Attention output `[n, dim]` for the tokens `x` `[n, dim]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         Ok(self.pass(x, train)?.out)

@@ -312,6 +312,13 @@ impl TransMil {
         self.layout
     }
 
+    /// Changes the attention layers' training dropout (the authors' 0.1 by default; 0 makes
+    /// a training step deterministic, as the training-step bench's same-function check needs).
+    pub fn set_attention_dropout(&mut self, p: f32) {
+        self.layer1.attn.set_dropout(p);
+        self.layer2.attn.set_dropout(p);
+    }
+
     /// PPEG on the patch tokens `x` (everything but the class token in front) of a sequence.
     fn ppeg(&self, x: &Tensor, grid: &Neighbours) -> candle_core::Result<Tensor> {
         let len = x.dim(0)?;
