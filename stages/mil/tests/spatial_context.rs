@@ -135,6 +135,12 @@ fn transmil_map_sees_the_arrangement_when_the_order_carries_none() {
     eprintln!("transmil_map on shuffled bags: balanced accuracy {on_map:.3}");
     let square = test_balanced_accuracy(Pooling::Transmil, &bags, 10);
     eprintln!("transmil on shuffled bags: balanced accuracy {square:.3}");
-    assert!(on_map >= 0.8, "transmil_map {on_map:.3}, transmil {square:.3}");
-    assert!(square <= 0.65, "transmil_map {on_map:.3}, transmil {square:.3}");
+    assert!(
+        on_map >= 0.8,
+        "transmil_map {on_map:.3}, transmil {square:.3}"
+    );
+    assert!(
+        square <= 0.65,
+        "transmil_map {on_map:.3}, transmil {square:.3}"
+    );
 }
