@@ -413,7 +413,18 @@ def reply(obj):
 
 def serve(threads):
     torch.set_num_threads(threads)
-    reply({"torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()})
+    try:
+        import nystrom_attention  # noqa: F401  (TransMIL rows only)
+
+        nystrom = True
+    except ImportError:
+        nystrom = False
+    reply({
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "nystrom_attention": nystrom,
+    })
     trainers = {}
     for line in sys.stdin:
         msg = json.loads(line)

@@ -346,6 +346,8 @@ struct Torch {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     version: String,
+    /// Whether the worker can import `nystrom_attention` (for the TransMIL rows).
+    nystrom: bool,
 }
 
 impl Torch {
@@ -387,8 +389,10 @@ impl Torch {
             stdin,
             stdout,
             version: String::new(),
+            nystrom: false,
         };
         let hello = torch.read()?;
+        torch.nystrom = hello["nystrom_attention"] == Value::Bool(true);
         if !dev.is_cpu() && hello["cuda"] != Value::Bool(true) {
             return Err("this PyTorch has no CUDA device; the comparison needs one".into());
         }
@@ -646,6 +650,13 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
+impl Torch {
+    /// Whether the worker runs `pooling` (TransMIL needs lucidrains' `nystrom-attention`).
+    fn serves(&self, pooling: Pooling) -> bool {
+        self.nystrom || !matches!(pooling, Pooling::Transmil | Pooling::TransmilMap)
+    }
+}
+
 fn main() {
     let dev = bench_device();
     let where_ = if dev.is_cpu() { "CPU" } else { "GPU" };
@@ -705,6 +716,15 @@ fn main() {
         println!("| model | bags x K | tessera | PyTorch | largest relative difference |");
         println!("|---|---|---|---|---|");
         for (pooling, bags) in &cases {
+            if !t.serves(*pooling) {
+                println!(
+                    "| {} | {} x {} | - | - | skipped: `pip install nystrom-attention` for the worker |",
+                    pooling.name(),
+                    bags.len(),
+                    bags[0].len()
+                );
+                continue;
+            }
             let (ours, theirs) = check(t, *pooling, bags, dir.path());
             let worst = ours
                 .iter()
@@ -763,7 +783,7 @@ fn main() {
             theirs: Vec::new(),
             round_ratios: Vec::new(),
         };
-        if let Some(t) = torch.as_mut() {
+        if let Some(t) = torch.as_mut().filter(|t| t.serves(pooling)) {
             t.setup(&row.id(), &row.setup, &[(k, density, 1)], 1, true, &dev);
             t.steps(&row.id(), WARMUP);
         }
@@ -774,7 +794,7 @@ fn main() {
     for round in 0..ROUNDS {
         for row in &mut rows {
             let id = row.id();
-            let (ours, theirs) = match torch.as_mut() {
+            let (ours, theirs) = match torch.as_mut().filter(|t| t.serves(row.pooling)) {
                 None => (row.run(STEPS, &dev), Vec::new()),
                 Some(t) if round % 2 == 0 => {
                     let ours = row.run(STEPS, &dev);
