@@ -50,7 +50,8 @@ pub enum Pooling {
     GatedAttention,
     /// TransMIL (Shao et al. 2021): two Nystrom-attention layers around a convolutional
     /// position encoding (PPEG) of the tokens laid out on a square in bag order; class token
-    /// to the head.
+    /// to the head. Width = the encoder's output; heads, landmarks and the attention dropout
+    /// (0.1) as the authors'.
     Transmil,
     /// TransMIL whose position encoding runs on the instances' sparse-map cells (submanifold
     /// depthwise convolutions) instead of the arbitrary square (needs `map_i`, `map_j`).
