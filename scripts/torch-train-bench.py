@@ -30,11 +30,19 @@ the instance encoder (Linear + ReLU per width), then
     or max pooling per bag;
   attention / gated_attention (Ilse et al. 2018), mean / max (embedding-level),
   instance_mean / instance_max (instance-level);
+  transmil / transmil_map: TransMIL as its authors build it (github.com/szc19990412/TransMIL,
+    models/TransMIL.py: class token, padding to a square by repeating the first tokens, two
+    `x + NystromAttention(LayerNorm(x))` layers around PPEG, LayerNorm, class token to the head)
+    with lucidrains' `NystromAttention` (pip package `nystrom-attention`, imported only for
+    these models), one bag at a time; transmil_map runs PPEG's convolutions on each bag's
+    sparse-map bounding box (tokens scattered into a zero image, outputs read back on their
+    cells), the submanifold semantics of tessera's;
 and the shared head Linear(in, hidden) + ReLU + Linear(hidden, classes). Only what the bench
 uses is implemented (no dropout, batch-norm or LSE; bags of one batch have equal sizes for the
 permutation-invariant models).
 
-Needs torch (and numpy through it); `torch.set_num_threads(N)`.
+Needs torch (and numpy through it), and for transmil nystrom-attention (with einops);
+`torch.set_num_threads(N)`.
 """
 import json
 import math
@@ -130,6 +138,75 @@ class Attention(nn.Module):
         return torch.softmax(self.w(a), dim=1)
 
 
+class PPEG(nn.Module):
+    """x + dwconv7(x) + dwconv5(x) + dwconv3(x) over an image of the patch tokens (depthwise,
+    with bias, zero padding k // 2), as the TransMIL authors' PPEG; `cells` `[n, 2]` places the
+    tokens (tessera's transmil_map), else they fill an `h x h` square row-major."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, side=None, cells=None):
+        n, c = x.shape
+        if cells is None:
+            image = x.t().reshape(1, c, side, side)
+        else:
+            h, w = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+            flat = cells[:, 0] * w + cells[:, 1]
+            image = x.new_zeros(c, h * w).index_copy(1, flat, x.t()).reshape(1, c, h, w)
+        y = image + self.proj(image) + self.proj1(image) + self.proj2(image)
+        y = y.reshape(c, -1)
+        return y.t() if cells is None else y[:, flat].t()
+
+
+class TransLayer(nn.Module):
+    def __init__(self, dim, dropout):
+        super().__init__()
+        from nystrom_attention import NystromAttention
+
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(
+            dim=dim, dim_head=dim // 8, heads=8, num_landmarks=dim // 2, pinv_iterations=6,
+            residual=True, dropout=dropout,
+        )
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+class TransMIL(nn.Module):
+    """The authors' TransMIL after `_fc1` (tessera's shared encoder plays it); parameter names
+    as tessera's `transmil.*` but `attn.to_out.0.*` (an nn.Sequential there)."""
+
+    def __init__(self, dim, on_map, dropout):
+        super().__init__()
+        self.on_map = on_map
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layer1 = TransLayer(dim, dropout)
+        self.pos_layer = PPEG(dim)
+        self.layer2 = TransLayer(dim, dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, h, cells):
+        """The class token after the last norm `[1, dim]`, for one bag `h` `[n, dim]`."""
+        n = h.shape[0]
+        if self.on_map:
+            side = None
+            cells = cells - cells.min(0).values
+        else:
+            side = math.ceil(math.sqrt(n))
+            h = torch.cat([h, h[: side * side - n]])
+            cells = None
+        x = torch.cat([self.cls_token[0], h])[None]
+        x = self.layer1(x)[0]
+        x = torch.cat([x[:1], self.pos_layer(x[1:], side, cells)])[None]
+        x = self.layer2(x)
+        return self.norm(x[0, :1])
+
+
 class MilNet(nn.Module):
     """tessera's `MilNet` with the same parameter names (`encoder.0.weight`, `sparse.0.conv.*`,
     `attention.v.*`, `head.hidden.*`, `head.out.*`), so its weights load one-to-one."""
@@ -153,6 +230,9 @@ class MilNet(nn.Module):
                 width = out
         elif self.pooling in ("attention", "gated_attention"):
             self.attention = Attention(width, cfg["attention_hidden"], self.pooling == "gated_attention")
+        elif self.pooling in ("transmil", "transmil_map"):
+            dropout = cfg.get("attention_dropout", 0.1)
+            self.transmil = TransMIL(width, self.pooling == "transmil_map", dropout)
         elif self.pooling not in ("mean", "max", "instance_mean", "instance_max"):
             raise ValueError(f"pooling {self.pooling} is not implemented here")
         self.head = Head(width, cfg["head_hidden"], cfg["n_classes"])
@@ -181,6 +261,11 @@ class MilNet(nn.Module):
                     0, bag_index[:, None].expand(-1, c), x, "amax", include_self=False
                 )
             return self.head(pooled)
+        if self.pooling in ("transmil", "transmil_map"):
+            pooled = torch.cat(
+                [self.transmil(x[bag_index == b], coords[bag_index == b]) for b in range(n_bags)]
+            )
+            return self.head(pooled)
         x = x.reshape(n_bags, -1, x.shape[1])  # equal-sized bags
         if self.pooling in ("attention", "gated_attention"):
             return self.head((x * self.attention(x)).sum(1))
@@ -193,10 +278,10 @@ class MilNet(nn.Module):
 
 
 # Models whose PyTorch side is a published implementation rather than tessera's formulation:
-# torchmil's (PyPI) ABMIL, CLAM_SB, DSMIL and TransMIL; CLAM-MB (which torchmil lacks) after
-# the authors' model_clam.py. Their parameters differ from tessera's, so the bench times them
-# but cannot run the same-weights check on them.
-REFERENCE_POOLINGS = {"abmil", "clam_sb", "clam_mb", "dsmil", "transmil", "transmil_map"}
+# torchmil's (PyPI) ABMIL, CLAM_SB and DSMIL; CLAM-MB (which torchmil lacks) after the authors'
+# model_clam.py. Their parameters differ from tessera's, so the bench times them but cannot run
+# the same-weights check on them. (TransMIL is the authors' model, in MilNet above.)
+REFERENCE_POOLINGS = {"abmil", "clam_sb", "clam_mb", "dsmil"}
 
 
 class ClamMB(nn.Module):
@@ -259,8 +344,6 @@ class ReferenceNet(nn.Module):
         elif self.pooling == "dsmil":
             self.net = tm.DSMIL(in_shape=(width,), att_dim=o.get("dsmil_query", 128), nonlinear_q=True)
             self.weights = {"BCEWithLogitsLoss": 0.5, "BCEWithLogitsLoss_max": 0.5}
-        elif self.pooling in ("transmil", "transmil_map"):
-            self.net = tm.TransMIL(in_shape=(width,))
         elif self.pooling == "clam_mb":
             self.net = ClamMB(width, hidden, cfg["n_classes"], k)
         else:
@@ -405,7 +488,9 @@ def check(msg):
     labels = t.pop("labels").tolist()
     mean, std = t.pop("standardize.mean", None), t.pop("standardize.std", None)
     bags = [(x[bag_of == b], coords[bag_of == b], labels[b]) for b in range(len(labels))]
-    tr = Trainer(msg["model"], msg["optimizer"], msg["grad_clip"], bags, len(bags), "cpu", False)
+    cfg = {**msg["model"], "attention_dropout": msg.get("attention_dropout", 0.1)}
+    tr = Trainer(cfg, msg["optimizer"], msg["grad_clip"], bags, len(bags), "cpu", False)
+    t = {k.replace("attn.to_out.", "attn.to_out.0."): v for k, v in t.items()}
     tr.model.load_state_dict({**t, "mean": tr.model.mean, "inv_std": tr.model.inv_std}, strict=True)
     if mean is not None:
         tr.model.standardize_with(mean, std)
@@ -420,7 +505,18 @@ def reply(obj):
 
 def serve(threads):
     torch.set_num_threads(threads)
-    reply({"torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()})
+    try:
+        import nystrom_attention  # noqa: F401  (TransMIL rows only)
+
+        nystrom = True
+    except ImportError:
+        nystrom = False
+    reply({
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "nystrom_attention": nystrom,
+    })
     trainers = {}
     for line in sys.stdin:
         msg = json.loads(line)

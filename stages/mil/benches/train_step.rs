@@ -2,7 +2,8 @@
 //! of SparseConvMIL at `TrainParams::default()` (standardisation, instance encoder 512->128,
 //! two 3x3 submanifold convolutions of 32 channels, global pooling, head 32->32->2) on one bag
 //! of 512-d embeddings at K=100/1000 and two map densities, one row per baseline family
-//! (attention, embedding-level mean, instance-level max) on the same bags, then an epoch of
+//! (attention, embedding-level mean, instance-level max) and TransMIL (`transmil` on the
+//! authors' square, `transmil_map` on the sparse map) on the same bags, then an epoch of
 //! 1,000 bags of K=100 in steps of 2 bags, and where tessera's time goes. Prints markdown.
 //!
 //! Every row is measured against PyTorch **in the same run**: the bench drives
@@ -39,7 +40,9 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tessera_mil::models::init::{named_vars, seeded_var_builder};
 use tessera_mil::models::Standardization;
-use tessera_mil::models::{build_model, Bag, BagBatch, MilModel, ModelConfig, Pooling, Split};
+use tessera_mil::models::{
+    build_any, AnyModel, Bag, BagBatch, MilModel, MilNet, ModelConfig, Pooling, Split,
+};
 use tessera_mil::seeding::stream_rng;
 use tessera_mil::train::epochs::total_loss;
 use tessera_mil::train::optim::Adam;
@@ -153,7 +156,7 @@ struct Setup {
     config: ModelConfig,
     params: TrainParams,
     vars: VarMap,
-    model: Box<dyn MilModel>,
+    model: MilNet,
     optimizer: Adam,
 }
 
@@ -177,7 +180,7 @@ impl Setup {
     fn build(config: ModelConfig, params: TrainParams, dev: &Device) -> Setup {
         let vars = VarMap::new();
         let vb = seeded_var_builder(&vars, 0, dev);
-        let model = build_model(&config, &vb).expect("model");
+        let model = build_any(&config, &vb).expect("model");
         let optimizer =
             Adam::new(named_vars(&vars), params.train_config(0).optimizer).expect("adam");
         Setup {
@@ -373,6 +376,8 @@ struct Torch {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     version: String,
+    /// Whether the worker can import `nystrom_attention` (for the TransMIL rows).
+    nystrom: bool,
 }
 
 impl Torch {
@@ -414,8 +419,10 @@ impl Torch {
             stdin,
             stdout,
             version: String::new(),
+            nystrom: false,
         };
         let hello = torch.read()?;
+        torch.nystrom = hello["nystrom_attention"] == Value::Bool(true);
         if !dev.is_cpu() && hello["cuda"] != Value::Bool(true) {
             return Err("this PyTorch has no CUDA device; the comparison needs one".into());
         }
@@ -573,6 +580,10 @@ fn check(
 ) -> (Vec<f32>, Vec<f64>) {
     let cpu = Device::Cpu;
     let mut s = setup(pooling, bags, &cpu);
+    // TransMIL's attention dropout (0.1) would make the two sides' steps differ by chance.
+    if let AnyModel::TransMil(m) = &mut s.model.pooling {
+        m.set_attention_dropout(0.0);
+    }
     let path = dir.join(format!(
         "{}-{}x{}.safetensors",
         pooling.name(),
@@ -585,7 +596,7 @@ fn check(
         .map(|_| step(&mut s, bags, &mut phases, &cpu))
         .collect();
     let r = torch.call(json!({
-        "cmd": "check", "path": path, "model": arch_json(&s.config),
+        "cmd": "check", "path": path, "model": arch_json(&s.config), "attention_dropout": 0.0,
         "optimizer": s.params.train_config(0).optimizer, "grad_clip": s.params.grad_clip,
         "steps": CHECK_STEPS,
     }));
@@ -669,6 +680,13 @@ fn now_utc() -> String {
         .unwrap_or_default()
 }
 
+impl Torch {
+    /// Whether the worker runs `pooling` (TransMIL needs lucidrains' `nystrom-attention`).
+    fn serves(&self, pooling: Pooling) -> bool {
+        self.nystrom || !matches!(pooling, Pooling::Transmil | Pooling::TransmilMap)
+    }
+}
+
 fn main() {
     let dev = bench_device();
     let where_ = if dev.is_cpu() { "CPU" } else { "GPU" };
@@ -694,7 +712,7 @@ fn main() {
     println!("{}; load average at start {}.\n", now_utc(), load());
     let defaults = TrainParams::default();
     println!(
-        "Models at `TrainParams::default()`: standardised inputs, instance encoder {:?} (Linear + ReLU), then sparseconvmil = SubmanifoldConv {k}x{k} {:?} (bias, ReLU) + global {} pool, or attention (Ilse: hidden {}) / mean / instance_max; head Linear(C, {h}) + ReLU + Linear({h}, {CLASSES}); cross-entropy; gradient clipping at norm {}; Adam lr {}, L2 weight decay {}. One bag of {DIM}-d f32 embeddings, its label flipped every step (a fixed label is fitted to a zero loss within ~30 steps, after which both sides time subnormal floats); density = occupied fraction of the bag's bounding square (3x3 neighbours per site ~ 1 + 8 x density). {ROUNDS} interleaved rounds of {STEPS} steps per side (order flipped every round) after {WARMUP} warm-up steps; medians (and 10th percentiles) over all {} steps of each side; per-round ratios: of the two medians in each round. GFLOP/s: 3 x the forward's matmul FLOPs (convolutions over active neighbour pairs only) per step time.\n",
+        "Models at `TrainParams::default()`: standardised inputs, instance encoder {:?} (Linear + ReLU), then sparseconvmil = SubmanifoldConv {k}x{k} {:?} (bias, ReLU) + global {} pool, or attention (Ilse: hidden {}) / mean / instance_max, or transmil / transmil_map (TransMIL at width 128: 8 heads of 16, 64 landmarks, 6 pinv iterations, attention dropout 0.1 in the timed steps, 0 in the check; one bag at a time); head Linear(C, {h}) + ReLU + Linear({h}, {CLASSES}); cross-entropy; gradient clipping at norm {}; Adam lr {}, L2 weight decay {}. One bag of {DIM}-d f32 embeddings, its label flipped every step (a fixed label is fitted to a zero loss within ~30 steps, after which both sides time subnormal floats); density = occupied fraction of the bag's bounding square (3x3 neighbours per site ~ 1 + 8 x density). {ROUNDS} interleaved rounds of {STEPS} steps per side (order flipped every round) after {WARMUP} warm-up steps; medians (and 10th percentiles) over all {} steps of each side; per-round ratios: of the two medians in each round. GFLOP/s: 3 x the forward's matmul FLOPs (convolutions over active neighbour pairs only) per step time.\n",
         defaults.instance_encoder,
         defaults.sparse_channels,
         format!("{:?}", defaults.sparse_pool).to_lowercase(),
@@ -729,11 +747,23 @@ fn main() {
             (Pooling::Attention, vec![&b100]),
             (Pooling::Mean, vec![&b100]),
             (Pooling::InstanceMax, vec![&b100]),
+            (Pooling::Transmil, vec![&b100]),
+            (Pooling::Transmil, pair.iter().collect()),
+            (Pooling::TransmilMap, vec![&b100]),
         ];
         println!("Same weights, same inputs (tessera's initial weights and bags exported as safetensors, loaded by the script), loss of the first {CHECK_STEPS} training steps:\n");
         println!("| model | bags x K | tessera | PyTorch | largest relative difference |");
         println!("|---|---|---|---|---|");
         for (pooling, bags) in &cases {
+            if !t.serves(*pooling) {
+                println!(
+                    "| {} | {} x {} | - | - | skipped: `pip install nystrom-attention` for the worker |",
+                    pooling.name(),
+                    bags.len(),
+                    bags[0].len()
+                );
+                continue;
+            }
             let (ours, theirs) = check(t, *pooling, bags, dir.path());
             let worst = ours
                 .iter()
@@ -778,6 +808,9 @@ fn main() {
         (Pooling::ClamMb, 1000, 0.5),
         (Pooling::Dsmil, 100, 0.5),
         (Pooling::Dsmil, 1000, 0.5),
+        (Pooling::Transmil, 100, 0.5),
+        (Pooling::Transmil, 1000, 0.5),
+        (Pooling::TransmilMap, 1000, 0.5),
     ] {
         let b = bag(k, density, 1);
         let s = setup(pooling, &[&b], &dev);
@@ -797,7 +830,7 @@ fn main() {
             theirs: Vec::new(),
             round_ratios: Vec::new(),
         };
-        if let Some(t) = torch.as_mut() {
+        if let Some(t) = torch.as_mut().filter(|t| t.serves(pooling)) {
             t.setup(&row.id(), &row.setup, &[(k, density, 1)], 1, true, &dev);
             t.steps(&row.id(), WARMUP);
         }
@@ -808,7 +841,7 @@ fn main() {
     for round in 0..ROUNDS {
         for row in &mut rows {
             let id = row.id();
-            let (ours, theirs) = match torch.as_mut() {
+            let (ours, theirs) = match torch.as_mut().filter(|t| t.serves(row.pooling)) {
                 None => (row.run(STEPS, &dev), Vec::new()),
                 Some(t) if round % 2 == 0 => {
                     let ours = row.run(STEPS, &dev);

@@ -215,7 +215,11 @@ struct Trained {
 
 fn train(c: &ModelConfig, bags: &[Bag], steps: usize, dev: &Device) -> Trained {
     let vars = VarMap::new();
-    let model = build_any(c, &seeded_var_builder(&vars, 3, dev)).expect("model");
+    let mut model = build_any(c, &seeded_var_builder(&vars, 3, dev)).expect("model");
+    // TransMIL's attention dropout draws different masks on the two devices.
+    if let tessera_mil::models::AnyModel::TransMil(m) = &mut model.pooling {
+        m.set_attention_dropout(0.0);
+    }
     let named = named_vars(&vars);
     let mut adam = Adam::new(named.clone(), AdamConfig::default()).expect("adam");
     let mut losses = Vec::new();

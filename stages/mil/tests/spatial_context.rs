@@ -60,7 +60,12 @@ fn sparseconvmil_uses_the_arrangement_and_baselines_cannot() {
         t.elapsed().as_secs_f64()
     );
     let mut report = vec![format!("sparseconvmil {sparse:.3}")];
-    for pooling in Pooling::ALL.into_iter().filter(|p| !p.is_spatial()) {
+    // TransMIL is left out: not permutation-invariant. Here each bag is a full 6 x 6 grid in
+    // row-major order, so its square is exactly the map, and it learns the task (0.99).
+    for pooling in Pooling::ALL
+        .into_iter()
+        .filter(|p| p.is_permutation_invariant())
+    {
         let t = std::time::Instant::now();
         let acc = test_balanced_accuracy(pooling, &bags, 10);
         eprintln!(
@@ -80,5 +85,62 @@ fn sparseconvmil_uses_the_arrangement_and_baselines_cannot() {
         sparse >= 0.9,
         "sparseconvmil should use the arrangement: {}",
         report.join(", ")
+    );
+}
+
+/// Each bag's instances in a random order (positions travel with them): the arrangement is
+/// then on the map only, not in the sequence.
+fn shuffled(bags: &[Bag], seed: u64) -> Vec<Bag> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    bags.iter()
+        .map(|b| {
+            let mut order: Vec<usize> = (0..b.len()).collect();
+            order.shuffle(&mut rng);
+            let positions = b.positions.as_ref().expect("positions");
+            Bag {
+                embeddings: order
+                    .iter()
+                    .flat_map(|&r| b.embeddings[r * b.dim..(r + 1) * b.dim].to_vec())
+                    .collect(),
+                positions: Some(order.iter().map(|&r| positions[r]).collect()),
+                ..b.clone()
+            }
+        })
+        .collect()
+}
+
+/// TransMIL reads the arrangement only through the instances' order, which its square turns
+/// into a made-up image; transmil_map places them on the map. With the order shuffled,
+/// transmil must fall to chance and transmil_map still see the arrangement. Slow (TransMIL
+/// trains one bag at a time: minutes on two cores), hence ignored by default:
+/// `cargo test -p tessera-mil --test spatial_context -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn transmil_map_sees_the_arrangement_when_the_order_carries_none() {
+    let config = SpatialConfig {
+        val_fraction: 0.1,
+        test_fraction: 0.5,
+        ..SpatialConfig::new(300, 36, 16, 7)
+    };
+    let bags = shuffled(
+        &to_bags(
+            &spatial_slides(&config).expect("synthetic data"),
+            config.dim,
+        ),
+        11,
+    );
+    let on_map = test_balanced_accuracy(Pooling::TransmilMap, &bags, 10);
+    eprintln!("transmil_map on shuffled bags: balanced accuracy {on_map:.3}");
+    let square = test_balanced_accuracy(Pooling::Transmil, &bags, 10);
+    eprintln!("transmil on shuffled bags: balanced accuracy {square:.3}");
+    assert!(
+        on_map >= 0.8,
+        "transmil_map {on_map:.3}, transmil {square:.3}"
+    );
+    assert!(
+        square <= 0.65,
+        "transmil_map {on_map:.3}, transmil {square:.3}"
     );
 }

@@ -108,7 +108,8 @@ pub enum Pooling {
     Dsmil,
     /// TransMIL (Shao et al. 2021): two Nystrom-attention layers around a convolutional
     /// position encoding (PPEG) of the tokens laid out on a square in bag order; class token
-    /// to the head.
+    /// to the head. Width = the encoder's output; heads, landmarks and the attention dropout
+    /// (0.1) as the authors'.
     Transmil,
     /// TransMIL whose position encoding runs on the instances' sparse-map cells (submanifold
     /// depthwise convolutions) instead of the arbitrary square (needs `map_i`, `map_j`).
@@ -138,6 +139,16 @@ impl Pooling {
     /// Whether the model reads instance positions (the others are permutation-invariant).
     pub fn is_spatial(self) -> bool {
         matches!(self, Pooling::Sparseconvmil | Pooling::TransmilMap)
+    }
+
+    /// Whether the bag's logits ignore the order of its instances. TransMIL is not: its
+    /// square (and Nystrom's landmarks and value convolution, for both variants) follow the
+    /// bag order, which is the tiles' table order (a scan of the slide) unless shuffled.
+    pub fn is_permutation_invariant(self) -> bool {
+        !matches!(
+            self,
+            Pooling::Sparseconvmil | Pooling::Transmil | Pooling::TransmilMap
+        )
     }
 
     /// The YAML name.
@@ -299,7 +310,7 @@ pub enum AnyModel {
     Attention(attention::AttentionMil),
     Clam(clam::ClamMil),
     Dsmil(dsmil::Dsmil),
-    TransMil(transmil::TransMil),
+    TransMil(Box<transmil::TransMil>),
 }
 
 impl AnyModel {
@@ -311,7 +322,7 @@ impl AnyModel {
             AnyModel::Attention(m) => m,
             AnyModel::Clam(m) => m,
             AnyModel::Dsmil(m) => m,
-            AnyModel::TransMil(m) => m,
+            AnyModel::TransMil(m) => m.as_ref(),
         }
     }
 }
@@ -460,17 +471,20 @@ fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<A
             head(dsmil::Dsmil::head_width(c.input_dim, c.n_classes))?,
             vb,
         )?),
-        Pooling::Transmil | Pooling::TransmilMap => AnyModel::TransMil(transmil::TransMil::new(
-            c.input_dim,
-            nystrom::NystromConfig::transmil(c.input_dim),
-            if c.pooling == Pooling::TransmilMap {
+        Pooling::Transmil | Pooling::TransmilMap => {
+            let layout = if c.pooling == Pooling::TransmilMap {
                 transmil::PpegLayout::Map
             } else {
                 transmil::PpegLayout::Square
-            },
-            head(c.input_dim)?,
-            vb,
-        )?),
+            };
+            AnyModel::TransMil(Box::new(transmil::TransMil::new(
+                c.input_dim,
+                nystrom::NystromConfig::transmil(c.input_dim),
+                layout,
+                head(c.input_dim)?,
+                vb,
+            )?))
+        }
     })
 }
 

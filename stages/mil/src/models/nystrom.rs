@@ -85,7 +85,7 @@ impl NystromAttention {
         let inner = config.inner();
         let res_conv = if config.residual_kernel > 0 {
             let k = config.residual_kernel;
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 candle_core::bail!("the residual value convolution needs an odd kernel, not {k}");
             }
             // nn.Conv2d default: kaiming-uniform(a = sqrt 5), bound 1 / sqrt(fan_in = k).
@@ -112,6 +112,12 @@ impl NystromAttention {
     /// The layer's shape.
     pub fn config(&self) -> NystromConfig {
         self.config
+    }
+
+    /// Changes the training dropout (0 makes a training step deterministic, for comparisons
+    /// of training steps with another implementation).
+    pub fn set_dropout(&mut self, p: f32) {
+        self.config.dropout = p;
     }
 
     /// Attention output `[n, dim]` for the tokens `x` `[n, dim]`.
@@ -196,7 +202,7 @@ pub fn nystrom_core(
     pinv_iterations: usize,
 ) -> candle_core::Result<(Tensor, (Tensor, Tensor, Tensor))> {
     let (h, np, dh) = q.dims3()?;
-    if m == 0 || np % m != 0 {
+    if m == 0 || !np.is_multiple_of(m) {
         candle_core::bail!("{np} tokens do not split into {m} landmarks");
     }
     let l = np / m;
@@ -223,11 +229,12 @@ pub fn moore_penrose_pinv(x: &Tensor, iterations: usize) -> candle_core::Result<
     let row = abs.sum(D::Minus2)?.flatten_all()?.max(0)?;
     let mut z = x.t()?.broadcast_div(&(col * row)?)?;
     let eye = Tensor::eye(m, x.dtype(), x.device())?;
+    let (eye7, eye15, eye13) = ((&eye * 7.0)?, (&eye * 15.0)?, (&eye * 13.0)?);
     for _ in 0..iterations {
         let xz = x.matmul(&z)?;
-        let t = (&eye * 7.0)?.broadcast_sub(&xz)?;
-        let t = (xz.matmul(&t)?.neg()?.broadcast_add(&(&eye * 15.0)?))?;
-        let t = (xz.matmul(&t)?.neg()?.broadcast_add(&(&eye * 13.0)?))?;
+        let t = eye7.broadcast_sub(&xz)?;
+        let t = eye15.broadcast_sub(&xz.matmul(&t)?)?;
+        let t = eye13.broadcast_sub(&xz.matmul(&t)?)?;
         z = (z.matmul(&t)? * 0.25)?;
     }
     Ok(z)
@@ -235,27 +242,23 @@ pub fn moore_penrose_pinv(x: &Tensor, iterations: usize) -> candle_core::Result<
 
 /// PyTorch's `Conv2d(h, h, (k, 1), padding=(k/2, 0), groups=h, bias=False)` on values
 /// `[h, n, d]`: every head's values convolved along the sequence with that head's filter,
-/// zeros beyond the ends.
+/// zeros beyond the ends. Computed as one gather of every position's `k` neighbours
+/// (`[h, n, k, d]`, a few ops for autograd instead of `k`).
 pub fn sequence_depthwise_conv(v: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    let (h, n, _) = v.dims3()?;
-    let w = weight.flatten_from(1)?; // [h, k]
-    let k = w.dim(1)?;
+    let (h, n, d) = v.dims3()?;
+    let k = weight.elem_count() / h.max(1);
+    let w = weight.reshape((h, 1, k, 1))?;
     let half = k / 2;
     let padded = v.pad_with_zeros(1, half, half)?;
-    let mut out: Option<Tensor> = None;
-    for o in 0..k {
-        let term = padded
-            .narrow(1, o, n)?
-            .broadcast_mul(&w.narrow(1, o, 1)?.reshape((h, 1, 1))?)?;
-        out = Some(match out {
-            None => term,
-            Some(acc) => (acc + term)?,
-        });
-    }
-    match out {
-        Some(o) => Ok(o),
-        None => v.zeros_like(),
-    }
+    let index: Vec<u32> = (0..n)
+        .flat_map(|t| (0..k).map(move |o| (t + o) as u32))
+        .collect();
+    let index = Tensor::from_vec(index, n * k, v.device())?;
+    padded
+        .index_select(&index, 1)?
+        .reshape((h, n, k, d))?
+        .broadcast_mul(&w)?
+        .sum(2)
 }
 
 /// Exact softmax attention `softmax(q k^T) v` of `[h, n, d]` tensors (`q` already scaled):

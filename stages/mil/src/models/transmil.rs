@@ -264,6 +264,13 @@ pub struct TransMil {
     layout: PpegLayout,
 }
 
+/// One bag's rows in a batch and, when the batch has them, its cells.
+struct BagRows {
+    start: usize,
+    len: usize,
+    cells: Option<Vec<(i64, i64)>>,
+}
+
 /// One bag's class token after the last layer norm, and optionally its attention.
 struct Encoded {
     cls: Tensor,
@@ -303,6 +310,13 @@ impl TransMil {
     /// Where PPEG places the tokens.
     pub fn layout(&self) -> PpegLayout {
         self.layout
+    }
+
+    /// Changes the attention layers' training dropout (the authors' 0.1 by default; 0 makes
+    /// a training step deterministic, as the training-step bench's same-function check needs).
+    pub fn set_attention_dropout(&mut self, p: f32) {
+        self.layer1.attn.set_dropout(p);
+        self.layer2.attn.set_dropout(p);
     }
 
     /// PPEG on the patch tokens `x` (everything but the class token in front) of a sequence.
@@ -358,7 +372,7 @@ impl TransMil {
     }
 
     /// Each bag's rows of the batch and, when present, their cells.
-    fn bags(&self, bags: &BagBatch) -> Vec<(usize, usize, Option<Vec<(i64, i64)>>)> {
+    fn bags(&self, bags: &BagBatch) -> Vec<BagRows> {
         let mut start = 0;
         bags.lengths()
             .iter()
@@ -369,7 +383,7 @@ impl TransMil {
                         .map(|c| (c[1] as i64, c[2] as i64))
                         .collect()
                 });
-                let item = (start, len, cells);
+                let item = BagRows { start, len, cells };
                 start += len;
                 item
             })
@@ -381,9 +395,9 @@ impl TransMil {
         let rows = self
             .bags(bags)
             .into_iter()
-            .map(|(start, len, cells)| {
-                let h = bags.features().narrow(0, start, len)?;
-                Ok(self.encode(&h, cells, train, false)?.cls)
+            .map(|b| {
+                let h = bags.features().narrow(0, b.start, b.len)?;
+                Ok(self.encode(&h, b.cells, train, false)?.cls)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&rows, 0)
@@ -398,9 +412,9 @@ impl TransMil {
     pub fn cls_attention(&self, bags: &BagBatch) -> candle_core::Result<Vec<Vec<f32>>> {
         self.bags(bags)
             .into_iter()
-            .map(|(start, len, cells)| {
-                let h = bags.features().narrow(0, start, len)?;
-                let a = self.encode(&h, cells, false, true)?.attention;
+            .map(|b| {
+                let h = bags.features().narrow(0, b.start, b.len)?;
+                let a = self.encode(&h, b.cells, false, true)?.attention;
                 match a {
                     Some(a) => a.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>(),
                     None => candle_core::bail!("no attention computed"),
@@ -604,7 +618,7 @@ mod tests {
             let inner = h * dh;
             let n = x.len();
             let dim = x[0].len();
-            let pad = if n % m > 0 { m - n % m } else { 0 };
+            let pad = if n.is_multiple_of(m) { 0 } else { m - n % m };
             let mut xp = vec![vec![0.0; dim]; pad];
             xp.extend(x.iter().cloned());
             let np = xp.len();
