@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE};
 use tessera_pipeline::{
     BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
-    StageKind, StageResult,
+    StageKind, StageResult, TILES,
 };
 
 /// The `weights` value that asks for seeded random parameters.
@@ -449,6 +449,7 @@ impl EmbedStage {
             let out = embed_batch(self.embedder.as_ref(), &self.params, &all.slice(start, len))
                 .map_err(|e| StageError::other("embedding tiles", e))?;
             ctx.emit(slide, out)?;
+            ctx.items_done(TILES, len as u64);
             start += len;
         }
         if start < rows {
