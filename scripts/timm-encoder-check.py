@@ -82,9 +82,12 @@ HF = {
 }
 POOLING = {"virchow": "cls_mean", "virchow2": "cls_mean", "h0_mini": "cls_mean",
            "midnight": "cls_mean"}
-# (preset, input size): every preset at its own size, UNI also at 448 (dynamic_img_size).
-RUNS = [(p, 448 if p == "conch_v1_5_trunk" else 224) for p in list(TIMM) + list(HF)]
-RUNS.insert(1, ("uni", 448))
+# (preset, input size), smallest first: every preset at its own size, UNI also at 448
+# (dynamic_img_size resampling). H-optimus-1 has H-optimus-0's architecture.
+RUNS = [("phikon", 224), ("h0_mini", 224), ("hibou_b", 224), ("uni", 224), ("uni", 448),
+        ("conch_v1_5_trunk", 448), ("gpfm", 224), ("phikon_v2", 224), ("hibou_l", 224),
+        ("virchow", 224), ("virchow2", 224), ("uni2_h", 224), ("h_optimus_0", 224),
+        ("prov_gigapath", 224), ("midnight", 224)]
 
 
 def reference(preset, size):

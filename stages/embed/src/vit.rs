@@ -160,12 +160,8 @@ impl VitConfig {
         if vb.get_unchecked("cls_token").is_err() {
             return; // random weights: keep the configuration
         }
-        for name in ["register_tokens", "reg_token"] {
-            if let Ok(reg) = vb.get_unchecked(name) {
-                if let Ok(n) = reg.dim(1) {
-                    self.registers = n;
-                }
-            }
+        if let Ok(n) = vb.get_unchecked("register_tokens").and_then(|r| r.dim(1)) {
+            self.registers = n;
         }
         if !vb.contains_tensor("blocks.0.ls1.gamma") {
             self.layer_scale = None;
