@@ -61,11 +61,17 @@ pub struct PresetInfo {
     pub hf_repo: &'static str,
     /// Licence and access, as the model card states them.
     pub licence: &'static str,
+    /// The architecture, as the model card's timm / transformers call builds it.
     pub vit: VitConfig,
+    /// How the checkpoint names its parameters.
     pub layout: WeightsLayout,
+    /// The side, in pixels, the model card feeds.
     pub input_size: usize,
+    /// The model card's normalisation mean (RGB, 0..1).
     pub mean: [f32; 3],
+    /// The model card's normalisation standard deviation (RGB).
     pub std: [f32; 3],
+    /// The embedding the model card prescribes.
     pub pooling: VitPooling,
 }
 

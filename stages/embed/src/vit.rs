@@ -61,9 +61,13 @@ pub enum PosInterp {
 /// The shape and options of a ViT, timm's `VisionTransformer` keyword arguments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VitConfig {
+    /// Side of the square patches (14 for DINOv2-style models, 16 for ViT-B/16, L/16, g/16).
     pub patch_size: usize,
+    /// Token width (384 S, 768 B, 1024 L, 1280 H, 1536 g).
     pub dim: usize,
+    /// Number of transformer blocks.
     pub depth: usize,
+    /// Attention heads (`dim` must be a multiple).
     pub heads: usize,
     /// Width of the MLP's first layer: timm's `int(dim * mlp_ratio)` (for `SwiGluPacked` this
     /// is both halves together).
