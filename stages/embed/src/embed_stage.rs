@@ -312,11 +312,12 @@ impl StageKind for EmbedParams {
         for p in Preset::ALL {
             let i = p.info();
             s += &format!(
-                "  {:<17} {:>4}  {}; {} px; hf:{}; {}\n",
+                "  {:<17} {:>4}  {}; {} px ({}); hf:{}; {}\n",
                 i.name,
                 i.dim(),
                 i.about,
                 i.input_size,
+                i.resize_note(),
                 i.hf_repo,
                 i.licence
             );

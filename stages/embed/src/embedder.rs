@@ -2,7 +2,7 @@
 //! and the loader that turns a spec (architecture, weights, preprocessing) into one.
 
 use crate::error::{EmbedError, EmbedResult};
-use crate::preprocess::Preprocess;
+use crate::preprocess::{Preprocess, Resize};
 use crate::presets::Preset;
 use crate::resnet::{ResNet, ResNetDepth};
 use crate::resnet_cpu::CpuResNet;
@@ -177,6 +177,8 @@ struct VitEmbedder {
     model: Vit,
     dtype: DType,
     preprocess: Preprocess,
+    /// The preset's resize (filter, centre crop); bilinear without crop otherwise.
+    resize: Resize,
     device: Device,
 }
 
@@ -195,6 +197,18 @@ impl TileEmbedder for VitEmbedder {
             .model
             .forward(&input.to_dtype(self.dtype)?)?
             .to_dtype(DType::F32)?)
+    }
+
+    fn embed(&self, pixels: &[&[u8]], px: usize) -> EmbedResult<Tensor> {
+        let images: Vec<(&[u8], usize)> = pixels.iter().map(|p| (*p, px)).collect();
+        self.embed_sized(&images)
+    }
+
+    fn embed_sized(&self, images: &[(&[u8], usize)]) -> EmbedResult<Tensor> {
+        let input = self
+            .preprocess
+            .to_tensor_resized(images, self.resize, &self.device)?;
+        self.forward(&input)
     }
 }
 
@@ -315,6 +329,7 @@ pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dy
         model,
         dtype,
         preprocess,
+        resize: spec.preset.map(|p| p.info().resize).unwrap_or_default(),
         device: device.clone(),
     }))
 }

@@ -31,7 +31,7 @@ pub use error::{EmbedError, EmbedResult};
 pub use features::FeaturesParams;
 pub use h5_features::H5FeaturesParams;
 pub use hf_names::WeightsLayout;
-pub use preprocess::{Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+pub use preprocess::{Preprocess, Resize, ResizeFilter, IMAGENET_MEAN, IMAGENET_STD};
 pub use presets::{Preset, PresetInfo};
 pub use resnet::{ResNet, ResNetDepth};
 pub use vit::{MlpKind, PosInterp, PosLayout, Vit, VitConfig, VitPooling};

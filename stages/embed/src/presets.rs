@@ -4,7 +4,7 @@
 //! `preset: uni2_h` is all an experiment needs to say.
 
 use crate::hf_names::WeightsLayout;
-use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::preprocess::{Resize, ResizeFilter, IMAGENET_MEAN, IMAGENET_STD};
 use crate::vit::{MlpKind, PosInterp, PosLayout, VitConfig, VitPooling};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -73,12 +73,30 @@ pub struct PresetInfo {
     pub std: [f32; 3],
     /// The embedding the model card prescribes.
     pub pooling: VitPooling,
+    /// The model card's resize (filter, centre crop) from tile to input size.
+    pub resize: Resize,
 }
 
 impl PresetInfo {
     /// Width of the embedding.
     pub fn dim(&self) -> usize {
         self.pooling.width(self.vit.dim)
+    }
+
+    /// How tiles are brought to the input size, in words (`bicubic, 256 then centre 224`).
+    pub fn resize_note(&self) -> String {
+        let filter = match self.resize.filter {
+            ResizeFilter::Bilinear => "bilinear",
+            ResizeFilter::Bicubic => "bicubic",
+        };
+        match self.resize.crop {
+            Some(c) => format!(
+                "{filter} to {}, centre {}",
+                (self.input_size as f64 / c as f64).floor(),
+                self.input_size
+            ),
+            None => filter.to_string(),
+        }
     }
 }
 
@@ -166,6 +184,11 @@ impl Preset {
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             pooling,
+            resize: Resize::default(),
+        };
+        let bicubic = Resize {
+            filter: ResizeFilter::Bicubic,
+            crop: None,
         };
         const NC_GATED: &str = "CC-BY-NC-ND 4.0, gated (accept the terms on Hugging Face)";
         match self {
@@ -194,27 +217,33 @@ impl Preset {
             ),
             // vit_huge_patch14_224, mlp_ratio 5.3375, SwiGLUPacked, init_values 1e-5; the card
             // concatenates the class token and the mean patch token.
-            Preset::Virchow => base(
-                "virchow",
-                "Virchow (Paige), timm ViT-H/14, SwiGLU",
-                "paige-ai/Virchow",
-                "Apache 2.0, gated (accept the terms on Hugging Face)",
-                swiglu(ls(timm(14, 1280, 32, 16, 5.3375))),
-                VitPooling::ClsMean,
-            ),
-            // As Virchow with reg_tokens 4 (class position embedded: no_embed_class False).
-            Preset::Virchow2 => base(
-                "virchow2",
-                "Virchow2 (Paige), timm ViT-H/14, 4 registers, SwiGLU",
-                "paige-ai/Virchow2",
-                NC_GATED,
-                regs(
+            Preset::Virchow => PresetInfo {
+                resize: bicubic,
+                ..base(
+                    "virchow",
+                    "Virchow (Paige), timm ViT-H/14, SwiGLU",
+                    "paige-ai/Virchow",
+                    "Apache 2.0, gated (accept the terms on Hugging Face)",
                     swiglu(ls(timm(14, 1280, 32, 16, 5.3375))),
-                    4,
-                    PosLayout::AllTokens,
-                ),
-                VitPooling::ClsMean,
-            ),
+                    VitPooling::ClsMean,
+                )
+            },
+            // As Virchow with reg_tokens 4 (class position embedded: no_embed_class False).
+            Preset::Virchow2 => PresetInfo {
+                resize: bicubic,
+                ..base(
+                    "virchow2",
+                    "Virchow2 (Paige), timm ViT-H/14, 4 registers, SwiGLU",
+                    "paige-ai/Virchow2",
+                    NC_GATED,
+                    regs(
+                        swiglu(ls(timm(14, 1280, 32, 16, 5.3375))),
+                        4,
+                        PosLayout::AllTokens,
+                    ),
+                    VitPooling::ClsMean,
+                )
+            },
             // vit_giant_patch14_reg4_dinov2 at img_size 224, global_pool "token".
             Preset::HOptimus0 | Preset::HOptimus1 => PresetInfo {
                 mean: HOPTIMUS_MEAN,
@@ -251,6 +280,7 @@ impl Preset {
             // vit_base_patch14_reg4_dinov2 with SwiGLUPacked; the card concatenates the class
             // token and the mean patch token.
             Preset::H0Mini => PresetInfo {
+                resize: bicubic,
                 mean: HOPTIMUS_MEAN,
                 std: HOPTIMUS_STD,
                 ..base(
@@ -267,14 +297,21 @@ impl Preset {
                 )
             },
             // vit_giant_patch14_dinov2 (SwiGLUPacked) with patch 16, mlp_ratio 5.33334.
-            Preset::ProvGigapath => base(
-                "prov_gigapath",
-                "Prov-GigaPath tile encoder, timm ViT-g/16, SwiGLU",
-                "prov-gigapath/prov-gigapath",
-                "Apache 2.0, gated (accept the terms on Hugging Face)",
-                swiglu(ls(timm(16, 1536, 40, 24, 5.33334))),
-                VitPooling::Cls,
-            ),
+            // Its card: Resize(256, bicubic) + CenterCrop(224).
+            Preset::ProvGigapath => PresetInfo {
+                resize: Resize {
+                    filter: ResizeFilter::Bicubic,
+                    crop: Some(0.875),
+                },
+                ..base(
+                    "prov_gigapath",
+                    "Prov-GigaPath tile encoder, timm ViT-g/16, SwiGLU",
+                    "prov-gigapath/prov-gigapath",
+                    "Apache 2.0, gated (accept the terms on Hugging Face)",
+                    swiglu(ls(timm(16, 1536, 40, 24, 5.33334))),
+                    VitPooling::Cls,
+                )
+            },
             // transformers ViTModel, last_hidden_state[:, 0].
             Preset::Phikon => PresetInfo {
                 layout: WeightsLayout::HfVit,
@@ -321,6 +358,7 @@ impl Preset {
                 let b = self == Preset::HibouB;
                 PresetInfo {
                     layout: WeightsLayout::HfDinov2,
+                    resize: bicubic,
                     mean: HIBOU_MEAN,
                     std: HIBOU_STD,
                     ..base(
@@ -363,6 +401,7 @@ impl Preset {
             // 1e-5.
             Preset::ConchV15Trunk => PresetInfo {
                 input_size: 448,
+                resize: bicubic,
                 ..base(
                     "conch_v1_5_trunk",
                     "CONCH v1.5 vision trunk (MahmoodLab), timm ViT-L/16 at 448 px",
@@ -411,5 +450,9 @@ mod tests {
         assert_eq!(Preset::Uni2H.info().vit.mlp_hidden, 8192);
         assert_eq!(Preset::Virchow2.info().vit.mlp_hidden, 6832);
         assert_eq!(Preset::ProvGigapath.info().vit.mlp_hidden, 8192);
+        assert_eq!(
+            Preset::ProvGigapath.info().resize_note(),
+            "bicubic to 256, centre 224"
+        );
     }
 }
