@@ -4,12 +4,56 @@ autotuning on; TF32 off (as tessera/candle compute in full f32) and on (PyTorch'
 convolutions). Prints the same best (median) img/s of single timed batches, forward only.
 
     python3 scripts/torch-embed-bench.py [BATCH ...]     # default 32 128
+
+On the CPU, as a worker of the Rust bench (`EMBED_BENCH_TORCH=1`), for one model: the same
+architecture as tessera's row (timm for the ViTs, as the presets' model cards build them),
+random weights, inference mode, f32; prints one JSON line `{"best": img/s, "median": img/s}`.
+
+    python3 scripts/torch-embed-bench.py --cpu MODEL BATCH RUNS
+    # MODEL: resnet18 | resnet50 | vit_s14 | uni | virchow2
 """
+import json
 import sys
 import time
 
 import torch
 import torchvision
+
+
+def cpu_model(name):
+    """The CPU reference for a row of the Rust bench."""
+    if name in ("resnet18", "resnet50"):
+        return getattr(torchvision.models, name)(weights=None).eval().to(
+            memory_format=torch.channels_last)
+    import timm
+    if name == "vit_s14":
+        return timm.create_model("vit_small_patch14_dinov2", img_size=224, num_classes=0).eval()
+    if name == "uni":
+        return timm.create_model("vit_large_patch16_224", img_size=224, init_values=1e-5,
+                                 num_classes=0, dynamic_img_size=True).eval()
+    if name == "virchow2":
+        return timm.create_model(
+            "vit_huge_patch14_224", img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4,
+            mlp_ratio=5.3375, global_pool="", dynamic_img_size=True,
+            mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU).eval()
+    raise SystemExit(f"unknown model {name}")
+
+
+def bench_cpu(name, batch, runs):
+    model = cpu_model(name)
+    x = torch.rand(batch, 3, 224, 224)
+    if name.startswith("resnet"):
+        x = x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)
+        secs = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            secs.append(time.perf_counter() - t)
+    secs.sort()
+    print(json.dumps({"best": batch / secs[0], "median": batch / secs[len(secs) // 2],
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 
 def bench(model, batch, runs=10):
@@ -29,6 +73,9 @@ def bench(model, batch, runs=10):
 
 
 def main():
+    if sys.argv[1:2] == ["--cpu"]:
+        name, batch, runs = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        return bench_cpu(name, batch, runs)
     batches = [int(b) for b in sys.argv[1:]] or [32, 128]
     torch.backends.cudnn.benchmark = True
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")

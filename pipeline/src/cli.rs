@@ -534,6 +534,10 @@ fn print_stages(registry: &Registry, kind: Option<&str>) -> anyhow::Result<()> {
             println!("  {name:<22} {ty:<18} default {default:<14} {about}");
         }
     }
+    let notes = k.notes();
+    if !notes.is_empty() {
+        println!("\n{}", notes.trim_end());
+    }
     Ok(())
 }
 

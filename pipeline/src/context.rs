@@ -64,12 +64,16 @@ pub(crate) struct StageShared {
     pub details: Mutex<serde_json::Map<String, serde_json::Value>>,
     pub progress: ProgressBar,
     pub cache: Option<StageCache>,
+    /// Work items (tiles) this stage has done, for the message next to its bar.
+    pub items: crate::items::DoneItems,
 }
 
 /// State shared by the whole run.
 pub(crate) struct RunShared {
     pub cancel: Arc<AtomicBool>,
     pub plan: Arc<Plan>,
+    /// Work items planned in the run, per unit (see [`StageContext::plan_items`]).
+    pub items: crate::items::PlannedItems,
 }
 
 /// A running stage's handle on the run. One per worker.
@@ -185,6 +189,28 @@ impl StageContext {
     /// Advances the stage's progress bar.
     pub fn inc_progress(&self, delta: u64) {
         self.shared.progress.inc(delta);
+    }
+
+    /// Adds `n` items of `unit` (e.g. `"tiles"`) to the run's plan, as soon as they are known
+    /// (the tiling stage, once a slide's tissue is found): stages counting the same unit with
+    /// [`StageContext::items_done`] show done / planned, their rate and the time left.
+    pub fn plan_items(&self, unit: &str, n: u64) {
+        let planned = self.run.items.add(unit, n);
+        let done = self.shared.items.done();
+        let secs = self.shared.items.elapsed();
+        self.shared
+            .progress
+            .set_message(crate::items::render(unit, done, planned, secs));
+    }
+
+    /// Counts `n` items of `unit` done by this stage, and shows `done/planned unit · rate ·
+    /// ETA` next to its progress bar (which counts slides).
+    pub fn items_done(&self, unit: &str, n: u64) {
+        let (done, secs) = self.shared.items.add(n);
+        let planned = self.run.items.get(unit);
+        self.shared
+            .progress
+            .set_message(crate::items::render(unit, done, planned, secs));
     }
 
     /// Shows a short status next to the stage's progress bar (e.g. the current loss).

@@ -38,5 +38,7 @@ pub use arrow;
 pub mod cli;
 pub mod config;
 pub mod graph;
+mod items;
+pub use items::TILES;
 pub mod runner;
 pub mod testing;

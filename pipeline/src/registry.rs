@@ -14,6 +14,8 @@ pub trait DynKind: Send + Sync {
     fn kind(&self) -> &'static str;
     fn version(&self) -> &'static str;
     fn about(&self) -> &'static str;
+    /// [`StageKind::notes`].
+    fn notes(&self) -> String;
     /// JSON Schema of the parameters (for `tessera stages` and the experiment's JSON Schema).
     fn params_schema(&self) -> serde_json::Value;
     /// The parameters' defaults, as JSON.
@@ -66,6 +68,9 @@ impl<K: StageKind> DynKind for Kind<K> {
     }
     fn about(&self) -> &'static str {
         K::ABOUT
+    }
+    fn notes(&self) -> String {
+        K::notes()
     }
     fn params_schema(&self) -> serde_json::Value {
         serde_json::to_value(schemars::schema_for!(K)).unwrap_or_default()

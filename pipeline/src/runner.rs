@@ -362,6 +362,7 @@ fn execute_pass(
     let run = Arc::new(RunShared {
         cancel: stop.clone(),
         plan: plan.clone(),
+        items: Default::default(),
     });
     let multi = MultiProgress::with_draw_target(if settings.progress {
         ProgressDrawTarget::stderr()
@@ -399,6 +400,7 @@ fn execute_pass(
                 cache: s
                     .cache
                     .then(|| stage_cache(graph, i, &cache, &plan, claims.clone())),
+                items: Default::default(),
             })
         })
         .collect();

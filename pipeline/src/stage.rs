@@ -121,6 +121,12 @@ pub trait StageKind:
         &[]
     }
 
+    /// More help for `tessera stages KIND`, printed after the parameters (e.g. the models a
+    /// stage knows by name). None by default.
+    fn notes() -> String {
+        String::new()
+    }
+
     /// Output columns that are not persisted by `cache: true` (e.g. pixels), which the stage
     /// re-creates in [`Stage::replay`].
     fn uncached_columns(&self) -> Vec<String> {

@@ -6,6 +6,13 @@
 //! the batch size). On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-embed
 //! --features cuda --bench embed` (the PyTorch column is then the CPU figure, for scale);
 //! `EMBED_BENCH_COMPUTE=f16` (or `bf16`) computes in half precision there.
+//!
+//! Rows: ResNet-18/50, DINOv2 ViT-S/14, and two foundation-model presets, UNI (ViT-L/16) and
+//! Virchow2 (ViT-H/14, SwiGLU, registers). With `EMBED_BENCH_TORCH=1` (CPU), PyTorch is
+//! measured in the same run on the same architecture and batch (`scripts/torch-embed-bench.py
+//! --cpu`, timm for the ViTs) and the ratio printed; otherwise the PyTorch column shows older
+//! figures where there are any. The ViT-H row is slow on a small CPU: pick rows with the first
+//! argument (`cargo bench -p tessera-embed --bench embed -- vit-l`).
 
 /// The `tessera` binary's allocator (glibc's returns large freed buffers to the OS at every
 /// layer, and page-faults them back in).
@@ -14,9 +21,30 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 use tessera_embed::{
-    candle_device, load_embedder, Architecture, ComputeDtype, EmbedderSpec, Preprocess, VitPooling,
-    WeightsSource,
+    candle_device, load_embedder, Architecture, ComputeDtype, EmbedderSpec, Preprocess, Preset,
+    VitPooling, WeightsSource,
 };
+
+/// PyTorch's img/s (best, median) for `model` on the CPU, from the reference script.
+fn torch_cpu(model: &str, batch: usize, runs: usize) -> Option<(f64, f64)> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/torch-embed-bench.py"
+    );
+    let out = std::process::Command::new("python3")
+        .args([
+            script,
+            "--cpu",
+            model,
+            &batch.to_string(),
+            &runs.to_string(),
+        ])
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.lines().last()?).ok()?;
+    Some((v["best"].as_f64()?, v["median"].as_f64()?))
+}
 use tessera_pipeline::DeviceSpec;
 
 fn main() {
@@ -51,14 +79,43 @@ fn main() {
         })
         .collect();
     let refs: Vec<&[u8]> = tiles.iter().map(Vec::as_slice).collect();
+    let same_run_torch =
+        std::env::var("EMBED_BENCH_TORCH").is_ok_and(|v| v == "1") && device.is_cpu();
+    // (row, architecture or preset, the reference script's model, older PyTorch figure)
     let cases = [
-        ("ResNet-18", Architecture::Resnet18, Some(47.0)),
-        ("ResNet-50", Architecture::Resnet50, Some(15.7)),
-        ("ViT-S/14", Architecture::VitS14, None),
+        (
+            "ResNet-18",
+            Architecture::Resnet18,
+            None,
+            "resnet18",
+            Some(47.0),
+        ),
+        (
+            "ResNet-50",
+            Architecture::Resnet50,
+            None,
+            "resnet50",
+            Some(15.7),
+        ),
+        ("ViT-S/14", Architecture::VitS14, None, "vit_s14", None),
+        (
+            "UNI ViT-L/16",
+            Architecture::Resnet18,
+            Some(Preset::Uni),
+            "uni",
+            None,
+        ),
+        (
+            "Virchow2 ViT-H/14",
+            Architecture::Resnet18,
+            Some(Preset::Virchow2),
+            "virchow2",
+            None,
+        ),
     ];
-    println!("| model | tessera img/s, embed incl. preprocessing: best (median) | forward only: best (median) | PyTorch img/s |");
-    println!("|---|---|---|---|");
-    for (name, arch, torch) in cases {
+    println!("| model | tessera img/s, embed incl. preprocessing: best (median) | forward only: best (median) | PyTorch img/s | forward / PyTorch |");
+    println!("|---|---|---|---|---|");
+    for (name, arch, preset, torch_model, torch) in cases {
         if only
             .as_deref()
             .is_some_and(|o| !name.to_lowercase().contains(&o.to_lowercase()))
@@ -70,8 +127,9 @@ fn main() {
             weights: WeightsSource::Random { seed: 0 },
             weights_prefix: String::new(),
             preprocess: Preprocess::default(),
-            pooling: VitPooling::Cls,
+            pooling: preset.map(|p| p.info().pooling).unwrap_or(VitPooling::Cls),
             compute,
+            preset,
         };
         let model = load_embedder(&spec, &device).expect("model");
         let input = model
@@ -101,9 +159,21 @@ fn main() {
             model.embed(&refs, px).expect("embed");
             sync();
         });
-        let torch = torch
-            .map(|v: f64| format!("{v:.1}"))
-            .unwrap_or_else(|| "not measured".into());
-        println!("| {name} | {full:.1} ({full_med:.1}) | {fwd:.1} ({fwd_med:.1}) | {torch} |");
+        let measured = if same_run_torch {
+            torch_cpu(torch_model, batch, batches)
+        } else {
+            None
+        };
+        let (torch, ratio) = match (measured, torch) {
+            (Some((best, med)), _) => (
+                format!("{best:.1} ({med:.1}), same run"),
+                format!("{:.2}x", fwd / best),
+            ),
+            (None, Some(v)) => (format!("{v:.1} (earlier run)"), format!("{:.2}x", fwd / v)),
+            (None, None) => ("not measured".into(), "".into()),
+        };
+        println!(
+            "| {name} | {full:.1} ({full_med:.1}) | {fwd:.1} ({fwd_med:.1}) | {torch} | {ratio} |"
+        );
     }
 }

@@ -8,8 +8,9 @@ use crate::embedder::{
 };
 use crate::error::EmbedError;
 use crate::preprocess::{Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+use crate::presets::Preset;
 use crate::vit::VitPooling;
-use crate::weights::WeightsSource;
+use crate::weights::{WeightsSource, HF_SCHEME};
 use arrow::array::{Array, BinaryArray, Int32Array, Int64Array};
 use arrow::compute::concat_batches;
 use arrow::datatypes::{DataType, SchemaRef};
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE};
 use tessera_pipeline::{
     BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
-    StageKind, StageResult,
+    StageKind, StageResult, TILES,
 };
 
 /// The `weights` value that asks for seeded random parameters.
@@ -33,6 +34,8 @@ pub enum Pooling {
     /// The class token.
     #[default]
     Cls,
+    /// The mean of the patch tokens (register tokens excluded).
+    Mean,
     /// The class token concatenated with the mean patch token (twice as wide).
     ClsMean,
 }
@@ -41,14 +44,26 @@ impl From<Pooling> for VitPooling {
     fn from(p: Pooling) -> Self {
         match p {
             Pooling::Cls => VitPooling::Cls,
+            Pooling::Mean => VitPooling::Mean,
             Pooling::ClsMean => VitPooling::ClsMean,
         }
     }
 }
 
-/// Parameters of `kind: embed`.
+impl From<VitPooling> for Pooling {
+    fn from(p: VitPooling) -> Self {
+        match p {
+            VitPooling::Cls => Pooling::Cls,
+            VitPooling::Mean => Pooling::Mean,
+            VitPooling::ClsMean => Pooling::ClsMean,
+        }
+    }
+}
+
+/// Parameters of `kind: embed`, as resolved: with a `preset`, the preprocessing, pooling and
+/// weights it implies are filled in (so they enter the cache key), explicit values win.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "EmbedParamsInput")]
 pub struct EmbedParams {
     /// Network: resnet18 | resnet34 | resnet50 (torchvision) | vit_s14 | vit_b14 | vit_l14
     /// (DINOv2) | vit_b16 | vit_l16 (timm).
@@ -79,6 +94,103 @@ pub struct EmbedParams {
     /// f32, so caches made before this option stay valid).
     #[serde(skip_serializing_if = "ComputeDtype::is_f32")]
     pub compute: ComputeDtype,
+    /// A pathology foundation model by name (replaces `arch`); see [`EmbedParamsInput::preset`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+}
+
+/// Parameters of `kind: embed` as an experiment file writes them.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedParamsInput {
+    /// Network: resnet18 | resnet34 | resnet50 (torchvision) | vit_s14 | vit_b14 | vit_l14
+    /// (DINOv2) | vit_b16 | vit_l16 (timm). Default resnet18. Not with `preset`.
+    #[schemars(extend("default" = "resnet18"))]
+    pub arch: Option<Architecture>,
+    /// A pathology foundation model by name, with the architecture, weights naming,
+    /// preprocessing and output its model card prescribes: uni (1024) | uni2_h (1536) |
+    /// virchow (2560) | virchow2 (2560) | h_optimus_0 (1536) | h_optimus_1 (1536) | h0_mini
+    /// (1536) | prov_gigapath (1536) | phikon (768) | phikon_v2 (1024) | gpfm (1024) | hibou_b
+    /// (768) | hibou_l (1024) | midnight (3072) | conch_v1_5_trunk (1024). `weights` then
+    /// defaults to `hf:<its repository>`; `input_size`, `mean`, `std`, `pooling` to its own.
+    pub preset: Option<Preset>,
+    /// The model's parameters: a `.safetensors` file or a PyTorch `.pth`/`.pt`/`.bin`
+    /// checkpoint (relative to the experiment file), with torchvision/DINOv2/timm names (or
+    /// Hugging Face ones for the presets that come from `transformers`); `hf:ORG/NAME` (also
+    /// `hf:ORG/NAME/FILE`, `hf:ORG/NAME@REVISION`) for a model already in the local Hugging
+    /// Face cache (`$HF_HOME/hub`; nothing is downloaded); or `random` for seeded random
+    /// weights (tests and demos only: the output is flagged).
+    pub weights: String,
+    /// Prefix of the parameter names inside the weights file, e.g. `module.` or `backbone.`.
+    pub weights_prefix: String,
+    /// Seed of `weights: random`.
+    pub seed: u64,
+    /// Side, in pixels, of the images the model sees; tiles of another size are resized
+    /// (antialiased bilinear). Must be a multiple of the patch size for ViTs. Default 224, or
+    /// the preset's.
+    #[schemars(extend("default" = 224))]
+    pub input_size: Option<usize>,
+    /// Per-channel mean (RGB, on 0..1 values) subtracted before the model. ImageNet's by
+    /// default, or the preset's.
+    #[schemars(extend("default" = [0.485, 0.456, 0.406]))]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation (RGB) divided by before the model. ImageNet's by
+    /// default, or the preset's.
+    #[schemars(extend("default" = [0.229, 0.224, 0.225]))]
+    pub std: Option<[f32; 3]>,
+    /// Tiles per forward pass (default 32).
+    #[schemars(extend("default" = 32))]
+    pub batch_size: Option<usize>,
+    /// Store embeddings as Float16 (half the cache size) instead of Float32.
+    pub half: bool,
+    /// ViTs only: `cls` (class token), `mean` (mean patch token, registers excluded), or
+    /// `cls_mean` (both, concatenated). Default `cls`, or the preset's model card's.
+    #[schemars(extend("default" = "cls"))]
+    pub pooling: Option<Pooling>,
+    /// What the network computes in: `f32` (default), or `f16` / `bf16` on a GPU (tensor
+    /// cores; about three significant digits). Part of the cache key (left out of it when
+    /// f32, so caches made before this option stay valid).
+    pub compute: ComputeDtype,
+}
+
+impl TryFrom<EmbedParamsInput> for EmbedParams {
+    type Error = String;
+
+    fn try_from(i: EmbedParamsInput) -> Result<Self, String> {
+        let d = EmbedParams::default();
+        let info = i.preset.map(Preset::info);
+        if let (Some(info), Some(arch)) = (&info, i.arch) {
+            return Err(format!(
+                "give either `arch` ({}) or `preset` ({}), not both: a preset fixes the architecture",
+                serde_json::to_value(arch).map(|v| v.to_string()).unwrap_or_default(),
+                info.name
+            ));
+        }
+        let weights = match (&info, i.weights.trim().is_empty()) {
+            (Some(info), true) => format!("{HF_SCHEME}{}", info.hf_repo),
+            _ => i.weights,
+        };
+        Ok(EmbedParams {
+            arch: i.arch.unwrap_or(d.arch),
+            weights,
+            weights_prefix: i.weights_prefix,
+            seed: i.seed,
+            input_size: i
+                .input_size
+                .or(info.as_ref().map(|p| p.input_size))
+                .unwrap_or(d.input_size),
+            mean: i.mean.or(info.as_ref().map(|p| p.mean)).unwrap_or(d.mean),
+            std: i.std.or(info.as_ref().map(|p| p.std)).unwrap_or(d.std),
+            batch_size: i.batch_size.unwrap_or(d.batch_size),
+            half: i.half,
+            pooling: i
+                .pooling
+                .or(info.as_ref().map(|p| p.pooling.into()))
+                .unwrap_or(d.pooling),
+            compute: i.compute,
+            preset: i.preset,
+        })
+    }
 }
 
 impl Default for EmbedParams {
@@ -95,22 +207,30 @@ impl Default for EmbedParams {
             half: false,
             pooling: Pooling::Cls,
             compute: ComputeDtype::F32,
+            preset: None,
         }
     }
 }
 
 impl EmbedParams {
+    /// The parameters of `preset` with everything it implies (weights from the local Hugging
+    /// Face cache, its preprocessing and pooling), as `preset: NAME` alone in an experiment.
+    pub fn with_preset(preset: Preset) -> Self {
+        EmbedParamsInput {
+            preset: Some(preset),
+            ..Default::default()
+        }
+        .try_into()
+        .unwrap_or_default()
+    }
+
     fn is_random(&self) -> bool {
         self.weights == RANDOM_WEIGHTS
     }
 
     /// The embedder this configuration describes, with paths resolved by `ctx`.
     pub fn spec(&self, ctx: &BuildContext) -> EmbedderSpec {
-        let weights = if self.is_random() {
-            WeightsSource::Random { seed: self.seed }
-        } else {
-            WeightsSource::File(ctx.resolve(&self.weights))
-        };
+        let weights = WeightsSource::parse(&self.weights, self.seed, |p| ctx.resolve(p));
         EmbedderSpec {
             arch: self.arch,
             weights,
@@ -122,11 +242,24 @@ impl EmbedParams {
             },
             pooling: self.pooling.into(),
             compute: self.compute,
+            preset: self.preset,
         }
     }
 
-    fn dim(&self) -> usize {
-        self.arch.dim(self.pooling.into())
+    /// Width of the embeddings.
+    pub fn dim(&self) -> usize {
+        match self.preset {
+            Some(p) => VitPooling::from(self.pooling).width(p.info().vit.dim),
+            None => self.arch.dim(self.pooling.into()),
+        }
+    }
+
+    /// Patch size of the network (input sizes must be multiples of it); 1 for CNNs.
+    fn patch_size(&self) -> usize {
+        match self.preset {
+            Some(p) => p.info().vit.patch_size,
+            None => self.arch.patch_size(),
+        }
     }
 
     /// What the output's schema metadata (and so every cache file) says about the model.
@@ -149,6 +282,12 @@ impl EmbedParams {
             self.weights.clone()
         };
         m.insert("tessera.embed.weights".to_string(), weights);
+        if let Some(p) = self.preset {
+            m.insert(
+                "tessera.embed.preset".to_string(),
+                p.info().name.to_string(),
+            );
+        }
         if !self.compute.is_f32() {
             m.insert(
                 "tessera.embed.compute".to_string(),
@@ -163,7 +302,28 @@ impl StageKind for EmbedParams {
     const KIND: &'static str = "embed";
     const VERSION: &'static str = "1";
     const ABOUT: &'static str =
-        "Embeds tiles with a CNN or ViT (ResNet-18/34/50, DINOv2/timm ViT) on candle";
+        "Embeds tiles with a CNN or ViT on candle (ResNet-18/34/50, DINOv2/timm ViT, or a pathology foundation model by `preset`: uni, uni2_h, virchow, virchow2, h_optimus_0/1, h0_mini, prov_gigapath, phikon, phikon_v2, gpfm, hibou_b/l, midnight, conch_v1_5_trunk)";
+
+    /// The foundation models `preset:` knows, with width, weights and licence.
+    fn notes() -> String {
+        let mut s = String::from(
+            "presets (`preset: NAME`; weights default to hf:REPO, read offline from the Hugging Face cache):\n",
+        );
+        for p in Preset::ALL {
+            let i = p.info();
+            s += &format!(
+                "  {:<17} {:>4}  {}; {} px ({}); hf:{}; {}\n",
+                i.name,
+                i.dim(),
+                i.about,
+                i.input_size,
+                i.resize_note(),
+                i.hf_repo,
+                i.licence
+            );
+        }
+        s
+    }
 
     /// Each tile's embedding does not depend on which tiles share its forward pass.
     fn key_neutral_params() -> &'static [&'static str] {
@@ -193,13 +353,22 @@ impl StageKind for EmbedParams {
         if self.weights.trim().is_empty() {
             return Err(ParamIssue::new(
                 "weights",
-                "required: a .safetensors or .pth file, or `random` (tests and demos only)",
+                "required: a .safetensors or .pth file, hf:ORG/NAME (local Hugging Face cache), or `random` (tests and demos only)",
             ));
         }
         if self.batch_size == 0 {
             return Err(ParamIssue::new("batch_size", "must be at least 1"));
         }
-        let patch = self.arch.patch_size();
+        if self.preset.is_some() && self.arch != Architecture::Resnet18 {
+            return Err(ParamIssue::new(
+                "arch",
+                "give either `arch` or `preset`: a preset fixes the architecture",
+            ));
+        }
+        if self.preset.is_none() && self.pooling == Pooling::Mean && self.arch.patch_size() == 1 {
+            return Err(ParamIssue::new("pooling", "`mean` is for ViTs"));
+        }
+        let patch = self.patch_size();
         if self.input_size == 0 || !self.input_size.is_multiple_of(patch) {
             return Err(ParamIssue::new(
                 "input_size",
@@ -240,10 +409,13 @@ impl StageKind for EmbedParams {
     }
 
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String> {
-        if self.is_random() {
+        let source = WeightsSource::parse(&self.weights, self.seed, |p| ctx.resolve(p));
+        let Some(path) = source
+            .file()
+            .map_err(|e| StageError::other("finding the weights", e))?
+        else {
             return Ok(RANDOM_WEIGHTS.to_string());
-        }
-        let path = ctx.resolve(&self.weights);
+        };
         tessera_pipeline::cache::file_hash(&path)
             .map_err(|e| StageError::other("hashing the weights file", e))
     }
@@ -278,6 +450,7 @@ impl EmbedStage {
             let out = embed_batch(self.embedder.as_ref(), &self.params, &all.slice(start, len))
                 .map_err(|e| StageError::other("embedding tiles", e))?;
             ctx.emit(slide, out)?;
+            ctx.items_done(TILES, len as u64);
             start += len;
         }
         if start < rows {

@@ -2,7 +2,8 @@
 //! and the loader that turns a spec (architecture, weights, preprocessing) into one.
 
 use crate::error::{EmbedError, EmbedResult};
-use crate::preprocess::Preprocess;
+use crate::preprocess::{Preprocess, Resize};
+use crate::presets::Preset;
 use crate::resnet::{ResNet, ResNetDepth};
 use crate::resnet_cpu::CpuResNet;
 use crate::vit::{Vit, VitConfig, VitPooling};
@@ -52,13 +53,7 @@ impl Architecture {
             Architecture::Resnet18 => ResNetDepth::R18.dim(),
             Architecture::Resnet34 => ResNetDepth::R34.dim(),
             Architecture::Resnet50 => ResNetDepth::R50.dim(),
-            vit => {
-                let d = vit.vit_config().map(|c| c.dim).unwrap_or(0);
-                match pooling {
-                    VitPooling::Cls => d,
-                    VitPooling::ClsMean => 2 * d,
-                }
-            }
+            vit => pooling.width(vit.vit_config().map(|c| c.dim).unwrap_or(0)),
         }
     }
 
@@ -118,6 +113,9 @@ pub struct EmbedderSpec {
     pub pooling: VitPooling,
     /// What the network computes in (GPU only for anything but f32).
     pub compute: ComputeDtype,
+    /// A named foundation model: replaces `arch` (its architecture and weights naming; the
+    /// preprocessing and pooling above are used as given).
+    pub preset: Option<Preset>,
 }
 
 /// A model that turns tiles into embeddings.
@@ -179,6 +177,8 @@ struct VitEmbedder {
     model: Vit,
     dtype: DType,
     preprocess: Preprocess,
+    /// The preset's resize (filter, centre crop); bilinear without crop otherwise.
+    resize: Resize,
     device: Device,
 }
 
@@ -197,6 +197,18 @@ impl TileEmbedder for VitEmbedder {
             .model
             .forward(&input.to_dtype(self.dtype)?)?
             .to_dtype(DType::F32)?)
+    }
+
+    fn embed(&self, pixels: &[&[u8]], px: usize) -> EmbedResult<Tensor> {
+        let images: Vec<(&[u8], usize)> = pixels.iter().map(|p| (*p, px)).collect();
+        self.embed_sized(&images)
+    }
+
+    fn embed_sized(&self, images: &[(&[u8], usize)]) -> EmbedResult<Tensor> {
+        let input = self
+            .preprocess
+            .to_tensor_resized(images, self.resize, &self.device)?;
+        self.forward(&input)
     }
 }
 
@@ -235,12 +247,19 @@ pub fn load_resnet(
 }
 
 fn weights_error(weights: &WeightsSource, e: candle_core::Error) -> EmbedError {
-    match weights {
-        WeightsSource::File(path) => EmbedError::Weights {
-            path: path.clone(),
-            message: format!("does not fit the architecture: {e}"),
+    weights_error_for(weights, "the architecture", e)
+}
+
+/// A weights file that does not fit `what`: names the file and the first parameter missing
+/// or misshapen (candle's message).
+fn weights_error_for(weights: &WeightsSource, what: &str, e: candle_core::Error) -> EmbedError {
+    match weights.file() {
+        Ok(Some(path)) => EmbedError::Weights {
+            path,
+            message: format!("does not fit {what}: {e}"),
         },
-        WeightsSource::Random { .. } => EmbedError::Candle(e),
+        Ok(None) => EmbedError::Candle(e),
+        Err(resolve) => resolve,
     }
 }
 
@@ -259,6 +278,7 @@ pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dy
         });
     }
     let depth = match spec.arch {
+        _ if spec.preset.is_some() => None,
         Architecture::Resnet18 => Some(ResNetDepth::R18),
         Architecture::Resnet34 => Some(ResNetDepth::R34),
         Architecture::Resnet50 => Some(ResNetDepth::R50),
@@ -283,16 +303,33 @@ pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dy
             device: device.clone(),
         }));
     }
-    let cfg = spec.arch.vit_config().ok_or_else(|| {
-        EmbedError::Candle(candle_core::Error::Msg("unknown architecture".into()))
-    })?;
     let vb = var_builder(&spec.weights, &spec.weights_prefix, device)?.set_dtype(dtype);
-    let model = Vit::new(cfg, preprocess.input_size, spec.pooling, vb)
-        .map_err(|e| weights_error(&spec.weights, e))?;
+    let model = match spec.preset {
+        Some(preset) => {
+            let info = preset.info();
+            // Random weights are made under timm's names; files are read under theirs.
+            let vb = match spec.weights {
+                WeightsSource::Random { .. } => vb,
+                _ => info.layout.wrap(vb),
+            };
+            Vit::new(info.vit, preprocess.input_size, spec.pooling, vb).map_err(|e| {
+                weights_error_for(&spec.weights, &format!("preset `{}`", info.name), e)
+            })?
+        }
+        None => {
+            let mut cfg = spec.arch.vit_config().ok_or_else(|| {
+                EmbedError::Candle(candle_core::Error::Msg("unknown architecture".into()))
+            })?;
+            cfg.detect_from(&vb);
+            Vit::new(cfg, preprocess.input_size, spec.pooling, vb)
+                .map_err(|e| weights_error(&spec.weights, e))?
+        }
+    };
     Ok(Box::new(VitEmbedder {
         model,
         dtype,
         preprocess,
+        resize: spec.preset.map(|p| p.info().resize).unwrap_or_default(),
         device: device.clone(),
     }))
 }

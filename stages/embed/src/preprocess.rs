@@ -21,6 +21,29 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
+/// The resampling filter of a model card's `Resize` (both antialiased when shrinking, like
+/// PIL's and torchvision's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResizeFilter {
+    /// Triangle / bilinear (torchvision's default).
+    #[default]
+    Bilinear,
+    /// Cubic (a = -0.5, PIL's bicubic; timm's transforms for most ViTs).
+    Bicubic,
+}
+
+/// How tiles become the model's input size, as a model card's transform does it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Resize {
+    /// The resampling filter.
+    pub filter: ResizeFilter,
+    /// Centre crop: resize to `floor(input_size / crop)` first, then cut the central
+    /// `input_size` square, as torchvision's `Resize(256)` + `CenterCrop(224)` (0.875, timm's
+    /// `crop_pct`). `None`: resize straight to the input size (nothing happens to tiles of that
+    /// size).
+    pub crop: Option<f32>,
+}
+
 impl Default for Preprocess {
     fn default() -> Self {
         Preprocess {
@@ -56,6 +79,16 @@ impl Preprocess {
         images: &[(&[u8], usize)],
         device: &Device,
     ) -> EmbedResult<Tensor> {
+        self.to_tensor_resized(images, Resize::default(), device)
+    }
+
+    /// Like [`Preprocess::to_tensor_sized`], resizing (and cropping) as `resize` says.
+    pub fn to_tensor_resized(
+        &self,
+        images: &[(&[u8], usize)],
+        resize: Resize,
+        device: &Device,
+    ) -> EmbedResult<Tensor> {
         let s = self.input_size;
         let plane = s * s;
         let table = self.lookup();
@@ -75,11 +108,21 @@ impl Preprocess {
                     });
                 }
                 let resized;
-                let rgb: &[u8] = if *px == s {
-                    bytes
-                } else {
-                    resized = resize_rgb(bytes, *px, s);
-                    &resized
+                let rgb: &[u8] = match resize.crop {
+                    None if *px == s => bytes,
+                    None => {
+                        resized = resize_rgb_with(bytes, *px, s, resize.filter);
+                        &resized
+                    }
+                    Some(crop) => {
+                        let big = ((s as f64 / crop as f64).floor() as usize).max(s);
+                        resized = if *px == big {
+                            center_crop(bytes, big, s)
+                        } else {
+                            center_crop(&resize_rgb_with(bytes, *px, big, resize.filter), big, s)
+                        };
+                        &resized
+                    }
                 };
                 let (r, rest) = out.split_at_mut(plane);
                 let (g, b) = rest.split_at_mut(plane);
@@ -97,10 +140,30 @@ impl Preprocess {
 /// Resizes a square RGB8 image with a triangle (bilinear) filter whose support widens when
 /// shrinking, i.e. antialiased like PIL's and torchvision's `Resize`.
 pub fn resize_rgb(bytes: &[u8], from: usize, to: usize) -> Vec<u8> {
+    resize_rgb_with(bytes, from, to, ResizeFilter::Bilinear)
+}
+
+/// [`resize_rgb`] with the given filter.
+pub fn resize_rgb_with(bytes: &[u8], from: usize, to: usize, filter: ResizeFilter) -> Vec<u8> {
     let Some(img) = ImageBuffer::<Rgb<u8>, &[u8]>::from_raw(from as u32, from as u32, bytes) else {
         return vec![0; to * to * 3];
     };
-    image::imageops::resize(&img, to as u32, to as u32, FilterType::Triangle).into_raw()
+    let filter = match filter {
+        ResizeFilter::Bilinear => FilterType::Triangle,
+        ResizeFilter::Bicubic => FilterType::CatmullRom,
+    };
+    image::imageops::resize(&img, to as u32, to as u32, filter).into_raw()
+}
+
+/// The central `to x to` square of a `from x from` RGB8 image (torchvision's `CenterCrop`:
+/// offset `round((from - to) / 2)`, Python's rounding).
+fn center_crop(bytes: &[u8], from: usize, to: usize) -> Vec<u8> {
+    let off = ((from - to) as f64 / 2.0).round_ties_even() as usize;
+    let mut out = Vec::with_capacity(to * to * 3);
+    for y in off..off + to {
+        out.extend_from_slice(&bytes[(y * from + off) * 3..(y * from + off + to) * 3]);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -160,6 +223,35 @@ mod tests {
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v[..16].iter().all(|x| (x - 200.0).abs() < 1e-3));
         assert!(v[32..].iter().all(|x| (x - 50.0).abs() < 1e-3));
+    }
+
+    #[test]
+    fn centre_crop_resizes_up_then_cuts_the_middle() {
+        let pre = Preprocess {
+            input_size: 4,
+            mean: [0.0; 3],
+            std: [1.0 / 255.0; 3],
+        };
+        // 0.5: resize the 4x4 tile to 8x8, keep rows and columns 2..6. A tile with a bright
+        // centre 2x2 keeps it, twice as large, in the middle.
+        let mut tile = vec![0u8; 4 * 4 * 3];
+        for (y, x) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            tile[(y * 4 + x) * 3] = 200;
+        }
+        let resize = Resize {
+            filter: ResizeFilter::Bicubic,
+            crop: Some(0.5),
+        };
+        let t = pre
+            .to_tensor_resized(&[(&tile, 4)], resize, &Device::Cpu)
+            .unwrap();
+        let red = t.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+        assert!(red[1][1] > 150.0 && red[2][2] > 150.0, "{red:?}");
+        assert!(red[0][0] < red[1][1] && red[3][3] < red[2][2], "{red:?}");
+        assert_eq!(
+            center_crop(&[1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4], 2, 1),
+            vec![1, 1, 1]
+        );
     }
 
     #[test]

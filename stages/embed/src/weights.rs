@@ -1,5 +1,7 @@
-//! Where a model's parameters come from: a local `.safetensors` or PyTorch `.pth` file, or
-//! seeded random values (for tests and demos only: such embeddings mean nothing).
+//! Where a model's parameters come from: a local `.safetensors` or PyTorch `.pth` file, a
+//! model already in the local Hugging Face hub cache (`hf:ORG/NAME`, resolved offline: nothing
+//! is downloaded), or seeded random values (for tests and demos only: such embeddings mean
+//! nothing).
 
 use crate::error::{EmbedError, EmbedResult};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -19,6 +21,125 @@ pub enum WeightsSource {
     /// A `.safetensors` file, or a PyTorch `.pth`/`.pt`/`.bin` checkpoint (a zip with a pickled
     /// state dict, possibly nested under `state_dict`, `model` or `teacher`).
     File(PathBuf),
+    /// `hf:ORG/NAME[/FILE][@REVISION]`: a file of a Hugging Face model repository in the local
+    /// hub cache (see [`resolve_hf`]).
+    HfHub(String),
+}
+
+impl WeightsSource {
+    /// The `weights` value as experiment files write it: `random`, `hf:ORG/NAME`, or a path.
+    pub fn parse(value: &str, seed: u64, resolve: impl Fn(&str) -> PathBuf) -> WeightsSource {
+        if value == "random" {
+            WeightsSource::Random { seed }
+        } else if let Some(repo) = value.strip_prefix(HF_SCHEME) {
+            WeightsSource::HfHub(repo.to_string())
+        } else {
+            WeightsSource::File(resolve(value))
+        }
+    }
+
+    /// The local file holding the parameters (`None` for random weights).
+    pub fn file(&self) -> EmbedResult<Option<PathBuf>> {
+        match self {
+            WeightsSource::Random { .. } => Ok(None),
+            WeightsSource::File(p) => Ok(Some(p.clone())),
+            WeightsSource::HfHub(spec) => resolve_hf(spec).map(Some),
+        }
+    }
+}
+
+/// The prefix of `weights` values naming a Hugging Face repository.
+pub const HF_SCHEME: &str = "hf:";
+
+/// Files looked for, in order, in a repository snapshot when the spec names none.
+const HF_WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
+
+/// The Hugging Face hub cache folder, as `huggingface_hub` finds it: `$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_HUB_CACHE") {
+        return p;
+    }
+    if let Some(p) = var("HF_HOME") {
+        return p.join("hub");
+    }
+    if let Some(p) = var("XDG_CACHE_HOME") {
+        return p.join("huggingface").join("hub");
+    }
+    var("HOME")
+        .unwrap_or_default()
+        .join(".cache")
+        .join("huggingface")
+        .join("hub")
+}
+
+/// Resolves `ORG/NAME[/FILE][@REVISION]` in the local hub cache, offline:
+/// `<cache>/models--ORG--NAME/snapshots/<rev>/FILE`, where `<rev>` is the commit that
+/// `refs/<REVISION>` (default `main`) holds, or REVISION itself when it is a snapshot folder;
+/// FILE defaults to `model.safetensors`, then `pytorch_model.bin`. The error names the path it
+/// expected and how to fill the cache.
+pub fn resolve_hf(spec: &str) -> EmbedResult<PathBuf> {
+    resolve_hf_in(&hf_hub_cache(), spec)
+}
+
+/// [`resolve_hf`] in a given cache folder.
+pub fn resolve_hf_in(cache: &Path, spec: &str) -> EmbedResult<PathBuf> {
+    let (repo_file, revision) = match spec.rsplit_once('@') {
+        Some((r, rev)) => (r, rev),
+        None => (spec, "main"),
+    };
+    let mut parts = repo_file.splitn(3, '/');
+    let (org, name, file) = (parts.next(), parts.next(), parts.next());
+    let (Some(org), Some(name)) = (
+        org.filter(|s| !s.is_empty()),
+        name.filter(|s| !s.is_empty()),
+    ) else {
+        return Err(EmbedError::Weights {
+            path: PathBuf::from(format!("{HF_SCHEME}{spec}")),
+            message: "expected hf:ORG/NAME, hf:ORG/NAME/FILE or hf:ORG/NAME@REVISION".into(),
+        });
+    };
+    let repo_dir = cache.join(format!("models--{org}--{name}"));
+    let hint = format!(
+        "not in the Hugging Face cache ({}; set HF_HOME or HF_HUB_CACHE to use another); tessera downloads nothing: fetch it once with `huggingface-cli download {org}/{name}`",
+        cache.display()
+    );
+    let snapshots = repo_dir.join("snapshots");
+    let rev = if snapshots.join(revision).is_dir() {
+        revision.to_string()
+    } else {
+        let r = repo_dir.join("refs").join(revision);
+        match std::fs::read_to_string(&r) {
+            Ok(s) => s.trim().to_string(),
+            Err(_) => {
+                return Err(EmbedError::Weights {
+                    path: r,
+                    message: hint,
+                })
+            }
+        }
+    };
+    let snapshot = snapshots.join(&rev);
+    let candidates: Vec<PathBuf> = match file {
+        Some(f) => vec![snapshot.join(f)],
+        None => HF_WEIGHT_FILES.iter().map(|f| snapshot.join(f)).collect(),
+    };
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    Err(EmbedError::Weights {
+        path: candidates[0].clone(),
+        message: if candidates.len() > 1 {
+            format!("no such file, nor {}: {hint}", candidates[1].display())
+        } else {
+            format!("no such file: {hint}")
+        },
+    })
 }
 
 /// Keys under which training frameworks nest the state dict in `.pth` checkpoints.
@@ -38,6 +159,7 @@ pub fn var_builder(
             device.clone(),
         ),
         WeightsSource::File(path) => open_file(path, device)?,
+        WeightsSource::HfHub(spec) => open_file(&resolve_hf(spec)?, device)?,
     };
     let prefix = prefix.trim_end_matches('.');
     Ok(if prefix.is_empty() { vb } else { vb.pp(prefix) })
@@ -205,6 +327,47 @@ mod tests {
         let expected = 2.0 / (32.0 * 9.0);
         assert!(mean.abs() < 0.01, "{mean}");
         assert!((var / expected - 1.0).abs() < 0.1, "{var} vs {expected}");
+    }
+
+    #[test]
+    fn hf_weights_resolve_offline_in_a_hub_cache() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--Org--Model");
+        let snap = repo.join("snapshots").join("abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        // Not there yet: the error names the ref it looked for.
+        let err = resolve_hf_in(cache.path(), "Org/Model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refs/main") && err.contains("huggingface-cli download Org/Model"),
+            "{err}"
+        );
+        std::fs::write(repo.join("refs").join("main"), "abc123\n").unwrap();
+        let err = resolve_hf_in(cache.path(), "Org/Model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("abc123/model.safetensors") && err.contains("pytorch_model.bin"),
+            "{err}"
+        );
+        std::fs::write(snap.join("pytorch_model.bin"), b"x").unwrap();
+        assert_eq!(
+            resolve_hf_in(cache.path(), "Org/Model").unwrap(),
+            snap.join("pytorch_model.bin")
+        );
+        std::fs::write(snap.join("model.safetensors"), b"x").unwrap();
+        assert_eq!(
+            resolve_hf_in(cache.path(), "Org/Model").unwrap(),
+            snap.join("model.safetensors")
+        );
+        std::fs::write(snap.join("uni.bin"), b"x").unwrap();
+        assert_eq!(
+            resolve_hf_in(cache.path(), "Org/Model/uni.bin@abc123").unwrap(),
+            snap.join("uni.bin")
+        );
+        assert!(resolve_hf_in(cache.path(), "Org").is_err());
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn spec(arch: Architecture, weights: WeightsSource, input_size: usize) -> Embedd
         },
         pooling: VitPooling::Cls,
         compute: ComputeDtype::F32,
+        preset: None,
     }
 }
 
@@ -293,14 +294,15 @@ fn vit_widths_registers_and_pooling() {
     assert_eq!(both.dims(), &[2, 768]);
     // The first half of cls_mean is the class token.
     assert_eq!(max_rel_diff(&both.narrow(1, 0, 384).unwrap(), &cls), 0.0);
-    // A file with register tokens and a 2x2 position grid: both read from the weights.
+    // A file with register tokens, no LayerScale and a 2x2 position grid: the historical archs
+    // read all three from the weights.
     let cfg = VitConfig {
-        patch_size: 14,
-        dim: 64,
         depth: 1,
         heads: 2,
         pos_grid: 2,
         registers: 4,
+        layer_scale: None,
+        ..VitConfig::dinov2(14, 64, 1)
     };
     let varmap = VarMap::new();
     Vit::new(
@@ -313,21 +315,15 @@ fn vit_widths_registers_and_pooling() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vit.safetensors");
     varmap.save(&path).unwrap();
-    let loaded_cfg = VitConfig {
-        registers: 0,
-        pos_grid: 37,
-        ..VitConfig {
-            patch_size: 14,
-            dim: 64,
-            depth: 1,
-            heads: 2,
-            pos_grid: 0,
-            registers: 0,
-        }
+    let mut loaded_cfg = VitConfig {
+        heads: 2,
+        ..VitConfig::dinov2(14, 64, 1)
     };
+    loaded_cfg.detect_from(&file_vb(&path));
     let vit = Vit::new(loaded_cfg, 28, VitPooling::Cls, file_vb(&path)).unwrap();
     assert_eq!(vit.config().registers, 4);
     assert_eq!(vit.config().pos_grid, 2);
+    assert_eq!(vit.config().layer_scale, None);
     let x = Tensor::randn(0f32, 1.0, (1, 3, 28, 28), &Device::Cpu).unwrap();
     assert_eq!(vit.forward(&x).unwrap().dims(), &[1, 64]);
 }

@@ -16,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tessera_pipeline::schema::{PIXELS, PIXELS_SIZE};
+use tessera_pipeline::TILES;
 use tessera_pipeline::{
     BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
     StageResult,
@@ -366,8 +367,13 @@ impl Stage for TileStage {
             ctx.warn(Some(slide), why);
             return ctx.end_slide(slide);
         }
-        ctx.set_progress_message(format!("{}: {} tiles", slide.id, rows.len()));
-        self.stream(&slide.id, &path, &rows, &mut |batch| ctx.emit(slide, batch))?;
+        ctx.plan_items(TILES, rows.len() as u64);
+        self.stream(&slide.id, &path, &rows, &mut |batch| {
+            let n = batch.num_rows() as u64;
+            ctx.emit(slide, batch)?;
+            ctx.items_done(TILES, n);
+            Ok(())
+        })?;
         ctx.end_slide(slide)
     }
 
@@ -388,13 +394,19 @@ impl Stage for TileStage {
             rows.extend(rows_of(batch)?);
         }
         if !rows.is_empty() {
+            ctx.plan_items(TILES, rows.len() as u64);
             let path = slide_path(slide)?;
             // The slide is open for its pixels anyway: give this run's output its thumbnail
             // too (tissue detection on the overview, a few tens of ms).
             if self.params.thumbnails && !self.thumbnail_path(slide).exists() {
                 self.plan(slide)?;
             }
-            self.stream(&slide.id, &path, &rows, &mut |batch| ctx.emit(slide, batch))?;
+            self.stream(&slide.id, &path, &rows, &mut |batch| {
+                let n = batch.num_rows() as u64;
+                ctx.emit(slide, batch)?;
+                ctx.items_done(TILES, n);
+                Ok(())
+            })?;
         }
         ctx.end_slide(slide)
     }
