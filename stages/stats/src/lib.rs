@@ -24,6 +24,7 @@ pub mod paired;
 pub mod ranking;
 pub mod regression;
 pub mod survival;
+pub mod tasks;
 
 pub use bootstrap::{
     confidence_intervals, percentile, BootstrapConfig, Clusters, Intervals, Resampler,
@@ -43,4 +44,8 @@ pub use ranking::{
 pub use regression::RegressionMetrics;
 pub use survival::{
     harrell_c_index, kaplan_meier, logrank_test, uno_c_index, KaplanMeier, LogRank, Outcome,
+};
+pub use tasks::{
+    task_metric_lower_is_better, RegressionRows, SurvivalRows, TaskMetrics, REGRESSION_METRICS,
+    SURVIVAL_METRICS,
 };
