@@ -16,6 +16,7 @@ pub mod finetune;
 pub mod input;
 pub mod objective;
 pub mod optim;
+pub mod outcomes;
 pub mod record;
 pub mod schedule;
 pub mod synthetic;

@@ -618,6 +618,35 @@ mod tests {
     }
 
     #[test]
+    fn gradient_descent_on_the_nll_ranks_early_events_as_high_risk() {
+        let dev = Device::Cpu;
+        let logits = candle_core::Var::zeros((3, 4), DType::F32, &dev).unwrap();
+        // Early event (bin 0), event in bin 2, censored in the last bin.
+        let (bins, events) = ([0u32, 2, 3], [1f32, 1.0, 0.0]);
+        for _ in 0..200 {
+            let loss = nll_loss(logits.as_tensor(), &bins, &events, 0.0, &dev).unwrap();
+            let grads = loss.backward().unwrap();
+            let g = grads.get(logits.as_tensor()).unwrap();
+            logits
+                .set(&(logits.as_tensor() - (g * 0.5).unwrap()).unwrap())
+                .unwrap();
+        }
+        let rows = logits.as_tensor().to_vec2::<f32>().unwrap();
+        let o = Objective::Survival {
+            loss: SurvivalLoss::Nll,
+            targets: HashMap::new(),
+            cuts: vec![1.0, 2.0, 3.0],
+            n_bins: 4,
+            alpha: 0.0,
+        };
+        let risk: Vec<f64> = rows.iter().map(|r| o.score(r).unwrap()).collect();
+        assert!(
+            risk[0] > risk[1] && risk[1] > risk[2],
+            "{risk:?} from {rows:?}"
+        );
+    }
+
+    #[test]
     fn cox_matches_the_hand_computed_partial_likelihood_with_tied_times() {
         let dev = Device::Cpu;
         let theta = [0.5f64, -0.3, 1.2, 0.0];
