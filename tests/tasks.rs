@@ -124,6 +124,28 @@ fn cox_survival_and_huber_regression_train_and_evaluate() {
     assert!(report.is_some());
     let metrics = json(&out.join("metrics.json"));
     assert!(metrics["c_index"].is_number(), "{metrics:#}");
+    // The checkpoint names the model's one output, so heatmaps call their score `risk`.
+    let meta = json(&out.join("checkpoints/best.json"));
+    assert_eq!(meta["classes"], serde_json::json!(["risk"]), "{meta:#}");
+    let heatmap = write_yaml(
+        dir.path(),
+        "heatmap.yaml",
+        &format!(
+            "name: h\ncache_dir: {cache}\ndataset: {dataset}\ntask: survival\nstages:\n  \
+             features: {{kind: features, params: {{path: {features}}}}}\n  \
+             heatmap: {{kind: heatmap, inputs: [features], params: {{checkpoint: {ckpt}, thumbnail_size: 120}}}}\n",
+            cache = dir.path().join("cache").display(),
+            dataset = dataset.display(),
+            features = example("survival").join("features.parquet").display(),
+            ckpt = out.display(),
+        ),
+    );
+    let (ran_heatmap, _) = run(&heatmap, &dir.path().join("heat"), &[]);
+    assert!(ran_heatmap.ok(), "{ran_heatmap:?}");
+    assert!(
+        dir.path().join("heat/heatmaps/surv_000.parquet").exists(),
+        "{ran_heatmap:?}"
+    );
     // A single run prints its metrics as a one-row table with the survival columns.
     assert!(ran.stdout.contains("| C-index |"), "{ran:?}");
 

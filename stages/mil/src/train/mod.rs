@@ -596,7 +596,8 @@ impl TrainStage {
             let width = Objective::width(self.task, &objective_config, self.classes.len());
             let model = self.params.model_config(dim, width, standardize);
             let config = self.params.train_config(ctx.seed());
-            let classes = self.classes.clone();
+            // The trainer names the model's outputs (classification: the classes).
+            let classes = Objective::output_names(self.task, &objective_config, &self.classes);
             let trainer = match &self.embedder {
                 None => Trainer::new(model, config, classes, self.device.clone())?,
                 Some(setup) => {

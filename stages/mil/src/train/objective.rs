@@ -223,6 +223,20 @@ impl Objective {
         }
     }
 
+    /// Names of the model's outputs, stored as the checkpoint's `classes` (heatmaps name
+    /// their score columns by them): the classes; `hazard_0..` per time bin (`nll`); `risk`
+    /// (`cox`); `value` (regression, standardised).
+    pub fn output_names(task: Task, config: &ObjectiveConfig, classes: &[String]) -> Vec<String> {
+        match (task, config.survival_loss) {
+            (Task::Classification, _) => classes.to_vec(),
+            (Task::Survival, SurvivalLoss::Nll) => (0..config.survival_bins.max(1))
+                .map(|k| format!("hazard_{k}"))
+                .collect(),
+            (Task::Survival, SurvivalLoss::Cox) => vec!["risk".into()],
+            (Task::Regression, _) => vec!["value".into()],
+        }
+    }
+
     /// The discrete time bin of `time` (`nll`): the number of cuts at or below it.
     pub fn bin(&self, time: f64) -> usize {
         match self {
