@@ -698,6 +698,72 @@ mod tests {
         );
     }
 
+    fn bag(id: &str, split: Split) -> Bag {
+        Bag {
+            slide_id: id.into(),
+            label_index: 0,
+            split,
+            dim: 1,
+            embeddings: vec![0.0],
+            positions: None,
+            pixels: None,
+        }
+    }
+
+    #[test]
+    fn constant_losses_are_those_of_the_training_mean_and_the_cohort_hazards() {
+        let mut targets = HashMap::new();
+        for (i, v) in [1.0, 2.0, 4.0, 9.0].into_iter().enumerate() {
+            targets.insert(format!("r{i}"), SlideTarget::Value(v));
+        }
+        let ids = ["r0", "r1", "r2", "r3"];
+        let o = Objective::fit(
+            Task::Regression,
+            &ObjectiveConfig::default(),
+            &targets,
+            &ids,
+        )
+        .unwrap();
+        let bags: Vec<Bag> = ids.iter().map(|id| bag(id, Split::Train)).collect();
+        // MSE of predicting the mean of the standardised target: its variance, 1.
+        assert!((o.constant_loss(&bags).unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(o.score(&[0.0]), Some(4.0), "0 is the training mean");
+
+        // Survival: 2 bins cut at 2; events at 1 (bin 0) and 3 (bin 1), censored at 1.5 (bin 0)
+        // and 5 (bin 1). Cohort hazards: bin 0, 1 event of 4 reaching it; bin 1, 1 of 2.
+        let mut targets = HashMap::new();
+        for (id, time, event) in [
+            ("a", 1.0, true),
+            ("b", 3.0, true),
+            ("c", 1.5, false),
+            ("d", 5.0, false),
+        ] {
+            targets.insert(id.to_string(), SlideTarget::Survival { time, event });
+        }
+        let config = ObjectiveConfig {
+            survival_bins: 2,
+            ..Default::default()
+        };
+        let ids = ["a", "b", "c", "d"];
+        let o = Objective::fit(Task::Survival, &config, &targets, &ids).unwrap();
+        let bags: Vec<Bag> = ids.iter().map(|id| bag(id, Split::Train)).collect();
+        let (h0, h1) = (0.25f64, 0.5f64);
+        let expected = (-(h0.ln())
+            - ((1.0 - h0).ln() + h1.ln())
+            - (1.0 - h0).ln()
+            - ((1.0 - h0) * (1.0 - h1)).ln())
+            / 4.0;
+        assert!((o.constant_loss(&bags).unwrap() - expected).abs() < 1e-12);
+        // Cox has no constant loss (batch-wise risk sets).
+        let cox = ObjectiveConfig {
+            survival_loss: SurvivalLoss::Cox,
+            ..Default::default()
+        };
+        let o = Objective::fit(Task::Survival, &cox, &targets, &ids).unwrap();
+        assert_eq!(o.constant_loss(&bags), None);
+        assert_eq!(Objective::output_names(Task::Survival, &cox, &[]), ["risk"]);
+    }
+
     #[test]
     fn bins_are_quantiles_of_uncensored_training_times() {
         let mut targets = HashMap::new();
