@@ -143,6 +143,7 @@ fn time_chain(hops: usize, batches: usize, capacity: usize) -> f64 {
         out_dir: dir.path().join("out"),
         base_dir: dir.path().to_path_buf(),
         slides: test_slides(&[("s", None, None)]),
+        task: Default::default(),
         channel_capacity: capacity,
         interrupt: None,
         progress: false,

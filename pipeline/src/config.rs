@@ -2,9 +2,10 @@
 //! resolved against the YAML file's folder, with `--set stage.param=value` overrides applied
 //! before anything is checked.
 
-use crate::slide::{read_dataset, SlideHandle};
+use crate::slide::{read_dataset_for, MissingTarget, SlideHandle};
 use crate::stage::DeviceSpec;
 use crate::sweep::SweepGrid;
+use crate::task::Task;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,8 +30,14 @@ pub struct ExperimentConfig {
     /// Where run.json, metrics and figures go (default `out/<name>` beside this file).
     #[serde(default)]
     pub out_dir: Option<PathBuf>,
-    /// The dataset CSV: `slide_id,path,label[,split][,case_id][,mpp]`.
+    /// The dataset CSV: `slide_id,path,label[,split][,case_id][,mpp]`; survival adds
+    /// `time,event`, regression `target`.
     pub dataset: PathBuf,
+    /// What is predicted per slide: `classification` (the CSV's `label`, default), `survival`
+    /// (`time` and `event`: 1 = event observed, 0 = censored) or `regression` (`target`).
+    /// The CSV is checked against it before any work.
+    #[serde(default, skip_serializing_if = "is_classification")]
+    pub task: Task,
     /// Messages each channel between stages holds before the producer blocks.
     #[serde(default = "default_capacity")]
     pub channel_capacity: usize,
@@ -83,6 +90,10 @@ pub enum ErrorPolicy {
     Skip,
     /// Stop the whole run.
     Fail,
+}
+
+fn is_classification(task: &Task) -> bool {
+    *task == Task::Classification
 }
 
 fn default_device() -> String {
@@ -155,6 +166,8 @@ pub struct Experiment {
     pub cache_dir: PathBuf,
     pub out_dir: PathBuf,
     pub slides: Vec<SlideHandle>,
+    /// Slides without a value in a column the task needs (reported; left out by `sample`).
+    pub missing_targets: Vec<MissingTarget>,
 }
 
 impl Experiment {
@@ -269,8 +282,11 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         .map(resolve)
         .unwrap_or_else(|| resolve(&Path::new("out").join(&config.name)));
     let dataset = resolve(&config.dataset);
-    let slides =
-        read_dataset(&dataset).map_err(|e| err(locate(&source, &["dataset"]), e.to_string()))?;
+    let read = read_dataset_for(&dataset, config.task)
+        .map_err(|e| err(locate(&source, &["dataset"]), e.to_string()))?;
+    for m in &read.missing {
+        tracing::warn!("dataset {}, {m}", dataset.display());
+    }
     Ok(Experiment {
         config,
         file: file.to_path_buf(),
@@ -279,7 +295,8 @@ pub fn load_experiment(file: &Path, sets: &[String]) -> Result<Experiment, Confi
         device,
         cache_dir,
         out_dir,
-        slides,
+        slides: read.slides,
+        missing_targets: read.missing,
     })
 }
 
@@ -299,6 +316,7 @@ const TOP_LEVEL: &[&str] = &[
     "cache_dir",
     "out_dir",
     "dataset",
+    "task",
     "channel_capacity",
     "claim_ttl_s",
     "seeds",

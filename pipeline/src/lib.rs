@@ -22,6 +22,7 @@ pub mod slide;
 pub mod slurm;
 pub mod stage;
 pub mod sweep;
+pub mod task;
 
 pub use context::StageContext;
 pub use error::{StageError, StageResult};
@@ -31,6 +32,7 @@ pub use report::{RunReport, RunStatus, ShardReport, StageReport};
 pub use schema::{Column, ColumnType, InputSpec};
 pub use slide::{Slide, SlideHandle};
 pub use stage::{check_running, BuildContext, DeviceSpec, ParamIssue, Stage, StageKind};
+pub use task::{slide_target, SlideTarget, Task};
 
 /// Re-exported so stage crates use the engine's exact Arrow version.
 pub use arrow;

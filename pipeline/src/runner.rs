@@ -37,6 +37,8 @@ pub struct RunSettings {
     pub out_dir: PathBuf,
     pub base_dir: PathBuf,
     pub slides: Vec<SlideHandle>,
+    /// What the experiment predicts; given to every stage's [`BuildContext`].
+    pub task: crate::task::Task,
     pub channel_capacity: usize,
     /// Set from outside (Ctrl-C) to stop the run cleanly.
     pub interrupt: Option<Arc<AtomicBool>>,
@@ -565,6 +567,7 @@ fn build_context(
         cache_dir: settings.cache_dir.clone(),
         base_dir: settings.base_dir.clone(),
         slides: slides.clone(),
+        task: settings.task,
         workers: graph.stages[stage].workers,
         worker,
     }
@@ -629,6 +632,7 @@ impl RunSettings {
             out_dir: exp.out_dir.clone(),
             base_dir: exp.base_dir.clone(),
             slides: exp.slides.clone(),
+            task: exp.config.task,
             channel_capacity: exp.config.channel_capacity,
             interrupt,
             progress,

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::task::Task;
+
 /// One slide of the dataset. Shared by every message about it, so it is cheap to pass along.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Slide {
@@ -47,13 +49,54 @@ pub enum DatasetError {
         line: u64,
         message: String,
     },
+    #[error("dataset {path}: task {task} needs a `{column}` column (columns are: {found})")]
+    TaskColumn {
+        path: PathBuf,
+        task: Task,
+        column: &'static str,
+        found: String,
+    },
     #[error("dataset {path}: no slides")]
     Empty { path: PathBuf },
+}
+
+/// A slide whose row has no value in a column its task needs: kept in the dataset (its tiles
+/// and embeddings are cached as any other's), reported, and left out by the stages that need
+/// the value (`sample` warns about it in run.json).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MissingTarget {
+    pub slide_id: String,
+    pub line: u64,
+    pub column: &'static str,
+}
+
+impl std::fmt::Display for MissingTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "line {}: slide `{}` has no `{}`; it is left out of training and evaluation",
+            self.line, self.slide_id, self.column
+        )
+    }
+}
+
+/// A dataset read for a task: its slides and those without a target.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub slides: Vec<SlideHandle>,
+    pub missing: Vec<MissingTarget>,
 }
 
 /// Reads a dataset CSV. Relative slide paths are resolved against the CSV's folder so an
 /// experiment can be run from anywhere.
 pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
+    read_dataset_for(path, Task::Classification).map(|d| d.slides)
+}
+
+/// Reads a dataset CSV and checks the columns `task` needs (`time` and `event` for survival,
+/// `target` for regression): a missing column or an invalid value is an error with the line;
+/// a slide without a value is listed in [`Dataset::missing`].
+pub fn read_dataset_for(path: &Path, task: Task) -> Result<Dataset, DatasetError> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_path(path)
@@ -82,8 +125,19 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
         column("case_id"),
         column("mpp"),
     );
+    for &needed in task.columns() {
+        if column(needed).is_none() {
+            return Err(DatasetError::TaskColumn {
+                path: path.to_path_buf(),
+                task,
+                column: needed,
+                found: headers.iter().collect::<Vec<_>>().join(","),
+            });
+        }
+    }
     let base = path.parent().unwrap_or(Path::new("."));
     let mut slides = Vec::new();
+    let mut missing = Vec::new();
     let mut seen = HashSet::new();
     for (row_index, record) in reader.records().enumerate() {
         let record = record.map_err(|source| DatasetError::Read {
@@ -131,12 +185,27 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
                 });
             }
         }
-        let extra = headers
+        let extra: BTreeMap<String, String> = headers
             .iter()
             .enumerate()
             .filter(|(_, h)| !known.contains(h))
             .filter_map(|(i, h)| record.get(i).map(|v| (h.to_string(), v.to_string())))
             .collect();
+        match task.check_row(&extra) {
+            Ok(None) => {}
+            Ok(Some(column)) => missing.push(MissingTarget {
+                slide_id: id.clone(),
+                line,
+                column,
+            }),
+            Err(message) => {
+                return Err(DatasetError::Row {
+                    path: path.to_path_buf(),
+                    line,
+                    message: format!("slide `{id}`: {message} (task {task})"),
+                })
+            }
+        }
         slides.push(Arc::new(Slide {
             index: slides.len(),
             id,
@@ -153,7 +222,7 @@ pub fn read_dataset(path: &Path) -> Result<Vec<SlideHandle>, DatasetError> {
             path: path.to_path_buf(),
         });
     }
-    Ok(slides)
+    Ok(Dataset { slides, missing })
 }
 
 #[cfg(test)]
@@ -176,6 +245,46 @@ mod tests {
         assert_eq!(slides[1].split, None);
         assert_eq!(slides[1].extra.get("site").map(String::as_str), Some("y"));
         assert_eq!(slides[1].index, 1);
+    }
+
+    #[test]
+    fn survival_and_regression_columns_are_checked_with_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("d.csv");
+        std::fs::write(&csv, "slide_id,path,time\na,a.svs,3\n").unwrap();
+        let err = read_dataset_for(&csv, Task::Survival)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.csv") && err.contains("`event`") && err.contains("survival"),
+            "{err}"
+        );
+        std::fs::write(&csv, "slide_id,time,event\na,3,1\nb,4,2\n").unwrap();
+        let err = read_dataset_for(&csv, Task::Survival)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("d.csv, line 3") && err.contains("`b`") && err.contains("`event` `2`"),
+            "{err}"
+        );
+        std::fs::write(&csv, "slide_id,target\na,1.5\nb,\nc,x\n").unwrap();
+        let err = read_dataset_for(&csv, Task::Regression)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 4") && err.contains("`target` `x` is not a number"),
+            "{err}"
+        );
+        std::fs::write(&csv, "slide_id,target\na,1.5\nb,\n").unwrap();
+        let d = read_dataset_for(&csv, Task::Regression).unwrap();
+        assert_eq!(d.slides.len(), 2);
+        assert_eq!(d.missing.len(), 1);
+        assert_eq!(
+            d.missing[0].to_string(),
+            "line 3: slide `b` has no `target`; it is left out of training and evaluation"
+        );
+        // Classification ignores those columns.
+        assert!(read_dataset(&csv).is_ok());
     }
 
     #[test]

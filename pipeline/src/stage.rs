@@ -61,6 +61,9 @@ pub struct BuildContext {
     pub base_dir: PathBuf,
     /// Every slide of the dataset, in CSV order.
     pub slides: Arc<[SlideHandle]>,
+    /// What the experiment predicts (`task:`): the targets of the slides are read from the
+    /// dataset's columns for it ([`crate::task::slide_target`]).
+    pub task: crate::task::Task,
     /// Number of parallel copies of this stage, and which one this is.
     pub workers: usize,
     pub worker: usize,

@@ -50,6 +50,8 @@ pub struct Harness {
     /// Close the stage's output after this many epochs (for stages that loop forever).
     pub epochs: Option<u64>,
     pub channel_capacity: usize,
+    /// The experiment's task (classification unless a test says otherwise).
+    pub task: crate::task::Task,
 }
 
 /// What the stage emitted.
@@ -89,6 +91,7 @@ impl Harness {
             workers: 1,
             epochs: None,
             channel_capacity: 4,
+            task: crate::task::Task::Classification,
         }
     }
 
@@ -144,6 +147,7 @@ impl Harness {
             out_dir: self.out_dir.clone(),
             base_dir: self.out_dir.clone(),
             slides: self.slides.clone(),
+            task: self.task,
             channel_capacity: self.channel_capacity,
             interrupt: None,
             progress: false,

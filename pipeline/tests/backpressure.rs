@@ -184,6 +184,7 @@ fn run(capacity: usize, slides: usize, batches: usize) -> (i64, i64) {
         out_dir: dir.path().join("out"),
         base_dir: dir.path().to_path_buf(),
         slides: test_slides(&specs),
+        task: Default::default(),
         channel_capacity: capacity,
         interrupt: None,
         progress: false,

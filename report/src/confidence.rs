@@ -88,7 +88,7 @@ impl Pooled {
 }
 
 /// Which repeat a point is: its seed and its repeat keys' values (the k-fold index).
-fn repeat_of(point: &PointRecord) -> String {
+pub(crate) fn repeat_of(point: &PointRecord) -> String {
     let folds: Vec<String> = point
         .params
         .iter()
@@ -182,6 +182,9 @@ pub fn attach(
     let Some(config) = bootstrap_of(points) else {
         return Ok(());
     };
+    if table.task.is_some() {
+        return crate::task_confidence::attach(table, out_dir, points, config);
+    }
     let by_name: HashMap<&str, &PointRecord> =
         points.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut pooled = Vec::with_capacity(table.rows.len());

@@ -1,13 +1,16 @@
 //! The paper's figures, drawn with plotters as PNG and SVG into `OUT/figures/`: metric vs
 //! downsampling factor and metric vs tiles per slide (Figure 2a/2b; one line per model), per-model
-//! comparison bars, ROC curves and the confusion matrix. Error bars are the bootstrap CIs of the
+//! comparison bars, ROC curves and the confusion matrix (survival: Kaplan-Meier curves of the
+//! predicted high- and low-risk halves with the log-rank p-value, instead of the last two).
+//! Error bars are the bootstrap CIs of the
 //! rows' pooled test predictions when the table has them, else the std over repeats.
 //! Only the figures the sweep has data for are drawn; the others are listed with the reason.
 
 use crate::error::ReportError;
 use crate::record::SweepRecord;
 use crate::results::{
-    compact, display_value, percent, results_table, short_key, ResultRow, ResultsTable, METRICS,
+    compact, display_value, lower_is_better, percent, results_table, short_key, task_ci_columns,
+    ResultRow, ResultsTable,
 };
 use crate::roc::{area, read_scores, roc_curve};
 use plotters::coord::types::RangedCoordf64;
@@ -351,10 +354,8 @@ fn line_figures(table: &ResultsTable, key: &str, x_label: &str) -> Vec<(String, 
     xs.sort_by(f64::total_cmp);
     xs.dedup();
     let mut out = Vec::new();
-    for (metric, header) in METRICS
-        .iter()
-        .filter(|(m, _)| *m == "balanced_accuracy" || *m == "auc")
-    {
+    let headline = task_ci_columns(table.task.as_deref());
+    for (metric, header) in table.columns().iter().filter(|(m, _)| headline.contains(m)) {
         let mut series: Series = Vec::new();
         let rows: Vec<&ResultRow> = table.rows.iter().collect();
         let bars = Bars::of(table, &rows, &[metric]);
@@ -426,10 +427,12 @@ fn draw_bars<DB: DrawingBackend>(
     root.fill(&WHITE).map_err(err)?;
     let (w, _) = root.dim_in_pixel();
     let (plot, legend) = root.split_horizontally(w - LEGEND_WIDTH);
-    let metrics: Vec<(&str, &str)> = METRICS
+    // Metrics on a 0-1 scale, higher better.
+    let metrics: Vec<(&str, &str)> = table
+        .columns()
         .iter()
         .copied()
-        .filter(|(m, _)| *m != "cross_entropy")
+        .filter(|(m, _)| !lower_is_better(m))
         .collect();
     let names_only: Vec<&str> = metrics.iter().map(|(m, _)| *m).collect();
     let bars = Bars::of(table, rows, &names_only);
@@ -550,6 +553,155 @@ fn draw_roc<DB: DrawingBackend>(
         .collect();
     draw_legend(&legend, "model (AUC)", &entries)?;
     root.present().map_err(err)
+}
+
+/// Kaplan-Meier curves of the high- and low-risk halves (median split of the predicted risk)
+/// of one run's evaluated split, with the log-rank p-value.
+fn draw_km<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    curves: &[(String, Vec<(f64, f64)>)],
+    title: &str,
+    x_max: f64,
+) -> Result<(), String> {
+    root.fill(&WHITE).map_err(err)?;
+    let (w, _) = root.dim_in_pixel();
+    let (plot, legend) = root.split_horizontally(w - LEGEND_WIDTH);
+    let mut chart = ChartBuilder::on(&plot)
+        .caption(title, (FONT, 22))
+        .margin(18)
+        .x_label_area_size(55)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.05)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("time")
+        .y_desc("event-free probability (Kaplan-Meier)")
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .axis_desc_style((FONT, 19))
+        .label_style((FONT, 15))
+        .light_line_style(WHITE.mix(0.0))
+        .bold_line_style(BLACK.mix(0.12))
+        .draw()
+        .map_err(err)?;
+    for (i, (_, pts)) in curves.iter().enumerate() {
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().copied(),
+                color(i).stroke_width(2),
+            ))
+            .map_err(err)?;
+    }
+    let entries: Vec<(String, RGBColor)> = curves
+        .iter()
+        .enumerate()
+        .map(|(i, (l, _))| (l.clone(), color(i)))
+        .collect();
+    draw_legend(&legend, "predicted risk group", &entries)?;
+    root.present().map_err(err)
+}
+
+/// A Kaplan-Meier estimate as the corners of its step function, from time 0 to `end`.
+fn km_steps(outcomes: &[tessera_stats::Outcome], end: f64) -> Vec<(f64, f64)> {
+    let km = tessera_stats::kaplan_meier(outcomes, None, false);
+    let mut pts = vec![(0.0, 1.0)];
+    let mut s = 1.0;
+    for (t, v) in km.times.iter().zip(&km.survival) {
+        pts.push((*t, s));
+        pts.push((*t, *v));
+        s = *v;
+    }
+    pts.push((end, s));
+    pts
+}
+
+/// The Kaplan-Meier figure of the best row (by the C-index): its first run's evaluated split,
+/// split at the median predicted risk, with the log-rank p-value.
+fn draw_survival(
+    out_dir: &Path,
+    record: &SweepRecord,
+    table: &ResultsTable,
+    rows: &[&ResultRow],
+    dir: &Path,
+    figs: &mut Figures,
+) -> Result<(), ReportError> {
+    let best = rows
+        .iter()
+        .filter(|r| r.metrics.contains_key("c_index"))
+        .max_by(|a, b| {
+            a.metrics["c_index"]
+                .mean
+                .total_cmp(&b.metrics["c_index"].mean)
+        });
+    let Some(best) = best else {
+        figs.skipped
+            .push("Kaplan-Meier curves: no run with a C-index".into());
+        return Ok(());
+    };
+    for point in &best.points {
+        let path = out_dir.join(point).join(crate::runs::PREDICTIONS_FILE);
+        if !path.exists() || metrics_of(record, point).is_none() {
+            continue;
+        }
+        let rows = crate::runs::evaluated_rows(crate::runs::read_predictions(&path)?);
+        let data: Vec<(f64, bool, f64)> = rows.iter().filter_map(|r| r.survival).collect();
+        if data.len() < 2 {
+            continue;
+        }
+        let outcomes: Vec<tessera_stats::Outcome> = data
+            .iter()
+            .map(|&(time, event, _)| tessera_stats::Outcome { time, event })
+            .collect();
+        let risk: Vec<f64> = data.iter().map(|d| d.2).collect();
+        let mut sorted = risk.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        let high: Vec<bool> = risk.iter().map(|&r| r > median).collect();
+        let end = outcomes
+            .iter()
+            .map(|o| o.time)
+            .fold(0.0, f64::max)
+            .max(1e-9);
+        let group = |flag: bool| -> Vec<tessera_stats::Outcome> {
+            outcomes
+                .iter()
+                .zip(&high)
+                .filter(|(_, h)| **h == flag)
+                .map(|(o, _)| *o)
+                .collect()
+        };
+        let (hi, lo) = (group(true), group(false));
+        let logrank =
+            tessera_stats::logrank_test(&outcomes, &high).map_err(|source| ReportError::Stats {
+                what: format!("the log-rank test of {point}"),
+                source,
+            })?;
+        let curves = vec![
+            (format!("high risk (n={})", hi.len()), km_steps(&hi, end)),
+            (format!("low risk (n={})", lo.len()), km_steps(&lo, end)),
+        ];
+        let label = if table.keys.is_empty() {
+            String::new()
+        } else {
+            format!(" — {}", best.label(&table.keys))
+        };
+        let title = format!(
+            "Kaplan-Meier by predicted risk (median split){label}, log-rank p = {}",
+            logrank.map_or("n/a".into(), |l| format!("{:.2e}", l.p_value))
+        );
+        render!(figs, dir, "kaplan_meier", (1150, 640), |root| draw_km(
+            root, &curves, &title, end
+        ));
+        return Ok(());
+    }
+    figs.skipped
+        .push("Kaplan-Meier curves: no predictions.parquet with survival columns".into());
+    Ok(())
 }
 
 /// A confusion matrix: rows = true class, columns = predicted, shaded by row fraction.
@@ -736,13 +888,19 @@ pub fn draw_all(out_dir: &Path, record: &SweepRecord) -> Result<Figures, ReportE
         .filter(|r| r.runs > 0)
         .take(MAX_SERIES)
         .collect();
-    // With other swept parameters, each model at its best setting (balanced accuracy).
+    // With other swept parameters, each model at its best setting (balanced accuracy; the
+    // C-index for survival, MAE for regression).
+    let headline = task_ci_columns(table.task.as_deref())[0];
     let mut best: Vec<&ResultRow> = Vec::new();
     if let Some(pooling) = pooling {
         let score = |r: &ResultRow| {
-            r.metrics
-                .get("balanced_accuracy")
-                .map_or(f64::MIN, |m| m.mean)
+            r.metrics.get(headline).map_or(f64::MIN, |m| {
+                if lower_is_better(headline) {
+                    -m.mean
+                } else {
+                    m.mean
+                }
+            })
         };
         for r in table.rows.iter().filter(|r| r.runs > 0) {
             match best
@@ -768,6 +926,15 @@ pub fn draw_all(out_dir: &Path, record: &SweepRecord) -> Result<Figures, ReportE
             .push("per-model comparison bars: the sweep does not vary `train.pooling`".into());
     }
     let rows = if best.is_empty() { rows } else { best };
+    if let Some(task) = table.task.as_deref() {
+        if task == "survival" {
+            draw_survival(out_dir, record, &table, &rows, &dir, &mut figs)?;
+        }
+        figs.skipped.push(format!(
+            "ROC curves and confusion matrix: a {task} run has no classes"
+        ));
+        return Ok(figs);
+    }
 
     // ROC curves, from each row's first point with predictions.
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();

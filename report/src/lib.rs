@@ -10,6 +10,7 @@ pub mod error;
 pub mod record;
 pub mod results;
 pub mod runs;
+pub mod task_confidence;
 
 pub use error::ReportError;
 pub use record::{PointRecord, PointStage, StageTotals, SweepRecord};

@@ -24,6 +24,41 @@ pub const METRICS: [(&str, &str); 7] = [
     ("cross_entropy", "cross-entropy"),
 ];
 
+/// The survival metrics of `metrics.json` reported, in column order (`task: survival`).
+pub const SURVIVAL_COLUMNS: [(&str, &str); 3] = [
+    ("c_index", "C-index"),
+    ("c_index_uno", "Uno's C"),
+    ("logrank_p", "log-rank p"),
+];
+
+/// The regression metrics of `metrics.json` reported, in column order (`task: regression`).
+pub const REGRESSION_COLUMNS: [(&str, &str); 5] = [
+    ("mae", "MAE"),
+    ("rmse", "RMSE"),
+    ("pearson", "Pearson r"),
+    ("spearman", "Spearman ρ"),
+    ("r2", "R²"),
+];
+
+/// The metric columns of a task's table (`task`: `metrics.json`'s `task`, absent for
+/// classification).
+pub fn task_columns(task: Option<&str>) -> &'static [(&'static str, &'static str)] {
+    match task {
+        Some("survival") => &SURVIVAL_COLUMNS,
+        Some("regression") => &REGRESSION_COLUMNS,
+        _ => &METRICS,
+    }
+}
+
+/// The metrics of a task whose Markdown cells show the confidence interval.
+pub fn task_ci_columns(task: Option<&str>) -> &'static [&'static str] {
+    match task {
+        Some("survival") => &["c_index"],
+        Some("regression") => &["mae", "r2"],
+        _ => &CI_COLUMNS,
+    }
+}
+
 /// The metrics whose Markdown cells show the confidence interval: the threshold-free ranking
 /// metric and the threshold-dependent headline metric. Seven `mean ± std [lo, hi]` cells would
 /// make a row about 200 characters wide; results.parquet has every interval.
@@ -39,9 +74,12 @@ pub const NOT_WORSE_MARK: &str = "≈";
 /// Marks a row whose runs raised alerts.
 pub const ALERT_MARK: &str = "⚠";
 
-/// Whether lower is better for a metric (cross-entropy); higher for the others.
+/// Whether lower is better for a metric (cross-entropy, MAE, RMSE, a log-rank p-value);
+/// higher for the others.
 pub fn lower_is_better(metric: &str) -> bool {
     Metric::from_name(metric).is_some_and(Metric::lower_is_better)
+        || tessera_stats::task_metric_lower_is_better(metric)
+        || metric == "logrank_p"
 }
 
 /// True for swept keys that are repeats rather than conditions: the k-fold `fold` index.
@@ -161,6 +199,8 @@ pub struct ResultsTable {
     pub rows: Vec<ResultRow>,
     /// The bootstrap behind the rows' `ci` and `p_worse`, when they were computed.
     pub bootstrap: Option<BootstrapConfig>,
+    /// `survival` or `regression` (from the runs' metrics.json); `None`: classification.
+    pub task: Option<String>,
 }
 
 /// The table of a run's output folder: [`aggregate`] of the points' metrics, then each row's
@@ -251,6 +291,11 @@ pub fn aggregate(points: &[PointRecord], keys: &[String]) -> ResultsTable {
     let keys: Vec<String> = keys.iter().filter(|k| !is_repeat_key(k)).cloned().collect();
     let mut rows: Vec<ResultRow> = Vec::new();
     let mut values: BTreeMap<usize, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let task: Option<String> = points
+        .iter()
+        .filter_map(|p| p.metrics.as_ref())
+        .find_map(|m| m.get("task").and_then(Value::as_str).map(str::to_string));
+    let columns = task_columns(task.as_deref());
     for p in points {
         let params: Vec<(String, Value)> = keys
             .iter()
@@ -284,8 +329,8 @@ pub fn aggregate(points: &[PointRecord], keys: &[String]) -> ResultsTable {
         }
         if let Some(m) = &p.metrics {
             rows[i].runs += 1;
-            for (metric, _) in METRICS {
-                if let Some(v) = m.get(metric).and_then(Value::as_f64) {
+            for (metric, _) in columns {
+                if let Some(v) = m.get(*metric).and_then(Value::as_f64) {
                     values
                         .entry(i)
                         .or_default()
@@ -335,10 +380,16 @@ pub fn aggregate(points: &[PointRecord], keys: &[String]) -> ResultsTable {
         keys,
         rows,
         bootstrap: None,
+        task,
     }
 }
 
 impl ResultsTable {
+    /// The metric columns of this table's task.
+    pub fn columns(&self) -> &'static [(&'static str, &'static str)] {
+        task_columns(self.task.as_deref())
+    }
+
     /// The best mean of a metric over the rows (max, or min for cross-entropy).
     fn best(&self, metric: &str) -> Option<f64> {
         let means = self
@@ -374,7 +425,9 @@ impl ResultsTable {
         let label_columns = header.len();
         header.push("n".into());
         header.push("#params".into());
-        header.extend(METRICS.iter().map(|(_, h)| h.to_string()));
+        let columns = self.columns();
+        let ci_columns = task_ci_columns(self.task.as_deref());
+        header.extend(columns.iter().map(|(_, h)| h.to_string()));
         let mut out = format!("| {} |\n", header.join(" | "));
         out.push_str(&format!(
             "|{}\n",
@@ -382,7 +435,7 @@ impl ResultsTable {
                 .map(|i| if i < label_columns { "---|" } else { "---:|" })
                 .collect::<String>()
         ));
-        let best: Vec<Option<f64>> = METRICS.iter().map(|(m, _)| self.best(m)).collect();
+        let best: Vec<Option<f64>> = columns.iter().map(|(m, _)| self.best(m)).collect();
         for r in &self.rows {
             let mut cells: Vec<String> = r.params.iter().map(|(_, v)| display_value(v)).collect();
             if cells.is_empty() {
@@ -402,7 +455,7 @@ impl ResultsTable {
                 r.parameters
                     .map_or("n/a".into(), |p| compact_count(p.total)),
             );
-            for ((metric, _), best) in METRICS.iter().zip(&best) {
+            for ((metric, _), best) in columns.iter().zip(&best) {
                 cells.push(match r.metrics.get(*metric) {
                     None => "n/a".into(),
                     Some(ms) => {
@@ -415,7 +468,7 @@ impl ResultsTable {
                             && best.is_some_and(|b| (ms.mean - b).abs() < 1e-12);
                         let mut cell = if is_best { format!("**{text}**") } else { text };
                         if let (true, Some((lo, hi))) =
-                            (CI_COLUMNS.contains(metric), r.ci.get(*metric))
+                            (ci_columns.contains(metric), r.ci.get(*metric))
                         {
                             cell.push_str(&format!(" [{lo:.3}, {hi:.3}]"));
                         }
@@ -445,8 +498,13 @@ impl ResultsTable {
         if let Some(b) = &self.bootstrap {
             let level = percent(b.level);
             if self.rows.iter().any(|r| !r.ci.is_empty()) {
+                let strata = match self.task.as_deref() {
+                    Some("survival") => "stratified by event",
+                    Some("regression") => "not stratified",
+                    _ => "stratified by class",
+                };
                 parts.push(format!(
-                    "[lo, hi]: {level}% bootstrap CI of the metric of the row's test predictions pooled over its runs ({} resamples of the slides, stratified by class, seed {})",
+                    "[lo, hi]: {level}% bootstrap CI of the metric of the row's test predictions pooled over its runs ({} resamples of the slides, {strata}, seed {})",
                     b.resamples, b.seed
                 ));
             }
@@ -552,7 +610,8 @@ impl ResultsTable {
         let alerts = alerts.finish();
         fields.push(Field::new("alerts", alerts.data_type().clone(), false));
         columns.push(Arc::new(alerts));
-        for (metric, _) in METRICS {
+        for (metric, _) in self.columns() {
+            let metric = *metric;
             let float = |suffix: &str, value: &dyn Fn(&ResultRow) -> Option<f64>| {
                 (
                     Field::new(format!("{metric}_{suffix}"), DataType::Float64, true),

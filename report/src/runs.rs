@@ -4,7 +4,7 @@
 
 use crate::error::ReportError;
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Float32Type, Int64Type};
+use arrow::datatypes::{Float32Type, Float64Type, Int64Type};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
@@ -52,8 +52,12 @@ pub struct PredictionRow {
     pub split: String,
     pub label_index: usize,
     pub predicted_index: usize,
-    /// Class probabilities in class order.
+    /// Class probabilities in class order (survival / regression: the raw outputs).
     pub probs: Vec<f32>,
+    /// Survival: time, event and predicted risk (`None` for the other tasks).
+    pub survival: Option<(f64, bool, f64)>,
+    /// Regression: true and predicted value.
+    pub regression: Option<(f64, f64)>,
 }
 
 /// Every row of a predictions file (columns `slide_id`, `split`, `label_index`,
@@ -89,6 +93,24 @@ pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRow>, ReportError> 
         let probs = column("probs")?
             .as_list_opt::<i32>()
             .ok_or_else(|| bad("`probs` is not a list".into()))?;
+        // Optional columns: survival and regression runs (and none in older files).
+        let float = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_primitive_opt::<Float64Type>().cloned())
+        };
+        let (time, risk, target, value) = (
+            float("time"),
+            float("risk"),
+            float("target"),
+            float("predicted_value"),
+        );
+        let event = batch
+            .column_by_name("event")
+            .and_then(|c| c.as_boolean_opt().cloned());
+        let at = |a: &Option<arrow::array::Float64Array>, row: usize| {
+            a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))
+        };
         for row in 0..batch.num_rows() {
             let cells = [
                 slide_id.is_null(row),
@@ -113,6 +135,18 @@ pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRow>, ReportError> 
                 label_index: class(label.value(row), "label_index")?,
                 predicted_index: class(predicted.value(row), "predicted_index")?,
                 probs: p.values().to_vec(),
+                survival: match (
+                    at(&time, row),
+                    event
+                        .as_ref()
+                        .filter(|e| e.is_valid(row))
+                        .map(|e| e.value(row)),
+                    at(&risk, row),
+                ) {
+                    (Some(t), Some(e), Some(r)) => Some((t, e, r)),
+                    _ => None,
+                },
+                regression: at(&target, row).zip(at(&value, row)),
             });
         }
     }

@@ -131,6 +131,7 @@ fn test_build_context(dir: &Path) -> tessera_pipeline::BuildContext {
         cache_dir: dir.into(),
         base_dir: dir.into(),
         slides: Arc::from(Vec::new()),
+        task: Default::default(),
         workers: 1,
         worker: 0,
     }

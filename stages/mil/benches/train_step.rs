@@ -45,6 +45,7 @@ use tessera_mil::models::{
 };
 use tessera_mil::seeding::stream_rng;
 use tessera_mil::train::epochs::total_loss;
+use tessera_mil::train::objective::Objective;
 use tessera_mil::train::optim::Adam;
 use tessera_mil::train::TrainParams;
 
@@ -219,7 +220,7 @@ fn step(s: &mut Setup, bags: &[&Bag], phases: &mut Phases, dev: &Device) -> f32 
         .model
         .forward_train(&input, Some(&labels))
         .expect("forward");
-    let l = total_loss(&output, bags, None, dev).expect("loss");
+    let l = total_loss(&Objective::Classification, &output, bags, None, dev).expect("loss");
     let value = black_box(l.to_scalar::<f32>().expect("scalar"));
     let t2 = Instant::now();
     let grads = l.backward().expect("backward");

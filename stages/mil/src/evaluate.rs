@@ -5,7 +5,8 @@
 use crate::error::MilError;
 use crate::metrics::{ClassificationMetrics, Evaluator, Metric};
 use crate::predictions::{from_batch, predictions_schema, to_batch, Prediction};
-use crate::splits::{classes, Split};
+use crate::splits::{task_classes, Split};
+use crate::task_metrics::{task_metrics_report, task_summary};
 use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use schemars::JsonSchema;
@@ -17,6 +18,8 @@ use tessera_pipeline::{
     BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
     StageKind, StageResult,
 };
+use tessera_pipeline::{SlideTarget, Task};
+use tessera_stats::Outcome;
 use tessera_stats::{confidence_intervals, BootstrapConfig, Clusters};
 
 /// Parameters of the `evaluate` stage.
@@ -319,7 +322,7 @@ impl StageKind for EvaluateParams {
     const KIND: &'static str = "evaluate";
     const VERSION: &'static str = "2";
     const ABOUT: &'static str =
-        "Balanced accuracy, macro precision/recall/F1/AUC/AUPRC, cross-entropy and per-class metrics per split, with stratified bootstrap CIs; writes metrics.json and predictions.parquet";
+        "Balanced accuracy, macro precision/recall/F1/AUC/AUPRC, cross-entropy and per-class metrics per split (survival: Harrell's/Uno's C-index, log-rank p of the median risk split; regression: MAE, RMSE, Pearson, Spearman, R^2), with stratified bootstrap CIs; writes metrics.json and predictions.parquet";
 
     fn input_spec(&self) -> InputSpec {
         let list = predictions_schema()
@@ -378,10 +381,21 @@ impl StageKind for EvaluateParams {
     }
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
+        // Uno's C-index estimates the censoring distribution on the whole cohort.
+        let reference: Vec<Outcome> = ctx
+            .slides
+            .iter()
+            .filter_map(|s| match tessera_pipeline::slide_target(ctx.task, s) {
+                Some(SlideTarget::Survival { time, event }) => Some(Outcome { time, event }),
+                _ => None,
+            })
+            .collect();
         Ok(Box::new(EvaluateStage {
             params: self.clone(),
             seed: ctx.seed,
-            classes: classes(&ctx.slides),
+            task: ctx.task,
+            reference,
+            classes: task_classes(ctx.task, &ctx.slides),
             predictions: BTreeMap::new(),
             replaced: 0,
         }))
@@ -402,6 +416,9 @@ struct EvaluateStage {
     params: EvaluateParams,
     /// The experiment's seed, which seeds the bootstrap.
     seed: u64,
+    /// The experiment's task, and (survival) every slide's outcome.
+    task: Task,
+    reference: Vec<Outcome>,
     classes: Vec<String>,
     /// The latest prediction of every slide.
     predictions: BTreeMap<String, Prediction>,
@@ -418,7 +435,9 @@ impl Stage for EvaluateStage {
         batch: arrow::record_batch::RecordBatch,
     ) -> StageResult {
         for p in from_batch(&batch)? {
-            check(&p, &self.classes)?;
+            if self.task == Task::Classification {
+                check(&p, &self.classes)?;
+            }
             if self.predictions.insert(p.slide_id.clone(), p).is_some() {
                 self.replaced += 1;
             }
@@ -442,7 +461,10 @@ impl Stage for EvaluateStage {
         let MetricsReport {
             json: metrics,
             warnings,
-        } = metrics_report(&rows, &self.classes, Some(&bootstrap))?;
+        } = match self.task {
+            Task::Classification => metrics_report(&rows, &self.classes, Some(&bootstrap))?,
+            task => task_metrics_report(task, &rows, Some(&self.reference), Some(&bootstrap))?,
+        };
         for warning in warnings {
             ctx.warn(None, warning);
         }
@@ -453,7 +475,11 @@ impl Stage for EvaluateStage {
             &out.join(&self.params.metrics_file),
             &out.join(&self.params.predictions_file),
         )?;
-        tracing::info!(stage = %ctx.stage_name(), "{}", summary(&metrics));
+        let line = match self.task {
+            Task::Classification => summary(&metrics),
+            _ => task_summary(&metrics),
+        };
+        tracing::info!(stage = %ctx.stage_name(), "{line}");
         Ok(())
     }
 }

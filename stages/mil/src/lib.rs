@@ -50,6 +50,7 @@ pub mod seeding;
 pub mod sparse_map;
 pub mod spill;
 pub mod splits;
+pub mod task_metrics;
 pub mod train;
 
 pub use augment::AugmentParams;

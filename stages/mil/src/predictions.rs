@@ -1,11 +1,21 @@
 //! The predictions table: one row per slide, emitted by `train` and consumed by `evaluate`
 //! (and written to `predictions.parquet`). Class indices refer to [`crate::splits::classes`].
+//!
+//! One schema for every task, so the graph is typed before the task is known: the
+//! classification columns, then nullable `time, event, risk` (survival) and `target,
+//! predicted_value` (regression), null where they do not apply. For survival and regression,
+//! `label` is the stratum (`event` / `censored`, or `value`), `label_index` its index, and
+//! `probs` the model's raw outputs (survival `nll`: one logit per time bin; `cox` and
+//! regression: one value).
 
 use crate::columns::{int64_values, utf8};
 use crate::error::MilError;
-use arrow::array::{Array, ArrayRef, AsArray, Float32Array, Int64Array, ListArray, StringArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, Int64Array, ListArray,
+    StringArray,
+};
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 
@@ -20,7 +30,27 @@ pub fn predictions_schema() -> SchemaRef {
         Field::new("predicted_index", DataType::Int64, false),
         Field::new("predicted", DataType::Utf8, false),
         Field::new("probs", probs_type(), false),
+        Field::new("time", DataType::Float64, true),
+        Field::new("event", DataType::Boolean, true),
+        Field::new("risk", DataType::Float64, true),
+        Field::new("target", DataType::Float64, true),
+        Field::new("predicted_value", DataType::Float64, true),
     ]))
+}
+
+/// The survival / regression columns of a prediction (all `None` for classification).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TaskValues {
+    /// Survival: time to event or censoring.
+    pub time: Option<f64>,
+    /// Survival: whether the event was observed.
+    pub event: Option<bool>,
+    /// Survival: predicted risk (higher: earlier event expected).
+    pub risk: Option<f64>,
+    /// Regression: the true value.
+    pub target: Option<f64>,
+    /// Regression: the predicted value, in the target's unit.
+    pub predicted_value: Option<f64>,
 }
 
 fn probs_type() -> DataType {
@@ -37,6 +67,8 @@ pub struct Prediction {
     pub predicted_index: usize,
     pub predicted: String,
     pub probs: Vec<f32>,
+    /// Survival / regression columns.
+    pub task: TaskValues,
 }
 
 impl Prediction {
@@ -83,7 +115,30 @@ impl Prediction {
             predicted_index,
             predicted: classes.get(predicted_index).cloned().unwrap_or_default(),
             probs,
+            task: TaskValues::default(),
         })
+    }
+
+    /// A survival or regression prediction: `label` / `label_index` the slide's stratum,
+    /// `outputs` the model's raw outputs, `task` the target and the score.
+    pub fn for_task(
+        slide_id: &str,
+        split: &str,
+        label: &str,
+        label_index: usize,
+        task: TaskValues,
+        outputs: Vec<f32>,
+    ) -> Self {
+        Prediction {
+            slide_id: slide_id.to_string(),
+            split: split.to_string(),
+            label: label.to_string(),
+            label_index,
+            predicted_index: label_index,
+            predicted: label.to_string(),
+            probs: outputs,
+            task,
+        }
     }
 }
 
@@ -105,6 +160,9 @@ pub fn to_batch(rows: &[Prediction]) -> Result<RecordBatch, MilError> {
         Arc::new(values),
         None,
     )?;
+    let floats = |f: fn(&TaskValues) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(rows.iter().map(|r| f(&r.task))))
+    };
     Ok(RecordBatch::try_new(
         predictions_schema(),
         vec![
@@ -115,6 +173,11 @@ pub fn to_batch(rows: &[Prediction]) -> Result<RecordBatch, MilError> {
             ints(|r| r.predicted_index),
             strings(|r| &r.predicted),
             Arc::new(probs),
+            floats(|t| t.time),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| r.task.event))),
+            floats(|t| t.risk),
+            floats(|t| t.target),
+            floats(|t| t.predicted_value),
         ],
     )?)
 }
@@ -141,6 +204,24 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
             expected: "List<Float32>",
             found: probs_col.data_type().to_string(),
         })?;
+    // Optional: predictions written before survival and regression lack them.
+    let float = |name: &str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Float64Type>().cloned())
+    };
+    let (time, risk, target, predicted_value) = (
+        float("time"),
+        float("risk"),
+        float("target"),
+        float("predicted_value"),
+    );
+    let event = batch
+        .column_by_name("event")
+        .and_then(|c| c.as_boolean_opt().cloned());
+    let at = |a: &Option<Float64Array>, row: usize| {
+        a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))
+    };
     let index = |v: i64, column: &str, row: usize| {
         usize::try_from(v).map_err(|_| MilError::Prediction {
             slide: slide_id.value(row).to_string(),
@@ -179,6 +260,16 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
                 predicted_index: index(predicted_index[row], "predicted_index", row)?,
                 predicted: predicted.value(row).to_string(),
                 probs: values.values().to_vec(),
+                task: TaskValues {
+                    time: at(&time, row),
+                    event: event
+                        .as_ref()
+                        .filter(|a| a.is_valid(row))
+                        .map(|a| a.value(row)),
+                    risk: at(&risk, row),
+                    target: at(&target, row),
+                    predicted_value: at(&predicted_value, row),
+                },
             })
         })
         .collect()

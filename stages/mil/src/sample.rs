@@ -14,7 +14,7 @@ use crate::columns::{instance_column, require_instances, InstanceColumn};
 use crate::error::MilError;
 use crate::seeding::stream_rng;
 use crate::sparse_map::{infer_grid_step, GRID_STEP};
-use crate::splits::{assign, Split, SplitParams};
+use crate::splits::{assign_for, stratum, Split, SplitParams};
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -145,7 +145,7 @@ impl StageKind for SampleParams {
     }
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        let splits = assign(&ctx.slides, ctx.seed, &self.splits)?;
+        let splits = assign_for(ctx.task, &ctx.slides, ctx.seed, &self.splits)?;
         let spill_dir = self.spill_to_disk.then(|| match &self.spill_dir {
             Some(dir) => ctx.resolve(dir),
             None => ctx.out_dir.join(".spill"),
@@ -154,6 +154,7 @@ impl StageKind for SampleParams {
             params: self.clone(),
             seed: ctx.seed,
             splits,
+            task: ctx.task,
             pending: HashMap::new(),
             bags: BTreeMap::new(),
             spill_dir,
@@ -191,6 +192,8 @@ struct SampleStage {
     seed: u64,
     /// Split of every dataset slide, by dataset index.
     splits: Vec<Split>,
+    /// The experiment's task: the `label` column is the slide's stratum for it.
+    task: tessera_pipeline::Task,
     pending: HashMap<usize, Vec<RecordBatch>>,
     /// Complete slides, by dataset index (so epochs visit them in dataset order).
     bags: BTreeMap<usize, Bag>,
@@ -275,9 +278,26 @@ impl Stage for SampleStage {
         slide: &SlideHandle,
     ) -> StageResult {
         let batches = self.pending.remove(&slide.index).unwrap_or_default();
-        let label = slide.label.clone().ok_or_else(|| MilError::NoLabel {
-            slide: slide.id.clone(),
-        })?;
+        let label = match stratum(self.task, slide) {
+            Some(label) => label,
+            None if self.task == tessera_pipeline::Task::Classification => {
+                return Err(MilError::NoLabel {
+                    slide: slide.id.clone(),
+                }
+                .into())
+            }
+            None => {
+                ctx.warn(
+                    Some(slide),
+                    format!(
+                        "no {} in the dataset CSV for task {}: the slide is left out of training and evaluation",
+                        self.task.columns().iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join("/"),
+                        self.task
+                    ),
+                );
+                return Ok(());
+            }
+        };
         let split = *self.splits.get(slide.index).ok_or_else(|| {
             StageError::msg(format!(
                 "slide `{}` is not in the dataset the splits were made for",
@@ -416,6 +436,7 @@ mod tests {
             },
             seed: 42,
             splits: vec![],
+            task: Default::default(),
             pending: HashMap::new(),
             bags: BTreeMap::new(),
             spill_dir: None,

@@ -3,7 +3,9 @@
 //! A dataset CSV with a `split` column is used as written. Otherwise slides are split by
 //! patient (`case_id`; the slide itself when absent) so no patient is on two sides, stratified
 //! by label so every split keeps the class proportions, either by fractions or as one fold of
-//! a k-fold cross-validation.
+//! a k-fold cross-validation. Survival datasets are stratified by the event indicator (every
+//! split keeps the event rate), regression datasets form one stratum; their slides without a
+//! target take no part (`sample` leaves them out).
 
 use crate::error::MilError;
 use crate::seeding::stream_rng;
@@ -11,7 +13,7 @@ use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use tessera_pipeline::SlideHandle;
+use tessera_pipeline::{slide_target, SlideHandle, SlideTarget, Task};
 
 /// The role of a slide in an experiment.
 #[derive(
@@ -133,8 +135,51 @@ pub fn classes(slides: &[SlideHandle]) -> Vec<String> {
         .collect()
 }
 
+/// The classes of a task, the order of `label_index` and of the model's outputs for
+/// classification: [`classes`]; survival: `censored`, `event` (the strata, so `label_index`
+/// is the event indicator); regression: `value`.
+pub fn task_classes(task: Task, slides: &[SlideHandle]) -> Vec<String> {
+    match task {
+        Task::Classification => classes(slides),
+        Task::Survival => vec![CENSORED.into(), EVENT.into()],
+        Task::Regression => vec![VALUE.into()],
+    }
+}
+
+/// Survival stratum of a censored slide.
+pub const CENSORED: &str = "censored";
+/// Survival stratum of a slide whose event was observed.
+pub const EVENT: &str = "event";
+/// The one stratum of regression.
+pub const VALUE: &str = "value";
+
+/// The stratum of a slide for its task (the `label` column `sample` writes): the label, the
+/// event indicator (`event` / `censored`), or `value`; `None` without a label / target.
+pub fn stratum(task: Task, slide: &SlideHandle) -> Option<String> {
+    match task {
+        Task::Classification => slide.label.clone(),
+        _ => slide_target(task, slide).map(|t| match t {
+            SlideTarget::Survival { event: true, .. } => EVENT.to_string(),
+            SlideTarget::Survival { event: false, .. } => CENSORED.to_string(),
+            SlideTarget::Value(_) => VALUE.to_string(),
+        }),
+    }
+}
+
 /// The split of every slide (in `slides` order). Deterministic in `seed`.
 pub fn assign(
+    slides: &[SlideHandle],
+    seed: u64,
+    params: &SplitParams,
+) -> Result<Vec<Split>, MilError> {
+    assign_for(Task::Classification, slides, seed, params)
+}
+
+/// [`assign`] for a task: stratified by [`stratum`]. Classification needs every slide's
+/// label; survival and regression slides without a target are left out of the grouping (they
+/// are marked `train` and never sampled).
+pub fn assign_for(
+    task: Task,
     slides: &[SlideHandle],
     seed: u64,
     params: &SplitParams,
@@ -146,14 +191,17 @@ pub fn assign(
     params
         .validate()
         .map_err(|(field, message)| MilError::Split(format!("{field}: {message}")))?;
-    if let Some(s) = slides.iter().find(|s| s.label.is_none()) {
-        return Err(MilError::NoLabel {
-            slide: s.id.clone(),
-        });
+    if task == Task::Classification {
+        if let Some(s) = slides.iter().find(|s| s.label.is_none()) {
+            return Err(MilError::NoLabel {
+                slide: s.id.clone(),
+            });
+        }
     }
-    let groups = patient_groups(slides);
+    let keys: Vec<Option<String>> = slides.iter().map(|s| stratum(task, s)).collect();
+    let groups = patient_groups(slides, &keys);
     let mut splits = vec![Split::Train; slides.len()];
-    for (label, mut members) in strata(slides, &groups) {
+    for (label, mut members) in strata(&keys, &groups) {
         members.shuffle(&mut stream_rng(seed, "splits", None, &label));
         let sizes: Vec<usize> = members.iter().map(|g| groups[*g].len()).collect();
         let stratum: Vec<Split> = if params.folds >= 2 {
@@ -200,10 +248,13 @@ fn from_csv(slides: &[SlideHandle], given: usize) -> Result<Vec<Split>, MilError
         .collect()
 }
 
-/// Slides grouped by patient, in a deterministic order (by patient key).
-fn patient_groups(slides: &[SlideHandle]) -> Vec<Vec<usize>> {
+/// Slides with a stratum grouped by patient, in a deterministic order (by patient key).
+fn patient_groups(slides: &[SlideHandle], keys: &[Option<String>]) -> Vec<Vec<usize>> {
     let mut by_case: BTreeMap<(bool, &str), Vec<usize>> = BTreeMap::new();
     for (i, s) in slides.iter().enumerate() {
+        if keys[i].is_none() {
+            continue;
+        }
         // A slide without a case is its own patient; the flag keeps a slide id that happens
         // to equal another slide's case id from joining that patient.
         let key = match &s.case_id {
@@ -215,14 +266,14 @@ fn patient_groups(slides: &[SlideHandle]) -> Vec<Vec<usize>> {
     by_case.into_values().collect()
 }
 
-/// Patient groups by their majority label (ties: the smallest label).
-fn strata(slides: &[SlideHandle], groups: &[Vec<usize>]) -> BTreeMap<String, Vec<usize>> {
+/// Patient groups by their majority stratum (ties: the smallest).
+fn strata(keys: &[Option<String>], groups: &[Vec<usize>]) -> BTreeMap<String, Vec<usize>> {
     let mut strata: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (g, members) in groups.iter().enumerate() {
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for &i in members {
             *counts
-                .entry(slides[i].label.as_deref().unwrap_or_default())
+                .entry(keys[i].as_deref().unwrap_or_default())
                 .or_default() += 1;
         }
         let best = counts.values().copied().max().unwrap_or(0);
@@ -454,6 +505,56 @@ mod tests {
                 "{label}: {test} of {total}"
             );
         }
+    }
+
+    #[test]
+    fn survival_splits_are_stratified_by_event_and_skip_slides_without_a_target() {
+        // 100 slides: 30 events, 70 censored, 5 without a time.
+        let slides: Vec<SlideHandle> = (0..105)
+            .map(|i| {
+                let mut extra = std::collections::BTreeMap::new();
+                let time = if i < 100 {
+                    format!("{}", i + 1)
+                } else {
+                    String::new()
+                };
+                extra.insert("time".to_string(), time);
+                extra.insert(
+                    "event".to_string(),
+                    if i < 30 { "1" } else { "0" }.to_string(),
+                );
+                Arc::new(Slide {
+                    index: i,
+                    id: format!("s{i}"),
+                    path: None,
+                    label: None,
+                    split: None,
+                    case_id: None,
+                    mpp: None,
+                    extra,
+                })
+            })
+            .collect();
+        let splits = assign_for(Task::Survival, &slides, 3, &SplitParams::default()).unwrap();
+        let events = |split: Split| (0..30).filter(|&i| splits[i] == split).count();
+        let censored = |split: Split| (30..100).filter(|&i| splits[i] == split).count();
+        // 15% of each stratum: 4.5 events and 10.5 censored slides per held-out split.
+        for split in [Split::Test, Split::Val] {
+            assert!(
+                (4..=5).contains(&events(split)),
+                "{split}: {}",
+                events(split)
+            );
+            assert!(
+                (10..=11).contains(&censored(split)),
+                "{split}: {}",
+                censored(split)
+            );
+        }
+        assert_eq!(stratum(Task::Survival, &slides[0]).as_deref(), Some(EVENT));
+        assert_eq!(stratum(Task::Survival, &slides[102]), None);
+        // Classification of the same slides needs labels.
+        assert!(assign(&slides, 3, &SplitParams::default()).is_err());
     }
 
     #[test]

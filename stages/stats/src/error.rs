@@ -22,4 +22,8 @@ pub enum StatsError {
     Clusters(String),
     #[error("bootstrap: {0}")]
     Config(String),
+    #[error("survival: {0}")]
+    Survival(String),
+    #[error("regression: {0}")]
+    Regression(String),
 }

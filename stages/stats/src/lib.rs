@@ -1,5 +1,6 @@
 //! The numbers behind tessera's comparison tables: slide-classification metrics that follow
-//! scikit-learn exactly, their stratified bootstrap confidence intervals, and a paired
+//! scikit-learn exactly, survival (C-index, Kaplan-Meier, log-rank: lifelines and
+//! scikit-survival exactly) and regression metrics, their stratified bootstrap confidence intervals, and a paired
 //! bootstrap test of whether one model is worse than another on the same slides.
 //!
 //! A crate of its own because two crates need the very same code and must not depend on each
@@ -17,9 +18,13 @@ pub mod bootstrap;
 pub mod confusion;
 pub mod error;
 pub mod evaluator;
+pub mod generic;
 pub mod metric;
 pub mod paired;
 pub mod ranking;
+pub mod regression;
+pub mod survival;
+pub mod tasks;
 
 pub use bootstrap::{
     confidence_intervals, percentile, BootstrapConfig, Clusters, Intervals, Resampler,
@@ -30,8 +35,17 @@ pub use confusion::{
 };
 pub use error::StatsError;
 pub use evaluator::{cross_entropy, ClassStats, Evaluation, Evaluator, CROSS_ENTROPY_EPS};
+pub use generic::{intervals_of, paired_of, PairedResult};
 pub use metric::{Metric, MetricValues};
 pub use paired::{paired_bootstrap, PairedComparison};
 pub use ranking::{
     average_precision, macro_auc_ovr, macro_auprc_ovr, roc_auc, RankMetrics, RankedScores,
+};
+pub use regression::RegressionMetrics;
+pub use survival::{
+    harrell_c_index, kaplan_meier, logrank_test, uno_c_index, KaplanMeier, LogRank, Outcome,
+};
+pub use tasks::{
+    task_metric_lower_is_better, RegressionRows, SurvivalRows, TaskMetrics, REGRESSION_METRICS,
+    SURVIVAL_METRICS,
 };

@@ -146,6 +146,7 @@ mod tests {
     use crate::models::reference::{self as r, Params};
     use crate::models::{build_any, init, ClamDsmilOptions, GlobalPool, ModelConfig, Pooling};
     use crate::train::epochs::total_loss;
+    use crate::train::objective::Objective;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -189,7 +190,7 @@ mod tests {
             let refs: Vec<&crate::models::Bag> = bags.iter().collect();
             let batch = BagBatch::from_bags(&refs, &dev).unwrap();
             let out = net.forward_train(&batch, Some(&labels)).unwrap();
-            let loss = total_loss(&out, &refs, None, &dev).unwrap();
+            let loss = total_loss(&Objective::Classification, &out, &refs, None, &dev).unwrap();
             let reference = |p: &Params| -> f64 {
                 bags.iter()
                     .zip(&labels)

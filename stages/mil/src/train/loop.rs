@@ -13,8 +13,9 @@ use rand::seq::SliceRandom;
 use super::checkpoint::{self, CheckpointFiles, CheckpointMeta};
 use super::error::{CandleContext, TrainError};
 use super::finetune::{EmbedderConfig, EmbedderSetup, FinetuneEmbedder, EMBEDDER_PREFIX};
+use super::objective::{task_loss, Objective};
 use super::optim::{Adam, AdamConfig};
-use super::record::{AtChance, BestRecord, Collapse, EpochRecord, Monitor, TrainLog};
+use super::record::{AtChance, BestRecord, Collapse, EpochRecord, Monitor, NoSignal, TrainLog};
 use super::schedule::{LrSchedule, Schedule};
 use crate::metrics::{cross_entropy, ClassificationMetrics};
 use crate::models::init::seeded_var_builder;
@@ -73,8 +74,12 @@ pub struct Evaluation {
     pub loss: f64,
     pub auc: Option<f64>,
     pub balanced_accuracy: f64,
-    /// Class probabilities per bag, in bag order.
+    /// Class probabilities per bag, in bag order (survival and regression: the raw outputs).
     pub probs: Vec<Vec<f32>>,
+    /// Survival: Harrell's C-index of the predicted risks.
+    pub c_index: Option<f64>,
+    /// Regression: R^2 of the predictions.
+    pub r2: Option<f64>,
 }
 
 /// A model, its parameters and optimizer, and where training stands.
@@ -101,6 +106,8 @@ pub struct Trainer {
     resumed_best: Option<CheckpointFiles>,
     /// The trainable tile embedder of end-to-end training (bags then carry pixels).
     embedder: Option<FinetuneEmbedder>,
+    /// What the outputs are trained for (classification unless [`Trainer::with_objective`]).
+    objective: Objective,
 }
 
 impl Trainer {
@@ -174,6 +181,7 @@ impl Trainer {
             resumed_at: None,
             resumed_best: None,
             embedder,
+            objective: Objective::Classification,
         })
     }
 
@@ -195,6 +203,18 @@ impl Trainer {
             None => Ok(BagBatch::from_bags(bags, &self.device)?),
             Some(embedder) => Ok(BagBatch::from_features(bags, embedder.embed(bags, train)?)?),
         }
+    }
+
+    /// Trains for `objective` (survival or regression) instead of classification; the
+    /// model's width must be [`Objective::width`].
+    pub fn with_objective(mut self, objective: Objective) -> Self {
+        self.objective = objective;
+        self
+    }
+
+    /// What the outputs are trained for.
+    pub fn objective(&self) -> &Objective {
+        &self.objective
     }
 
     /// Saves `last` (every epoch) and `best` (when it improves) checkpoints into `dir`.
@@ -317,12 +337,15 @@ impl Trainer {
         let input = self.batch(bags, true)?;
         self.duplicate_sites += input.duplicate_sites() as u64;
         let ctx = || format!("epoch {epoch}, batch {batch}");
+        // Class labels for models whose auxiliary losses need them (CLAM's clustering); other
+        // tasks carry no class.
         let labels: Vec<usize> = bags.iter().map(|b| b.label_index).collect();
+        let classes = matches!(self.objective, Objective::Classification).then_some(&labels[..]);
         let output = self
             .model
-            .forward_train(&input, Some(&labels))
+            .forward_train(&input, classes)
             .context(|| format!("{}: forward pass", ctx()))?;
-        let loss = total_loss(&output, bags, weights, &self.device)
+        let loss = total_loss(&self.objective, &output, bags, weights, &self.device)
             .context(|| format!("{}: loss", ctx()))?;
         let value = loss
             .to_scalar::<f32>()
@@ -401,8 +424,14 @@ impl Trainer {
         Ok(total / train.len() as f64)
     }
 
-    /// Class probabilities of every bag (evaluation mode, no gradients).
+    /// Class probabilities of every bag (evaluation mode, no gradients); survival and
+    /// regression: the raw outputs ([`Objective::score`] reads them).
     pub fn predict(&self, bags: &[&Bag]) -> Result<Vec<Vec<f32>>, TrainError> {
+        self.forward_eval(bags, matches!(self.objective, Objective::Classification))
+    }
+
+    /// The outputs of every bag in evaluation mode, softmax-ed when `softmax`.
+    fn forward_eval(&self, bags: &[&Bag], softmax: bool) -> Result<Vec<Vec<f32>>, TrainError> {
         let mut out = Vec::with_capacity(bags.len());
         for chunk in bags.chunks(self.config.batch_size.max(1)) {
             let input = self.batch(chunk, false)?;
@@ -416,8 +445,12 @@ impl Trainer {
                         .join(", ")
                 )
             };
-            let logits = self.model.forward(&input, false).context(what)?;
-            let probs = candle_nn::ops::softmax(&logits.detach(), D::Minus1).context(what)?;
+            let logits = self.model.forward(&input, false).context(what)?.detach();
+            let probs = if softmax {
+                candle_nn::ops::softmax(&logits, D::Minus1).context(what)?
+            } else {
+                logits
+            };
             out.extend(
                 probs
                     .to_dtype(DType::F32)
@@ -434,6 +467,9 @@ impl Trainer {
             return Ok(None);
         }
         let probs = self.predict(bags)?;
+        if !matches!(self.objective, Objective::Classification) {
+            return self.evaluate_task(bags, probs).map(Some);
+        }
         let labels: Vec<usize> = bags.iter().map(|b| b.label_index).collect();
         let c = self.classes.len();
         let flat: Vec<f32> = probs.iter().flatten().copied().collect();
@@ -444,7 +480,70 @@ impl Trainer {
             auc: metrics.auc,
             balanced_accuracy: metrics.balanced_accuracy,
             probs,
+            c_index: None,
+            r2: None,
         }))
+    }
+
+    /// Survival and regression validation: the task's loss over all of `bags` at once (one
+    /// risk set for `cox`), Harrell's C-index or R^2.
+    fn evaluate_task(
+        &self,
+        bags: &[&Bag],
+        outputs: Vec<Vec<f32>>,
+    ) -> Result<Evaluation, TrainError> {
+        let what = || "validation loss".to_string();
+        let width = outputs.first().map_or(0, Vec::len);
+        let flat: Vec<f32> = outputs.iter().flatten().copied().collect();
+        let tensor = Tensor::from_vec(flat, (bags.len(), width), &self.device).context(what)?;
+        let loss = task_loss(&self.objective, &tensor, bags, None, &self.device)
+            .and_then(|l| l.to_dtype(DType::F64)?.to_scalar::<f64>())
+            .context(what)?;
+        let scores: Vec<f64> = outputs
+            .iter()
+            .map(|o| self.objective.score(o).unwrap_or(f64::NAN))
+            .collect();
+        let (mut c_index, mut r2) = (None, None);
+        match &self.objective {
+            Objective::Survival { .. } => {
+                let outcomes: Vec<tessera_stats::Outcome> = bags
+                    .iter()
+                    .map(|b| {
+                        let (time, event) = self
+                            .objective
+                            .survival_target(&b.slide_id)
+                            .unwrap_or((0.0, false));
+                        tessera_stats::Outcome { time, event }
+                    })
+                    .collect();
+                c_index = tessera_stats::harrell_c_index(&outcomes, &scores, None)
+                    .ok()
+                    .flatten();
+            }
+            Objective::Regression { .. } => {
+                let truth: Vec<f64> = bags
+                    .iter()
+                    .map(|b| {
+                        self.objective
+                            .regression_target(&b.slide_id)
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect();
+                r2 = tessera_stats::RegressionMetrics::compute(&truth, &scores, None)
+                    .ok()
+                    .flatten()
+                    .map(|m| m.r2);
+            }
+            Objective::Classification => {}
+        }
+        Ok(Evaluation {
+            loss,
+            auc: None,
+            balanced_accuracy: f64::NAN,
+            probs: outputs,
+            c_index,
+            r2,
+        })
     }
 
     /// Trains epoch [`Trainer::next_epoch`] on `bags`' train split, validates on their `val`
@@ -467,7 +566,12 @@ impl Trainer {
             train_bags,
             val_loss: evaluation.as_ref().map(|e| e.loss),
             val_auc: evaluation.as_ref().and_then(|e| e.auc),
-            val_balanced_accuracy: evaluation.as_ref().map(|e| e.balanced_accuracy),
+            val_balanced_accuracy: evaluation
+                .as_ref()
+                .map(|e| e.balanced_accuracy)
+                .filter(|v| !v.is_nan()),
+            val_c_index: evaluation.as_ref().and_then(|e| e.c_index),
+            val_r2: evaluation.as_ref().and_then(|e| e.r2),
             val_bags: val.len(),
             seconds: 0.0,
             best: false,
@@ -577,6 +681,9 @@ impl Trainer {
     /// class-weighted, since the weights make the prior uniform). A model whose loss stays
     /// there has learned nothing about the inputs.
     pub fn constant_loss(&self, bags: &[Bag]) -> Option<f64> {
+        if !matches!(self.objective, Objective::Classification) {
+            return self.objective.constant_loss(bags);
+        }
         let mut counts = vec![0usize; self.classes.len()];
         for b in bags.iter().filter(|b| b.split == Split::Train) {
             if let Some(n) = counts.get_mut(b.label_index) {
@@ -621,6 +728,13 @@ impl Trainer {
             constant_loss: constant,
             epochs: self.records.len(),
             lr: self.config.optimizer.lr,
+            constant_predictor: match &self.objective {
+                Objective::Classification => None,
+                Objective::Survival { .. } => Some(
+                    "the training slides' own discrete hazards, the same for every slide".into(),
+                ),
+                Objective::Regression { .. } => Some("the training mean".into()),
+            },
         })
     }
 
@@ -645,6 +759,54 @@ impl Trainer {
             val_bags: record.val_bags,
             epoch: best.epoch,
         })
+    }
+
+    /// Survival and regression's "learned nothing" check on the selected epoch (the
+    /// classification one is [`Trainer::at_chance`]): survival, a validation C-index within
+    /// the band of random risks (`0.5 + 2 sd`, Kendall's null variance
+    /// `sd^2 = (2n + 5) / (18 n (n - 1))` on `n` slides; censoring only widens the true band, so
+    /// this errs towards silence), judged on at least [`CHANCE_MIN_VAL_BAGS`] slides;
+    /// regression, a validation loss no lower than predicting the training mean (`val` the
+    /// validation bags), on at least [`REGRESSION_MIN_VAL_BAGS`].
+    pub fn no_signal(&self, val: &[&Bag]) -> Option<NoSignal> {
+        let best = self.best.as_ref()?;
+        let record = self.records.iter().find(|r| r.epoch == best.epoch)?;
+        match &self.objective {
+            Objective::Classification => None,
+            Objective::Survival { .. } => {
+                let c = record.val_c_index?;
+                let n = record.val_bags;
+                if n < CHANCE_MIN_VAL_BAGS {
+                    return None;
+                }
+                let n = n as f64;
+                let sd = ((2.0 * n + 5.0) / (18.0 * n * (n - 1.0))).sqrt();
+                let bound = 0.5 + 2.0 * sd;
+                (c < bound).then(|| NoSignal {
+                    metric: "val_c_index".into(),
+                    value: c,
+                    reference: 0.5,
+                    bound,
+                    val_bags: record.val_bags,
+                    epoch: best.epoch,
+                })
+            }
+            Objective::Regression { .. } => {
+                if val.len() < REGRESSION_MIN_VAL_BAGS {
+                    return None;
+                }
+                let loss = record.val_loss?;
+                let mean = self.objective.mean_predictor_loss(val)?;
+                (loss >= mean).then(|| NoSignal {
+                    metric: "val_loss".into(),
+                    value: loss,
+                    reference: mean,
+                    bound: mean,
+                    val_bags: record.val_bags,
+                    epoch: best.epoch,
+                })
+            }
+        }
     }
 
     /// Trainable parameters by part (encoder, pooling, head, fine-tuned embedder).
@@ -673,12 +835,20 @@ impl Trainer {
             parameters: self.parameters(),
             collapse: self.collapse(),
             at_chance: self.at_chance(),
+            task: match self.objective {
+                Objective::Classification => None,
+                _ => Some(self.objective.task()),
+            },
+            no_signal: None,
         }
     }
 }
 
 /// Validation slides under which [`Trainer::at_chance`] does not judge.
 pub const CHANCE_MIN_VAL_BAGS: usize = 20;
+
+/// Validation slides under which [`Trainer::no_signal`] does not judge a regression.
+pub const REGRESSION_MIN_VAL_BAGS: usize = 10;
 
 /// Epochs before a flat training loss counts as a collapse.
 pub const COLLAPSE_MIN_EPOCHS: usize = 3;
@@ -726,17 +896,17 @@ pub fn loss(
 /// The loss of one training forward pass: the task loss of the model's outputs, weighted,
 /// plus its auxiliary terms (see [`TrainOutput`]).
 pub fn total_loss(
+    objective: &Objective,
     output: &TrainOutput,
     bags: &[&Bag],
     weights: Option<&[f32]>,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    let mut total = (loss(&output.outputs, bags, weights, device)? * output.task_weight)?;
+    let task = |outputs: &Tensor| task_loss(objective, outputs, bags, weights, device);
+    let mut total = (task(&output.outputs)? * output.task_weight)?;
     for term in &output.auxiliary {
         let value = match term {
-            AuxiliaryLoss::TaskOutputs { outputs, weight } => {
-                (loss(outputs, bags, weights, device)? * *weight)?
-            }
+            AuxiliaryLoss::TaskOutputs { outputs, weight } => (task(outputs)? * *weight)?,
             AuxiliaryLoss::Value { loss, weight } => (loss * *weight)?,
         };
         total = (total + value)?;

@@ -14,7 +14,9 @@ pub mod epochs;
 pub mod error;
 pub mod finetune;
 pub mod input;
+pub mod objective;
 pub mod optim;
+pub mod outcomes;
 pub mod record;
 pub mod schedule;
 pub mod synthetic;
@@ -42,11 +44,13 @@ use epochs::{write_log, TrainConfig, Trainer};
 use error::TrainError;
 use finetune::{EmbedderConfig, EmbedderSetup};
 use input::BagRows;
+use objective::{Objective, ObjectiveConfig, RegressionLoss, SurvivalLoss};
 use optim::AdamConfig;
 use record::Monitor;
 use schedule::LrSchedule;
 use tessera_embed::embed_stage::RANDOM_WEIGHTS;
 use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
+use tessera_pipeline::{SlideTarget, Task};
 
 /// Parameters of the `train` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -129,11 +133,30 @@ pub struct TrainParams {
     pub weight_decay: f64,
     /// Bags per optimizer step (the original uses 2).
     pub batch_size: usize,
-    /// Weight the cross-entropy by inverse class frequency of the training slides.
+    /// Weight the cross-entropy by inverse class frequency of the training slides
+    /// (classification only).
     pub class_weighted: bool,
-    /// What selects the best checkpoint and drives early stopping: `val_loss`, `val_auc`
-    /// or `val_balanced_accuracy`.
+    /// What selects the best checkpoint and drives early stopping: `val_loss` (every task),
+    /// `val_auc` or `val_balanced_accuracy` (classification), `val_c_index` (survival:
+    /// Harrell's C-index of the validation slides).
     pub monitor: Monitor,
+    /// `task: survival`: `nll`, the discrete-time negative log-likelihood over
+    /// `survival_bins` bins at the quantiles of the uncensored training times (Zadeh &
+    /// Schmid 2021, as Patch-GCN / PORPOISE; the model has `survival_bins` outputs, risk =
+    /// -sum of the survival curve), or `cox`, the Cox partial likelihood with Breslow ties on
+    /// one output, risk sets within each batch of `batch_size` slides (raise it for Cox).
+    pub survival_loss: SurvivalLoss,
+    /// `task: survival`, `nll`: number of discrete time bins (Patch-GCN: 4).
+    pub survival_bins: usize,
+    /// `task: survival`, `nll`: extra weight of the uncensored slides' term,
+    /// `(1 - alpha) * nll + alpha * uncensored` (Patch-GCN's `alpha_surv`; 0 = the plain NLL).
+    pub survival_alpha: f64,
+    /// `task: regression`: `mse` or `huber`, on the target standardised by the training
+    /// slides' mean and standard deviation (predictions are mapped back to its unit).
+    pub regression_loss: RegressionLoss,
+    /// `task: regression`, `huber`: where the loss turns linear, in standard deviations of
+    /// the training target.
+    pub huber_delta: f64,
     /// Stop after this many epochs without improvement of `monitor` (0: never stop early).
     pub patience: usize,
     /// Continue training from a checkpoint (`.../checkpoints/last.safetensors`, its `.json`,
@@ -190,6 +213,11 @@ impl Default for TrainParams {
             batch_size: 2,
             class_weighted: false,
             monitor: Monitor::ValLoss,
+            survival_loss: SurvivalLoss::Nll,
+            survival_bins: 4,
+            survival_alpha: 0.0,
+            regression_loss: RegressionLoss::Mse,
+            huber_delta: 1.0,
             patience: 0,
             resume: None,
             finetune_embedder: false,
@@ -246,6 +274,43 @@ impl TrainParams {
                 dsmil_query: self.dsmil_query,
             },
         }
+    }
+
+    /// The task settings of these parameters.
+    pub fn objective_config(&self) -> ObjectiveConfig {
+        ObjectiveConfig {
+            survival_loss: self.survival_loss,
+            survival_bins: self.survival_bins,
+            survival_alpha: self.survival_alpha,
+            regression_loss: self.regression_loss,
+            huber_delta: self.huber_delta,
+        }
+    }
+
+    /// Checks the parameters that depend on the experiment's task.
+    pub fn check_task(&self, task: Task) -> Result<(), String> {
+        let classification_only = |what: &str| {
+            format!("{what} is for `task: classification`; this experiment's task is {task}")
+        };
+        match (task, self.monitor) {
+            (Task::Classification, Monitor::ValCIndex) => {
+                return Err("`monitor: val_c_index` is for `task: survival`".into())
+            }
+            (Task::Survival | Task::Regression, Monitor::ValAuc) => {
+                return Err(classification_only("`monitor: val_auc`"))
+            }
+            (Task::Survival | Task::Regression, Monitor::ValBalancedAccuracy) => {
+                return Err(classification_only("`monitor: val_balanced_accuracy`"))
+            }
+            (Task::Regression, Monitor::ValCIndex) => {
+                return Err("`monitor: val_c_index` is for `task: survival`".into())
+            }
+            _ => {}
+        }
+        if self.class_weighted && task != Task::Classification {
+            return Err(classification_only("`class_weighted`"));
+        }
+        Ok(())
     }
 
     /// Whether this run standardises its inputs (never on pixels).
@@ -380,6 +445,18 @@ impl StageKind for TrainParams {
             return Err(ParamIssue::new("lse_r", "must be a positive number"));
         }
         positive("attention_hidden", self.attention_hidden > 0)?;
+        if self.survival_bins < 2 {
+            return Err(ParamIssue::new(
+                "survival_bins",
+                "needs at least 2 time bins",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.survival_alpha) {
+            return Err(ParamIssue::new("survival_alpha", "must lie in [0, 1]"));
+        }
+        if !(self.huber_delta.is_finite() && self.huber_delta > 0.0) {
+            return Err(ParamIssue::new("huber_delta", "must be a positive number"));
+        }
         if self.finetune_embedder {
             if finetune::resnet_depth(self.embedder).is_none() {
                 return Err(ParamIssue::new(
@@ -420,12 +497,18 @@ impl StageKind for TrainParams {
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
         let device = tessera_embed::candle_device(&ctx.device)
             .map_err(|e| StageError::other("choosing the device", e))?;
-        let classes = crate::splits::classes(&ctx.slides);
-        if classes.len() < 2 {
+        self.check_task(ctx.task).map_err(StageError::msg)?;
+        let classes = crate::splits::task_classes(ctx.task, &ctx.slides);
+        if ctx.task == Task::Classification && classes.len() < 2 {
             return Err(StageError::msg(format!(
                 "training needs at least two classes in the dataset's `label` column, found {classes:?}"
             )));
         }
+        let targets: HashMap<String, SlideTarget> = ctx
+            .slides
+            .iter()
+            .filter_map(|s| tessera_pipeline::slide_target(ctx.task, s).map(|t| (s.id.clone(), t)))
+            .collect();
         let embedder = self.embedder_config().map(|config| EmbedderSetup {
             config,
             weights: if self.embedder_weights == RANDOM_WEIGHTS {
@@ -440,6 +523,8 @@ impl StageKind for TrainParams {
             embedder,
             resume: self.resume.as_ref().map(|p| ctx.resolve(p)),
             classes,
+            task: ctx.task,
+            targets,
             device,
             trainer: None,
             rows: HashMap::new(),
@@ -481,6 +566,31 @@ fn one_class_predictions(bags: &[&Bag], probs: &[Vec<f32>], classes: &[String]) 
     ))
 }
 
+/// A survival or regression prediction's columns from the model's outputs.
+fn task_values(
+    objective: &Objective,
+    slide: &str,
+    outputs: &[f32],
+) -> crate::predictions::TaskValues {
+    let score = objective.score(outputs);
+    match objective {
+        Objective::Survival { .. } => {
+            let (time, event) = objective.survival_target(slide).unzip();
+            crate::predictions::TaskValues {
+                time,
+                event,
+                risk: score,
+                ..Default::default()
+            }
+        }
+        _ => crate::predictions::TaskValues {
+            target: objective.regression_target(slide),
+            predicted_value: score,
+            ..Default::default()
+        },
+    }
+}
+
 /// The running stage.
 struct TrainStage {
     params: TrainParams,
@@ -488,6 +598,9 @@ struct TrainStage {
     embedder: Option<EmbedderSetup>,
     resume: Option<PathBuf>,
     classes: Vec<String>,
+    /// The experiment's task, and every slide's survival / regression target by id.
+    task: Task,
+    targets: HashMap<String, SlideTarget>,
     device: Device,
     /// Created with the first bag (its embedding width fixes the model).
     trainer: Option<Trainer>,
@@ -511,18 +624,39 @@ impl TrainStage {
     ) -> Result<&mut Trainer, TrainError> {
         if self.trainer.is_none() {
             let standardize = self.standardization(ctx, bags)?;
-            let model = self
-                .params
-                .model_config(dim, self.classes.len(), standardize);
+            let objective_config = self.params.objective_config();
+            let train_ids: Vec<&str> = bags
+                .iter()
+                .filter(|b| b.split == Split::Train)
+                .map(|b| b.slide_id.as_str())
+                .collect();
+            let objective = Objective::fit(self.task, &objective_config, &self.targets, &train_ids)
+                .map_err(|e| TrainError::Slide {
+                    slide: "(training slides)".into(),
+                    message: e.to_string(),
+                })?;
+            if let Objective::Survival {
+                cuts,
+                loss: SurvivalLoss::Nll,
+                ..
+            } = &objective
+            {
+                ctx.set_detail("survival_bin_edges", serde_json::json!(cuts));
+            }
+            let width = Objective::width(self.task, &objective_config, self.classes.len());
+            let model = self.params.model_config(dim, width, standardize);
             let config = self.params.train_config(ctx.seed());
-            let classes = self.classes.clone();
+            // The trainer names the model's outputs (classification: the classes).
+            let classes = Objective::output_names(self.task, &objective_config, &self.classes);
             let trainer = match &self.embedder {
                 None => Trainer::new(model, config, classes, self.device.clone())?,
                 Some(setup) => {
                     Trainer::new_finetuning(model, config, classes, self.device.clone(), setup)?
                 }
             };
-            let mut trainer = trainer.with_checkpoints(ctx.out_dir().join("checkpoints"));
+            let mut trainer = trainer
+                .with_objective(objective)
+                .with_checkpoints(ctx.out_dir().join("checkpoints"));
             if let Some(path) = &self.resume {
                 let meta = trainer.resume(path)?;
                 tracing::info!(stage = ctx.stage_name(), checkpoint = %path.display(), epoch = meta.epoch + 1, "resuming training at epoch {}", meta.epoch + 1);
@@ -732,15 +866,25 @@ impl Stage for TrainStage {
             if let Some(epoch) = trainer.load_best()? {
                 tracing::info!(stage = %stage, "predicting with the best model (epoch {})", epoch + 1);
             }
-            write_log(&ctx.out_dir().join("train_log.json"), &trainer.log(&stage))?;
             let held_out: Vec<&Bag> = bags.iter().filter(|b| b.split != Split::Train).collect();
+            let val: Vec<&Bag> = bags.iter().filter(|b| b.split == Split::Val).collect();
+            let no_signal = trainer.no_signal(&val);
+            let mut log = trainer.log(&stage);
+            log.no_signal = no_signal.clone();
+            write_log(&ctx.out_dir().join("train_log.json"), &log)?;
             let probs = trainer.predict(&held_out)?;
+            let classification = self.task == Task::Classification;
             if let Some(collapse) = trainer.collapse() {
                 ctx.alert(collapse.message());
-            } else if let Some(message) = one_class_predictions(&held_out, &probs, &self.classes) {
+            } else if let Some(message) = classification
+                .then(|| one_class_predictions(&held_out, &probs, &self.classes))
+                .flatten()
+            {
                 ctx.alert(message);
             } else if let Some(chance) = trainer.at_chance() {
                 ctx.alert(chance.message());
+            } else if let Some(n) = no_signal {
+                ctx.alert(n.message());
             }
             let by_id: HashMap<&str, &SlideHandle> =
                 self.seen.values().map(|s| (s.id.as_str(), s)).collect();
@@ -749,13 +893,23 @@ impl Stage for TrainStage {
                     continue;
                 };
                 let label = &self.classes[bag.label_index];
-                let prediction = Prediction::from_probs(
-                    &bag.slide_id,
-                    bag.split.as_str(),
-                    label,
-                    &self.classes,
-                    probs,
-                )?;
+                let prediction = match trainer.objective() {
+                    Objective::Classification => Prediction::from_probs(
+                        &bag.slide_id,
+                        bag.split.as_str(),
+                        label,
+                        &self.classes,
+                        probs,
+                    )?,
+                    objective => Prediction::for_task(
+                        &bag.slide_id,
+                        bag.split.as_str(),
+                        label,
+                        bag.label_index,
+                        task_values(objective, &bag.slide_id, &probs),
+                        probs,
+                    ),
+                };
                 ctx.emit(slide, to_batch(&[prediction])?)?;
             }
         } else if !self.seen.is_empty() {

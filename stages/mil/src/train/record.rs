@@ -26,6 +26,12 @@ pub struct EpochRecord {
     /// Macro one-vs-rest ROC AUC on the validation bags.
     pub val_auc: Option<f64>,
     pub val_balanced_accuracy: Option<f64>,
+    /// Survival: Harrell's C-index of the validation bags' predicted risks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_c_index: Option<f64>,
+    /// Regression: R^2 of the validation predictions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_r2: Option<f64>,
     pub val_bags: usize,
     /// Wall-clock seconds of the epoch (training + validation).
     pub seconds: f64,
@@ -44,6 +50,8 @@ pub enum Monitor {
     ValAuc,
     /// Validation balanced accuracy (higher is better; ties broken by lower loss).
     ValBalancedAccuracy,
+    /// Survival: validation Harrell's C-index (higher is better; ties broken by lower loss).
+    ValCIndex,
 }
 
 /// The best epoch so far and its score.
@@ -64,6 +72,7 @@ impl Monitor {
             Monitor::ValLoss => record.val_loss,
             Monitor::ValAuc => record.val_auc,
             Monitor::ValBalancedAccuracy => record.val_balanced_accuracy,
+            Monitor::ValCIndex => record.val_c_index,
         }
     }
 
@@ -82,7 +91,7 @@ impl Monitor {
         let best_loss = best.and_then(|b| b.loss).unwrap_or(f64::INFINITY);
         match self {
             Monitor::ValLoss => value < best_value,
-            Monitor::ValAuc | Monitor::ValBalancedAccuracy => {
+            Monitor::ValAuc | Monitor::ValBalancedAccuracy | Monitor::ValCIndex => {
                 value > best_value || (value == best_value && loss < best_loss)
             }
         }
@@ -114,6 +123,13 @@ pub struct TrainLog {
     /// Set when the selected epoch is no better than chance on validation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_chance: Option<AtChance>,
+    /// The experiment's task when it is not classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<tessera_pipeline::Task>,
+    /// Survival / regression: set when the selected epoch is no better than a model that
+    /// learned nothing (see `Trainer::no_signal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_signal: Option<NoSignal>,
 }
 
 /// Evidence that a run learned nothing: its training loss stayed at the constant predictor's.
@@ -126,11 +142,25 @@ pub struct Collapse {
     pub epochs: usize,
     /// The peak learning rate of the run.
     pub lr: f64,
+    /// What the constant predictor is, for survival and regression (classification: the
+    /// class prior).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constant_predictor: Option<String>,
 }
 
 impl Collapse {
     /// The warning users read, with the likely causes.
     pub fn message(&self) -> String {
+        if let Some(predictor) = &self.constant_predictor {
+            return format!(
+                "training collapsed: after {} epochs the training loss ({:.4}) is within 1% of \
+                 the loss of a constant prediction ({:.4}, {predictor}), so the model learned \
+                 nothing from the inputs. Likely causes: a learning rate ({}) too high (dead \
+                 ReLUs) or too low for this model, unscaled inputs (`standardize: true`), or \
+                 targets the inputs do not determine",
+                self.epochs, self.train_loss, self.constant_loss, self.lr
+            );
+        }
         format!(
             "training collapsed: after {} epochs the training loss ({:.4}) is within 1% of the \
              constant predictor's ({:.4}, the entropy of the class prior), so the model \
@@ -157,6 +187,8 @@ mod tests {
             val_loss: Some(loss),
             val_auc: Some(auc),
             val_balanced_accuracy: None,
+            val_c_index: None,
+            val_r2: None,
             val_bags: 1,
             seconds: 0.0,
             best: false,
@@ -210,5 +242,45 @@ impl AtChance {
             self.chance,
             self.bound
         )
+    }
+}
+
+/// Evidence that a survival or regression model learned nothing that holds on validation:
+/// its selected epoch is no better than random risks (C-index) or than predicting the
+/// training mean (loss).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoSignal {
+    /// `val_c_index` or `val_loss`.
+    pub metric: String,
+    pub value: f64,
+    /// What a model that learned nothing reaches: 0.5, or the training mean's loss.
+    pub reference: f64,
+    /// The value the selected epoch had to beat.
+    pub bound: f64,
+    pub val_bags: usize,
+    /// The selected (best) epoch, 0-based.
+    pub epoch: usize,
+}
+
+impl NoSignal {
+    /// The warning users read.
+    pub fn message(&self) -> String {
+        if self.metric == "val_c_index" {
+            format!(
+                "no better than chance: the selected epoch ({}) reaches validation C-index {:.3} on {} slides, within the band of random risks (0.5, 2 sd {:.3}); the model does not rank these slides' survival from these inputs, or it overfits the training slides",
+                self.epoch + 1,
+                self.value,
+                self.val_bags,
+                self.bound
+            )
+        } else {
+            format!(
+                "no better than the training mean: the selected epoch ({}) reaches validation loss {:.4} on {} slides, no lower than predicting the training slides' mean target ({:.4}); the model does not predict this target from these inputs, or it overfits the training slides",
+                self.epoch + 1,
+                self.value,
+                self.val_bags,
+                self.reference
+            )
+        }
     }
 }
