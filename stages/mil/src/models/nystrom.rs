@@ -16,7 +16,7 @@
 //! Every operation is a differentiable candle op in the input's dtype (no fused layer-norm or
 //! softmax kernels, which candle implements without a backward pass).
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor, WithDType, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use super::head::torch_linear;
@@ -228,13 +228,17 @@ pub fn moore_penrose_pinv(x: &Tensor, iterations: usize) -> candle_core::Result<
     let col = abs.sum(D::Minus1)?.flatten_all()?.max(0)?;
     let row = abs.sum(D::Minus2)?.flatten_all()?.max(0)?;
     let mut z = x.t()?.broadcast_div(&(col * row)?)?;
-    let eye = Tensor::eye(m, x.dtype(), x.device())?;
+    // `c I` as full tensors of x's shape, made once: same-shape subtractions take candle's
+    // fast contiguous path (a broadcast operand goes through a slow strided one).
+    let eye = Tensor::eye(m, x.dtype(), x.device())?
+        .broadcast_as(x.shape())?
+        .contiguous()?;
     let (eye7, eye15, eye13) = ((&eye * 7.0)?, (&eye * 15.0)?, (&eye * 13.0)?);
     for _ in 0..iterations {
         let xz = x.matmul(&z)?;
-        let t = eye7.broadcast_sub(&xz)?;
-        let t = eye15.broadcast_sub(&xz.matmul(&t)?)?;
-        let t = eye13.broadcast_sub(&xz.matmul(&t)?)?;
+        let t = (&eye7 - &xz)?;
+        let t = (&eye15 - xz.matmul(&t)?)?;
+        let t = (&eye13 - xz.matmul(&t)?)?;
         z = (z.matmul(&t)? * 0.25)?;
     }
     Ok(z)
@@ -242,23 +246,208 @@ pub fn moore_penrose_pinv(x: &Tensor, iterations: usize) -> candle_core::Result<
 
 /// PyTorch's `Conv2d(h, h, (k, 1), padding=(k/2, 0), groups=h, bias=False)` on values
 /// `[h, n, d]`: every head's values convolved along the sequence with that head's filter,
-/// zeros beyond the ends. Computed as one gather of every position's `k` neighbours
-/// (`[h, n, k, d]`, a few ops for autograd instead of `k`).
+/// zeros beyond the ends. On the CPU (f32, f64) a direct kernel with its own backward pass
+/// ([`SeqConv`]: no `[h, k, n, d]` gather, which dominates at a thousand tokens); elsewhere
+/// [`sequence_depthwise_conv_gemm`].
 pub fn sequence_depthwise_conv(v: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (h, _, _) = v.dims3()?;
+    let k = weight.elem_count() / h.max(1);
+    // The kernel's backward pass for the values (the filters reversed) needs an odd `k`.
+    let direct = v.device().is_cpu()
+        && !k.is_multiple_of(2)
+        && weight.dtype() == v.dtype()
+        && matches!(v.dtype(), DType::F32 | DType::F64);
+    if !direct {
+        return sequence_depthwise_conv_gemm(v, weight);
+    }
+    let w = weight.reshape((h, k))?.contiguous()?;
+    v.contiguous()?.apply_op2(&w, SeqConv { flip: false })
+}
+
+/// [`sequence_depthwise_conv`] as one batched matrix product, for any device: the `k` shifted
+/// copies of each head's (zero-padded) values are gathered into `[h, k, n * d]` (one
+/// `index_select`), and the head's filter `[1, k]` multiplies them, so forward and backward
+/// are gemms instead of reductions over a middle dimension.
+pub fn sequence_depthwise_conv_gemm(v: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let (h, n, d) = v.dims3()?;
     let k = weight.elem_count() / h.max(1);
-    let w = weight.reshape((h, 1, k, 1))?;
+    let w = weight.reshape((h, 1, k))?;
     let half = k / 2;
     let padded = v.pad_with_zeros(1, half, half)?;
-    let index: Vec<u32> = (0..n)
-        .flat_map(|t| (0..k).map(move |o| (t + o) as u32))
+    let index: Vec<u32> = (0..k)
+        .flat_map(|o| (0..n).map(move |t| (t + o) as u32))
         .collect();
-    let index = Tensor::from_vec(index, n * k, v.device())?;
-    padded
-        .index_select(&index, 1)?
-        .reshape((h, n, k, d))?
-        .broadcast_mul(&w)?
-        .sum(2)
+    let index = Tensor::from_vec(index, k * n, v.device())?;
+    let shifted = padded.index_select(&index, 1)?.reshape((h, k, n * d))?;
+    w.matmul(&shifted)?.reshape((h, n, d))
+}
+
+/// The CPU kernel of [`sequence_depthwise_conv`]: contiguous values `[h, n, d]` and filters
+/// `[h, k]` (`k` odd), `out[h, t] = sum_o w[h, o] v[h, t + o - k / 2]`; with `flip` the
+/// filters are read reversed, which is the convolution's backward pass for the values.
+struct SeqConv {
+    flip: bool,
+}
+
+/// The filters' gradient of [`SeqConv`]: values `[h, n, d]` and output gradient `[h, n, d]`
+/// give `[h, k]`, `gw[h, o] = sum_t <g[h, t], v[h, t + o - k / 2]>`.
+struct SeqConvFilterGrad {
+    k: usize,
+}
+
+fn contiguous_slice<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("sequence convolution: non-contiguous operand"),
+    }
+}
+
+fn seq_conv<T: WithDType>(
+    v: &[T],
+    w: &[T],
+    (h, n, d, k): (usize, usize, usize, usize),
+    flip: bool,
+) -> Vec<T> {
+    let half = k / 2;
+    let mut out = vec![T::zero(); h * n * d];
+    for hh in 0..h {
+        let (vh, wh) = (&v[hh * n * d..(hh + 1) * n * d], &w[hh * k..(hh + 1) * k]);
+        let oh = &mut out[hh * n * d..(hh + 1) * n * d];
+        for t in 0..n {
+            let dst = &mut oh[t * d..(t + 1) * d];
+            // Source row t + o - half must lie in 0..n.
+            for o in half.saturating_sub(t)..k.min(n + half - t) {
+                let wo = if flip { wh[k - 1 - o] } else { wh[o] };
+                let s = t + o - half;
+                for (y, x) in dst.iter_mut().zip(&vh[s * d..(s + 1) * d]) {
+                    *y += wo * *x;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn seq_conv_filter_grad<T: WithDType>(
+    v: &[T],
+    g: &[T],
+    (h, n, d, k): (usize, usize, usize, usize),
+) -> Vec<T> {
+    let half = k / 2;
+    let mut out = vec![T::zero(); h * k];
+    let mut acc = vec![T::zero(); d];
+    for hh in 0..h {
+        let (vh, gh) = (
+            &v[hh * n * d..(hh + 1) * n * d],
+            &g[hh * n * d..(hh + 1) * n * d],
+        );
+        for o in 0..k {
+            // Output rows t with t + o - half in 0..n: one contiguous dot product.
+            let t0 = half.saturating_sub(o);
+            let t1 = n.min((n + half).saturating_sub(o));
+            if t0 >= t1 {
+                continue;
+            }
+            let s0 = t0 + o - half;
+            // One partial sum per channel (vectorises), added up at the end.
+            acc.iter_mut().for_each(|a| *a = T::zero());
+            let rows = gh[t0 * d..t1 * d]
+                .chunks_exact(d)
+                .zip(vh[s0 * d..(s0 + t1 - t0) * d].chunks_exact(d));
+            for (gr, vr) in rows {
+                for ((a, x), y) in acc.iter_mut().zip(gr).zip(vr) {
+                    *a += *x * *y;
+                }
+            }
+            out[hh * k + o] = acc.iter().fold(T::zero(), |s, a| s + *a);
+        }
+    }
+    out
+}
+
+impl CustomOp2 for SeqConv {
+    fn name(&self) -> &'static str {
+        "sequence-depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, n, d) = l1.shape().dims3()?;
+        let (_, k) = l2.shape().dims2()?;
+        let dims = (h, n, d, k);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(v), CpuStorage::F32(w)) => CpuStorage::F32(seq_conv(
+                contiguous_slice(v, l1)?,
+                contiguous_slice(w, l2)?,
+                dims,
+                self.flip,
+            )),
+            (CpuStorage::F64(v), CpuStorage::F64(w)) => CpuStorage::F64(seq_conv(
+                contiguous_slice(v, l1)?,
+                contiguous_slice(w, l2)?,
+                dims,
+                self.flip,
+            )),
+            _ => candle_core::bail!("sequence convolution: f32 or f64 operands of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        v: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gv = grad.apply_op2_no_bwd(w, &SeqConv { flip: !self.flip })?;
+        let gw = v.apply_op2_no_bwd(&grad, &SeqConvFilterGrad { k: w.dim(1)? })?;
+        let gw = if self.flip {
+            let k = w.dim(1)?;
+            let rev: Vec<u32> = (0..k as u32).rev().collect();
+            gw.index_select(&Tensor::from_vec(rev, k, w.device())?, 1)?
+        } else {
+            gw
+        };
+        Ok((Some(gv), Some(gw)))
+    }
+}
+
+impl CustomOp2 for SeqConvFilterGrad {
+    fn name(&self) -> &'static str {
+        "sequence-depthwise-conv-filter-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, n, d) = l1.shape().dims3()?;
+        let dims = (h, n, d, self.k);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(v), CpuStorage::F32(g)) => CpuStorage::F32(seq_conv_filter_grad(
+                contiguous_slice(v, l1)?,
+                contiguous_slice(g, l2)?,
+                dims,
+            )),
+            (CpuStorage::F64(v), CpuStorage::F64(g)) => CpuStorage::F64(seq_conv_filter_grad(
+                contiguous_slice(v, l1)?,
+                contiguous_slice(g, l2)?,
+                dims,
+            )),
+            _ => candle_core::bail!("sequence convolution: f32 or f64 operands of one dtype"),
+        };
+        Ok((out, Shape::from((h, self.k))))
+    }
 }
 
 /// Exact softmax attention `softmax(q k^T) v` of `[h, n, d]` tensors (`q` already scaled):
@@ -427,6 +616,40 @@ mod tests {
                 .unwrap();
             let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "n {n} k {k}");
+        }
+    }
+
+    /// The CPU kernel of the value convolution and its backward pass equal the gemm
+    /// formulation (the path off the CPU): outputs and the gradients of values and filters,
+    /// in f64, also with a kernel longer than the sequence.
+    #[test]
+    fn value_convolution_kernel_matches_the_gemm_formulation() {
+        for (n, k) in [(1, 3), (7, 5), (7, 33), (40, 33)] {
+            let (h, d) = (3, 4);
+            let v = candle_core::Var::from_tensor(&values(h, n, d, 0.5, 1.0)).unwrap();
+            let w = candle_core::Var::from_tensor(
+                &values(h, 1, k, 1.1, 0.3).reshape((h, 1, k, 1)).unwrap(),
+            )
+            .unwrap();
+            let g = values(h, n, d, 2.3, 1.0);
+            let run = |f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+                let out = f(v.as_tensor(), w.as_tensor()).unwrap();
+                let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                [
+                    out,
+                    grads.get(v.as_tensor()).unwrap().clone(),
+                    grads.get(w.as_tensor()).unwrap().clone(),
+                ]
+            };
+            let (direct, gemm) = (
+                run(sequence_depthwise_conv),
+                run(sequence_depthwise_conv_gemm),
+            );
+            for (a, b) in direct.iter().zip(&gemm) {
+                assert_eq!(a.shape(), b.shape());
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f64>().unwrap() < 1e-12, "n {n} k {k}");
+            }
         }
     }
 }

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 
 use super::bag::BagBatch;
@@ -199,7 +199,7 @@ impl Ppeg {
         Ok(Ppeg { convs })
     }
 
-    /// The combined 7x7 kernel `[49, dim]` (the identity included) and bias `[dim]`.
+    /// The combined 7x7 kernel `[dim, 49]` (the identity included) and bias `[dim]`.
     fn combined(&self) -> candle_core::Result<(Tensor, Tensor)> {
         let (w0, b0) = &self.convs[0];
         let dim = w0.dim(0)?;
@@ -218,25 +218,214 @@ impl Ppeg {
             kernel = (kernel + w)?;
             bias = (bias + b)?;
         }
-        let kernel = kernel.reshape((dim, PPEG_SIDE * PPEG_SIDE))?.t()?;
-        Ok((kernel, bias))
+        Ok((kernel.reshape((dim, PPEG_SIDE * PPEG_SIDE))?, bias))
     }
 
-    /// PPEG of the patch tokens `x` `[n, dim]` placed by `grid`.
+    /// PPEG of the patch tokens `x` `[n, dim]` placed by `grid`. On the CPU (f32, f64) a
+    /// direct kernel with its own backward pass ([`PpegOp`]); elsewhere [`Ppeg::forward_gemm`].
     pub fn forward(&self, x: &Tensor, grid: &Neighbours) -> candle_core::Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        if n != grid.len() {
+            candle_core::bail!("PPEG: {n} tokens on a grid of {}", grid.len());
+        }
+        let direct = x.device().is_cpu()
+            && x.dtype() == self.convs[0].0.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::F64);
+        if !direct {
+            return self.forward_gemm(x, grid);
+        }
+        let (kernel, bias) = self.combined()?;
+        // Channel-last `[taps + 1, dim]`, the bias as the last row.
+        let kernel = Tensor::cat(&[&kernel, &bias.unsqueeze(1)?], 1)?
+            .t()?
+            .contiguous()?;
+        let op = PpegOp {
+            rows: std::sync::Arc::new(grid.rows.clone()),
+            part: PpegPart::Forward,
+        };
+        x.contiguous()?.apply_op2(&kernel, op)
+    }
+
+    /// [`Ppeg::forward`] as one batched matrix product, for any device.
+    pub fn forward_gemm(&self, x: &Tensor, grid: &Neighbours) -> candle_core::Result<Tensor> {
         let (n, dim) = x.dims2()?;
         if n != grid.len() {
             candle_core::bail!("PPEG: {n} tokens on a grid of {}", grid.len());
         }
         let (kernel, bias) = self.combined()?;
-        let x = Tensor::cat(&[x, &Tensor::zeros((1, dim), x.dtype(), x.device())?], 0)?;
-        let index = Tensor::from_slice(&grid.rows, grid.rows.len(), x.device())?;
         let taps = PPEG_SIDE * PPEG_SIDE;
-        x.index_select(&index, 0)?
-            .reshape((n, taps, dim))?
-            .broadcast_mul(&kernel.unsqueeze(0)?)?
-            .sum(1)?
-            .broadcast_add(&bias)
+        // Channel-first, so that the depthwise convolution is one batched matrix product:
+        // per channel, the 49 neighbour rows `[49, n]` gathered from `x^T` (a zero column
+        // for empty cells) and a row of ones, times the channel's kernel and bias `[1, 50]`.
+        let (zero, one) = (n as u32, n as u32 + 1);
+        let xt = Tensor::cat(
+            &[
+                x,
+                &Tensor::zeros((1, dim), x.dtype(), x.device())?,
+                &Tensor::ones((1, dim), x.dtype(), x.device())?,
+            ],
+            0,
+        )?
+        .t()?
+        .contiguous()?;
+        debug_assert!(grid.rows.iter().all(|&r| r <= zero));
+        let index: Vec<u32> = (0..taps)
+            .flat_map(|tap| grid.rows.iter().skip(tap).step_by(taps).copied())
+            .chain(std::iter::repeat_n(one, n))
+            .collect();
+        let index = Tensor::from_vec(index, (taps + 1) * n, x.device())?;
+        let neighbours = xt.index_select(&index, 1)?.reshape((dim, taps + 1, n))?;
+        Tensor::cat(&[&kernel, &bias.reshape((dim, 1))?], 1)?
+            .reshape((dim, 1, taps + 1))?
+            .matmul(&neighbours)?
+            .reshape((dim, n))?
+            .t()
+    }
+}
+
+/// Which computation a [`PpegOp`] runs; all read the first operand as `[n, dim]` and the
+/// neighbour rows, `taps = 49` per token (`n`: an empty cell).
+#[derive(Debug, Clone, Copy)]
+enum PpegPart {
+    /// `(x [n, dim], k [taps + 1, dim]) -> [n, dim]`:
+    /// `out[t] = k[taps] + sum_tap k[tap] * x[rows[t, tap]]` (the last kernel row is the bias).
+    Forward,
+    /// `(g [n, dim], k) -> [n, dim]`: the inputs' gradient,
+    /// `gx[rows[t, tap]] += k[tap] * g[t]`.
+    GradInput,
+    /// `(x, g) -> [taps + 1, dim]`: the kernel's gradient,
+    /// `gk[tap] = sum_t g[t] * x[rows[t, tap]]`, `gk[taps] = sum_t g[t]`.
+    GradKernel,
+}
+
+/// The CPU kernel of [`Ppeg::forward`] and its backward pass: a direct depthwise convolution
+/// over gathered neighbour rows, channel-last, without materialising the `[dim, 50, n]`
+/// gather of the gemm formulation.
+struct PpegOp {
+    rows: std::sync::Arc<Vec<u32>>,
+    part: PpegPart,
+}
+
+/// [`PpegOp`]'s computation on contiguous operands `a` (`[n, dim]`) and `b`.
+fn ppeg_kernel<T: WithDType>(
+    (a, b): (&[T], &[T]),
+    rows: &[u32],
+    (n, dim): (usize, usize),
+    part: PpegPart,
+) -> Vec<T> {
+    let taps = PPEG_SIDE * PPEG_SIDE;
+    let row = |r: usize| r * dim..(r + 1) * dim;
+    let fma = |dst: &mut [T], x: &[T], y: &[T]| {
+        for ((o, x), y) in dst.iter_mut().zip(x).zip(y) {
+            *o += *x * *y;
+        }
+    };
+    match part {
+        PpegPart::Forward => {
+            let mut out = vec![T::zero(); n * dim];
+            for t in 0..n {
+                let dst = &mut out[row(t)];
+                dst.copy_from_slice(&b[row(taps)]);
+                for tap in 0..taps {
+                    let r = rows[t * taps + tap] as usize;
+                    if r < n {
+                        fma(dst, &b[row(tap)], &a[row(r)]);
+                    }
+                }
+            }
+            out
+        }
+        PpegPart::GradInput => {
+            let mut out = vec![T::zero(); n * dim];
+            for t in 0..n {
+                for tap in 0..taps {
+                    let r = rows[t * taps + tap] as usize;
+                    if r < n {
+                        fma(&mut out[row(r)], &b[row(tap)], &a[row(t)]);
+                    }
+                }
+            }
+            out
+        }
+        PpegPart::GradKernel => {
+            let mut out = vec![T::zero(); (taps + 1) * dim];
+            for t in 0..n {
+                let g = &b[row(t)];
+                for tap in 0..taps {
+                    let r = rows[t * taps + tap] as usize;
+                    if r < n {
+                        fma(&mut out[row(tap)], g, &a[row(r)]);
+                    }
+                }
+                for (o, g) in out[taps * dim..].iter_mut().zip(g) {
+                    *o += *g;
+                }
+            }
+            out
+        }
+    }
+}
+
+impl CustomOp2 for PpegOp {
+    fn name(&self) -> &'static str {
+        "ppeg"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, dim) = l1.shape().dims2()?;
+        if self.rows.len() != n * PPEG_SIDE * PPEG_SIDE {
+            candle_core::bail!("PPEG: {n} tokens, {} neighbour rows", self.rows.len());
+        }
+        let slice = |l: &Layout| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(a..b),
+            None => Err(candle_core::Error::Msg(
+                "PPEG: non-contiguous operand".into(),
+            )),
+        };
+        let (r1, r2) = (slice(l1)?, slice(l2)?);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(ppeg_kernel(
+                (&a[r1], &b[r2]),
+                &self.rows,
+                (n, dim),
+                self.part,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(ppeg_kernel(
+                (&a[r1], &b[r2]),
+                &self.rows,
+                (n, dim),
+                self.part,
+            )),
+            _ => candle_core::bail!("PPEG: f32 or f64 operands of one dtype"),
+        };
+        let shape = match self.part {
+            PpegPart::GradKernel => Shape::from((PPEG_SIDE * PPEG_SIDE + 1, dim)),
+            _ => Shape::from((n, dim)),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = |part| PpegOp {
+            rows: self.rows.clone(),
+            part,
+        };
+        let gx = grad.apply_op2_no_bwd(kernel, &op(PpegPart::GradInput))?;
+        let gk = x.apply_op2_no_bwd(&grad, &op(PpegPart::GradKernel))?;
+        Ok((Some(gx), Some(gk)))
     }
 }
 
@@ -1164,6 +1353,42 @@ mod tests {
                     got[0],
                     want[0]
                 );
+            }
+        }
+    }
+
+    /// PPEG's CPU kernel and its backward pass equal the gemm formulation (the path off the
+    /// CPU): outputs and the gradients of the tokens and of every weight and bias, in f64, on
+    /// a square and on scattered cells.
+    #[test]
+    fn ppeg_kernel_matches_the_gemm_formulation() {
+        let dev = Device::Cpu;
+        let (_, vars) = model(PpegLayout::Map, 6);
+        let (m, vars64) = to_f64(&vars, PpegLayout::Map, NystromConfig::transmil(DIM));
+        let cells: Vec<(i64, i64)> = scattered(7).iter().map(|c| (c[0], c[1])).collect();
+        for grid in [Neighbours::square(3, 4), Neighbours::cells(&cells).unwrap()] {
+            let n = grid.len();
+            let x: Vec<f64> = (0..n * DIM).map(|v| ((v as f64) * 0.43).sin()).collect();
+            let x = Var::from_tensor(&Tensor::from_vec(x, (n, DIM), &dev).unwrap()).unwrap();
+            let g: Vec<f64> = (0..n * DIM).map(|v| ((v as f64) * 0.71).cos()).collect();
+            let g = Tensor::from_vec(g, (n, DIM), &dev).unwrap();
+            let run = |out: Tensor| {
+                let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut all = vec![out, grads.get(x.as_tensor()).unwrap().clone()];
+                for (name, var) in named_vars(&vars64) {
+                    if name.contains("pos_layer") {
+                        all.push(grads.get(var.as_tensor()).unwrap().clone());
+                    }
+                }
+                all
+            };
+            let direct = run(m.pos_layer.forward(x.as_tensor(), &grid).unwrap());
+            let gemm = run(m.pos_layer.forward_gemm(x.as_tensor(), &grid).unwrap());
+            assert_eq!(direct.len(), 8, "output, input and six parameters");
+            for (a, b) in direct.iter().zip(&gemm) {
+                assert_eq!(a.shape(), b.shape());
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
             }
         }
     }
