@@ -257,7 +257,7 @@ impl MilModel for ClamMil {
 mod tests {
     use super::*;
     use crate::models::reference::{self as r, Params};
-    use crate::models::{build_any, init, ClamDsmilOptions, GlobalPool, ModelConfig, Pooling};
+    use crate::models::{build_any, init, AnyModel, ClamDsmilOptions, ModelConfig, Pooling};
     use crate::train::epochs::total_loss;
     use crate::train::objective::Objective;
     use candle_core::Device;
@@ -269,30 +269,14 @@ mod tests {
         subtyping: bool,
         head_hidden: usize,
     ) -> ModelConfig {
-        ModelConfig {
-            pooling,
-            input_dim: 4,
-            n_classes,
-            head_hidden,
-            dropout: 0.0,
-            sparse_channels: vec![],
-            sparse_kernel: 3,
-            sparse_batch_norm: false,
-            sparse_pool: GlobalPool::Avg,
-            attention_hidden: 0,
-            lse_r: 1.0,
-            instance_encoder: vec![],
-            encoder_dropout: 0.0,
-            standardize: None,
-            clam_dsmil: ClamDsmilOptions {
-                abmil_hidden: 6,
-                abmil_dropout: 0.0,
-                clam_k: 2,
-                clam_bag_weight: 0.7,
-                clam_subtyping: subtyping,
-                dsmil_query: 5,
-            },
-        }
+        let options = ClamDsmilOptions {
+            abmil_hidden: 6,
+            abmil_dropout: 0.0,
+            clam_k: 2,
+            clam_subtyping: subtyping,
+            ..ClamDsmilOptions::DEFAULT
+        };
+        r::config(pooling, n_classes, head_hidden, options)
     }
 
     /// The whole training loss (bag cross-entropy weighted 0.7 plus CLAM's instance loss
@@ -506,5 +490,4 @@ mod tests {
             assert_eq!(w[1][3][c], 0.0);
         }
     }
-    use crate::models::AnyModel;
 }

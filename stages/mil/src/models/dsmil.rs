@@ -144,33 +144,18 @@ impl MilModel for Dsmil {
 mod tests {
     use super::*;
     use crate::models::reference::{self as r, Params};
-    use crate::models::{build_any, init, ClamDsmilOptions, GlobalPool, ModelConfig, Pooling};
+    use crate::models::{build_any, init, AnyModel, ClamDsmilOptions, ModelConfig, Pooling};
     use crate::train::epochs::total_loss;
     use crate::train::objective::Objective;
     use candle_core::Device;
     use candle_nn::VarMap;
 
     fn config(n_classes: usize, head_hidden: usize) -> ModelConfig {
-        ModelConfig {
-            pooling: Pooling::Dsmil,
-            input_dim: 4,
-            n_classes,
-            head_hidden,
-            dropout: 0.0,
-            sparse_channels: vec![],
-            sparse_kernel: 3,
-            sparse_batch_norm: false,
-            sparse_pool: GlobalPool::Avg,
-            attention_hidden: 0,
-            lse_r: 1.0,
-            instance_encoder: vec![],
-            encoder_dropout: 0.0,
-            standardize: None,
-            clam_dsmil: ClamDsmilOptions {
-                dsmil_query: 5,
-                ..ClamDsmilOptions::DEFAULT
-            },
-        }
+        let options = ClamDsmilOptions {
+            dsmil_query: 5,
+            ..ClamDsmilOptions::DEFAULT
+        };
+        r::config(Pooling::Dsmil, n_classes, head_hidden, options)
     }
 
     /// Loss `0.5 CE(bag) + 0.5 CE(max instance)` (mean over bags), logits and every
@@ -225,9 +210,8 @@ mod tests {
         }
     }
 
-    /// Each class's attention is a distribution over the bag that peaks at (or ties with) its
-    /// critical instance, since `q . q_max` is largest for `q = q_max` only up to norms: check
-    /// the distribution and the shape.
+    /// Each class's attention is a distribution over the bag: one `[N_b, C]` matrix per bag
+    /// whose columns sum to 1 (the heatmap's per-class scores).
     #[test]
     fn attention_is_a_distribution_per_class() {
         let dev = Device::Cpu;
@@ -250,5 +234,4 @@ mod tests {
             }
         }
     }
-    use crate::models::AnyModel;
 }

@@ -275,3 +275,30 @@ pub fn assert_gradients_match(
         }
     }
 }
+
+/// A 4-wide model of `pooling` without encoder, standardisation or dropout (so a training
+/// forward pass is deterministic), for the oracle tests.
+pub fn config(
+    pooling: super::Pooling,
+    n_classes: usize,
+    head_hidden: usize,
+    clam_dsmil: super::ClamDsmilOptions,
+) -> super::ModelConfig {
+    super::ModelConfig {
+        pooling,
+        input_dim: 4,
+        n_classes,
+        head_hidden,
+        dropout: 0.0,
+        sparse_channels: vec![],
+        sparse_kernel: 3,
+        sparse_batch_norm: false,
+        sparse_pool: super::GlobalPool::Avg,
+        attention_hidden: 0,
+        lse_r: 1.0,
+        instance_encoder: vec![],
+        encoder_dropout: 0.0,
+        standardize: None,
+        clam_dsmil,
+    }
+}
