@@ -371,7 +371,7 @@ impl StageKind for TrainParams {
     const KIND: &'static str = "train";
     const VERSION: &'static str = "1";
     const ABOUT: &'static str =
-        "Trains SparseConvMIL or a MIL baseline (max/mean/LSE, attention, ABMIL, CLAM, DSMIL) on per-epoch bags; writes checkpoints and train_log.json, emits val/test predictions";
+        "Trains SparseConvMIL or a MIL baseline (max/mean/LSE, attention, ABMIL, CLAM, DSMIL, TransMIL) on per-epoch bags; writes checkpoints and train_log.json, emits val/test predictions";
 
     fn input_spec(&self) -> InputSpec {
         // The instances (embeddings, or pixels with finetune_embedder) are checked by
