@@ -352,6 +352,7 @@ fn embedders_on_gpu_match_the_cpu_path() {
             preprocess: Preprocess::default(),
             pooling: VitPooling::Cls,
             compute: ComputeDtype::F32,
+            preset: None,
         };
         let cpu = load_embedder(&spec, &Device::Cpu).expect("cpu model");
         let want = values(&cpu.embed(&refs, px).expect("cpu embed"));
