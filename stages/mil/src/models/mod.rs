@@ -464,11 +464,21 @@ fn build_pooling(config: &ModelConfig, vb: &VarBuilder) -> candle_core::Result<A
                 vb,
             )?)
         }
+        // DSMIL's bag classifier is its own linear map of the per-class representation (the
+        // paper's `Conv1d(C, C, kernel D)`), whatever `head_hidden` says: with the shared
+        // hidden layer on top of the C x D representation it failed to learn the six-class
+        // presence task at the default learning rate (docs/defaults-study.md).
         Pooling::Dsmil => AnyModel::Dsmil(dsmil::Dsmil::new(
             c.input_dim,
             c.clam_dsmil.dsmil_query,
             c.n_classes,
-            head(dsmil::Dsmil::head_width(c.input_dim, c.n_classes))?,
+            head_for(
+                dsmil::Dsmil::head_width(c.input_dim, c.n_classes),
+                0,
+                c.n_classes,
+                c.dropout,
+                vb,
+            )?,
             vb,
         )?),
         Pooling::Transmil | Pooling::TransmilMap => {
@@ -603,12 +613,18 @@ mod tests {
                     _ => (0, width),
                 };
                 let c = config(pooling, encoder.clone()).parameter_counts().unwrap();
+                // DSMIL's bag classifier: one linear map of C x width, no hidden layer.
+                let head = if pooling == Pooling::Dsmil {
+                    lin(head_in, 3)
+                } else {
+                    head(head_in)
+                };
                 let expected = ParameterCounts {
                     encoder: enc,
                     pooling: pool,
-                    head: head(head_in),
+                    head,
                     embedder: 0,
-                    total: enc + pool + head(head_in),
+                    total: enc + pool + head,
                 };
                 assert_eq!(c, expected, "{} with encoder {encoder:?}", pooling.name());
             }

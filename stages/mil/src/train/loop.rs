@@ -212,6 +212,11 @@ impl Trainer {
         self
     }
 
+    /// The validation quantity selecting the best epoch, `auto` resolved for the task.
+    pub fn monitor(&self) -> Monitor {
+        self.config.monitor.for_task(self.objective.task())
+    }
+
     /// What the outputs are trained for.
     pub fn objective(&self) -> &Objective {
         &self.objective
@@ -579,13 +584,13 @@ impl Trainer {
         let improved = if val.is_empty() {
             true
         } else {
-            self.config.monitor.improves(&record, self.best.as_ref())
+            self.monitor().improves(&record, self.best.as_ref())
         };
         record.best = improved;
         if improved {
             self.best = Some(BestRecord {
                 epoch,
-                value: self.config.monitor.value(&record),
+                value: self.monitor().value(&record),
                 loss: record.val_loss,
             });
             self.best_weights = Some(self.snapshot()?);
@@ -820,7 +825,7 @@ impl Trainer {
             stage: stage.to_string(),
             pooling: self.model_config.pooling.name().to_string(),
             classes: self.classes.clone(),
-            monitor: self.config.monitor,
+            monitor: self.monitor(),
             epochs: self.records.clone(),
             best: self.best.clone(),
             stopped: if self.stopped_early {

@@ -99,7 +99,8 @@ pub struct TrainParams {
     /// instance_lse / lse: sharpness r of `(1/r) log mean exp(r x)`.
     pub lse_r: f64,
     /// Hidden units of the classifier head shared by every model (0: one linear layer).
-    /// The original SparseConvMIL head has 32.
+    /// The original SparseConvMIL head has 32. DSMIL keeps its own linear bag classifier
+    /// (its per-class representation is already C x D wide).
     pub head_hidden: usize,
     /// Widths of the instance encoder every model shares (per layer Linear + ReLU, then
     /// `encoder_dropout`), applied to each instance before the pooling (for sparseconvmil
@@ -136,15 +137,19 @@ pub struct TrainParams {
     /// Weight the cross-entropy by inverse class frequency of the training slides
     /// (classification only).
     pub class_weighted: bool,
-    /// What selects the best checkpoint and drives early stopping: `val_loss` (every task),
-    /// `val_auc` or `val_balanced_accuracy` (classification), `val_c_index` (survival:
+    /// What selects the best checkpoint and drives early stopping: `auto` (default: the
+    /// task's own, `val_c_index` for survival, `val_loss` otherwise), `val_loss` (every
+    /// task), `val_auc` or `val_balanced_accuracy` (classification), `val_c_index` (survival:
     /// Harrell's C-index of the validation slides).
     pub monitor: Monitor,
-    /// `task: survival`: `nll`, the discrete-time negative log-likelihood over
-    /// `survival_bins` bins at the quantiles of the uncensored training times (Zadeh &
-    /// Schmid 2021, as Patch-GCN / PORPOISE; the model has `survival_bins` outputs, risk =
-    /// -sum of the survival curve), or `cox`, the Cox partial likelihood with Breslow ties on
-    /// one output, risk sets within each batch of `batch_size` slides (raise it for Cox).
+    /// `task: survival`: `cox` (default), the Cox partial likelihood with Breslow ties on
+    /// one output, risk sets within each batch of `batch_size` slides (a larger batch
+    /// approximates the cohort's likelihood better), or `nll`, the discrete-time negative
+    /// log-likelihood over `survival_bins` bins at the quantiles of the uncensored training
+    /// times (Zadeh & Schmid 2021, as Patch-GCN / PORPOISE; the model has `survival_bins`
+    /// outputs, risk = -sum of the survival curve). The default is the one that let every
+    /// model rank the non-spatial survival cohorts of docs/defaults-study.md; with `nll`
+    /// the attention models overfit it and stayed near chance.
     pub survival_loss: SurvivalLoss,
     /// `task: survival`, `nll`: number of discrete time bins (Patch-GCN: 4).
     pub survival_bins: usize,
@@ -212,8 +217,8 @@ impl Default for TrainParams {
             weight_decay: DEFAULT_WEIGHT_DECAY,
             batch_size: 2,
             class_weighted: false,
-            monitor: Monitor::ValLoss,
-            survival_loss: SurvivalLoss::Nll,
+            monitor: Monitor::Auto,
+            survival_loss: SurvivalLoss::Cox,
             survival_bins: 4,
             survival_alpha: 0.0,
             regression_loss: RegressionLoss::Mse,

@@ -42,9 +42,10 @@ pub const NLL_EPS: f64 = 1e-7;
 pub enum SurvivalLoss {
     /// Discrete-time negative log-likelihood over `survival_bins` time bins (Patch-GCN,
     /// PORPOISE).
-    #[default]
     Nll,
-    /// Cox partial likelihood (Breslow ties) of one output, risk sets within each batch.
+    /// Cox partial likelihood (Breslow ties) of one output, risk sets within each batch (the
+    /// default: see `TrainParams::survival_loss`).
+    #[default]
     Cox,
 }
 
@@ -72,7 +73,7 @@ pub struct ObjectiveConfig {
 impl Default for ObjectiveConfig {
     fn default() -> Self {
         ObjectiveConfig {
-            survival_loss: SurvivalLoss::Nll,
+            survival_loss: SurvivalLoss::Cox,
             survival_bins: 4,
             survival_alpha: 0.0,
             regression_loss: RegressionLoss::Mse,
@@ -741,6 +742,7 @@ mod tests {
             targets.insert(id.to_string(), SlideTarget::Survival { time, event });
         }
         let config = ObjectiveConfig {
+            survival_loss: SurvivalLoss::Nll,
             survival_bins: 2,
             ..Default::default()
         };
@@ -783,13 +785,11 @@ mod tests {
         }
         let ids: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
         let train: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let o = Objective::fit(
-            Task::Survival,
-            &ObjectiveConfig::default(),
-            &targets,
-            &train,
-        )
-        .unwrap();
+        let nll = ObjectiveConfig {
+            survival_loss: SurvivalLoss::Nll,
+            ..Default::default()
+        };
+        let o = Objective::fit(Task::Survival, &nll, &targets, &train).unwrap();
         // Events 1..5 (s6 is not training, s5 is censored): quartiles 2, 3, 4.
         let Objective::Survival { cuts, .. } = &o else {
             panic!()

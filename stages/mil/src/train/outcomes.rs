@@ -33,10 +33,22 @@ pub enum OutcomeKind {
     Regression,
 }
 
+/// What drives the outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeDriver {
+    /// The size `k` of the blob among a fixed number of positives (spatial: only a model that
+    /// sees neighbourhoods can rank the slides).
+    Arrangement,
+    /// The number `k` of positives, all scattered (not spatial: any MIL model that counts
+    /// positives can rank the slides; the control of the spatial cohorts).
+    Count,
+}
+
 /// Shape of a synthetic outcome cohort.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutcomeConfig {
     pub kind: OutcomeKind,
+    pub driver: OutcomeDriver,
     pub n_slides: usize,
     /// Tiles per slide (the first `tiles` cells of the smallest square grid, row-major).
     pub tiles: usize,
@@ -62,6 +74,7 @@ impl OutcomeConfig {
     pub fn new(kind: OutcomeKind, n_slides: usize, seed: u64) -> Self {
         OutcomeConfig {
             kind,
+            driver: OutcomeDriver::Arrangement,
             n_slides,
             tiles: 36,
             dim: 16,
@@ -81,7 +94,8 @@ impl OutcomeConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutcomeSlide {
     pub slide: SyntheticSlide,
-    /// Positives in the blob.
+    /// What drives the outcome: positives in the blob ([`OutcomeDriver::Arrangement`]) or
+    /// positives in the slide ([`OutcomeDriver::Count`]).
     pub blob: usize,
     /// Survival: (time, event); regression: `None`.
     pub survival: Option<(f64, bool)>,
@@ -146,7 +160,11 @@ pub fn outcome_slides(config: &OutcomeConfig) -> Result<Vec<OutcomeSlide>, Synth
             let slide_id = format!("{prefix}_{s:0width$}");
             let mut rng = stream_rng(c.seed, "outcome-slide", None, &slide_id);
             let k = 1 + s % c.positives;
-            let chosen = mixed(&tissue, k, c.positives, &mut rng).ok_or_else(|| {
+            let (blob_size, n_positive) = match c.driver {
+                OutcomeDriver::Arrangement => (k, c.positives),
+                OutcomeDriver::Count => (1, k),
+            };
+            let chosen = mixed(&tissue, blob_size, n_positive, &mut rng).ok_or_else(|| {
                 SyntheticError::Config(format!(
                     "could not place {} positives in {slide_id}",
                     c.positives
@@ -240,6 +258,31 @@ pub fn write_outcomes(dir: &Path, config: &OutcomeConfig) -> Result<(), Syntheti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_cohorts_scatter_k_positives() {
+        let config = OutcomeConfig {
+            driver: OutcomeDriver::Count,
+            ..OutcomeConfig::new(OutcomeKind::Survival, 24, 3)
+        };
+        let slides = outcome_slides(&config).unwrap();
+        for s in &slides {
+            let cells: Vec<[i64; 2]> = s
+                .slide
+                .cells
+                .iter()
+                .zip(&s.slide.positive)
+                .filter(|(_, &p)| p)
+                .map(|(c, _)| *c)
+                .collect();
+            assert_eq!(cells.len(), s.blob);
+            for (i, a) in cells.iter().enumerate() {
+                for b in &cells[i + 1..] {
+                    assert!((a[0] - b[0]).abs() > 1 || (a[1] - b[1]).abs() > 1);
+                }
+            }
+        }
+    }
 
     #[test]
     fn blobs_have_the_asked_size_and_outcomes_follow_them() {

@@ -43,8 +43,12 @@ pub struct EpochRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Monitor {
-    /// Validation cross-entropy (lower is better).
+    /// The task's own ([`Monitor::for_task`]): `val_loss` for classification and regression,
+    /// `val_c_index` for survival, whose validation NLL rises as the model overfits its
+    /// calibration while its ranking still improves (docs/defaults-study.md).
     #[default]
+    Auto,
+    /// Validation loss (lower is better).
     ValLoss,
     /// Validation macro ROC AUC (higher is better; ties broken by lower loss).
     ValAuc,
@@ -66,10 +70,20 @@ pub struct BestRecord {
 }
 
 impl Monitor {
-    /// The monitored value of `record`, `None` without validation data.
+    /// What `auto` means for `task`; any other monitor is itself.
+    pub fn for_task(self, task: tessera_pipeline::Task) -> Monitor {
+        match (self, task) {
+            (Monitor::Auto, tessera_pipeline::Task::Survival) => Monitor::ValCIndex,
+            (Monitor::Auto, _) => Monitor::ValLoss,
+            (m, _) => m,
+        }
+    }
+
+    /// The monitored value of `record`, `None` without validation data (`auto`, not resolved
+    /// with [`Monitor::for_task`]: the loss).
     pub fn value(self, record: &EpochRecord) -> Option<f64> {
         match self {
-            Monitor::ValLoss => record.val_loss,
+            Monitor::Auto | Monitor::ValLoss => record.val_loss,
             Monitor::ValAuc => record.val_auc,
             Monitor::ValBalancedAccuracy => record.val_balanced_accuracy,
             Monitor::ValCIndex => record.val_c_index,
@@ -90,7 +104,7 @@ impl Monitor {
         let loss = record.val_loss.unwrap_or(f64::INFINITY);
         let best_loss = best.and_then(|b| b.loss).unwrap_or(f64::INFINITY);
         match self {
-            Monitor::ValLoss => value < best_value,
+            Monitor::Auto | Monitor::ValLoss => value < best_value,
             Monitor::ValAuc | Monitor::ValBalancedAccuracy | Monitor::ValCIndex => {
                 value > best_value || (value == best_value && loss < best_loss)
             }
