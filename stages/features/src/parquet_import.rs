@@ -6,7 +6,7 @@
 //! per slide. For files holding several slides, an index of which row groups hold which slide
 //! is made once when the stage starts, so each slide reads only its own row groups.
 
-use crate::error::{EmbedError, EmbedResult};
+use crate::error::{FeaturesError, FeaturesResult};
 use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow::compute::kernels::cmp::eq;
 use arrow::compute::{cast, filter_record_batch};
@@ -61,7 +61,7 @@ impl Layout {
     }
 
     /// Every Parquet file this layout names now (a pattern: those matching it in its folder).
-    pub fn files(&self) -> EmbedResult<Vec<PathBuf>> {
+    pub fn files(&self) -> FeaturesResult<Vec<PathBuf>> {
         match self {
             Layout::File(p) => Ok(vec![p.clone()]),
             Layout::Folder(dir) => {
@@ -108,8 +108,8 @@ impl Layout {
     }
 }
 
-fn list_dir(dir: &Path) -> EmbedResult<Vec<PathBuf>> {
-    let err = |e: std::io::Error| EmbedError::Features {
+fn list_dir(dir: &Path) -> FeaturesResult<Vec<PathBuf>> {
+    let err = |e: std::io::Error| FeaturesError::File {
         path: dir.to_path_buf(),
         message: e.to_string(),
     };
@@ -119,14 +119,14 @@ fn list_dir(dir: &Path) -> EmbedResult<Vec<PathBuf>> {
         .collect()
 }
 
-pub(crate) fn features_err(path: &Path, message: impl Into<String>) -> EmbedError {
-    EmbedError::Features {
+pub(crate) fn features_err(path: &Path, message: impl Into<String>) -> FeaturesError {
+    FeaturesError::File {
         path: path.to_path_buf(),
         message: message.into(),
     }
 }
 
-fn open(path: &Path) -> EmbedResult<ParquetRecordBatchReaderBuilder<File>> {
+fn open(path: &Path) -> FeaturesResult<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| features_err(path, e.to_string()))?;
     ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| features_err(path, format!("not a readable Parquet file: {e}")))
@@ -134,7 +134,7 @@ fn open(path: &Path) -> EmbedResult<ParquetRecordBatchReaderBuilder<File>> {
 
 /// Checks a file's columns and returns the output schema they map to: the tile keys and
 /// `embedding` as `FixedSizeList<Float32 | Float16, D>`.
-pub fn probe_schema(path: &Path) -> EmbedResult<SchemaRef> {
+pub fn probe_schema(path: &Path) -> FeaturesResult<SchemaRef> {
     let builder = open(path)?;
     let schema = builder.schema().clone();
     let field = |name: &str| {
@@ -205,7 +205,7 @@ pub fn probe_schema(path: &Path) -> EmbedResult<SchemaRef> {
 fn first_list_len(
     builder: ParquetRecordBatchReaderBuilder<File>,
     path: &Path,
-) -> EmbedResult<Option<usize>> {
+) -> FeaturesResult<Option<usize>> {
     let mask = ProjectionMask::columns(builder.parquet_schema(), [EMBEDDING]);
     let reader = builder
         .with_projection(mask)
@@ -249,7 +249,7 @@ fn first_list_len(
 type SlideIndex = HashMap<String, Vec<(PathBuf, Vec<usize>)>>;
 
 /// Reads only the `slide_id` column of each row group of `files`.
-fn index_slides(files: &[PathBuf]) -> EmbedResult<SlideIndex> {
+fn index_slides(files: &[PathBuf]) -> FeaturesResult<SlideIndex> {
     let mut index: SlideIndex = HashMap::new();
     for path in files {
         let builder = open(path)?;
@@ -290,7 +290,7 @@ pub fn read_slide_rows(
     row_groups: Option<Vec<usize>>,
     slide_id: &str,
     schema: &SchemaRef,
-) -> EmbedResult<Vec<RecordBatch>> {
+) -> FeaturesResult<Vec<RecordBatch>> {
     let builder = open(path)?;
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     for name in &names {
@@ -314,7 +314,7 @@ pub fn read_slide_rows(
             .fields()
             .iter()
             .map(|f| convert_column(path, &batch, f))
-            .collect::<EmbedResult<Vec<ArrayRef>>>()?;
+            .collect::<FeaturesResult<Vec<ArrayRef>>>()?;
         let batch = RecordBatch::try_new(schema.clone(), columns)
             .map_err(|e| features_err(path, e.to_string()))?;
         let keep = eq(batch.column(0), &wanted)?;
@@ -327,7 +327,7 @@ pub fn read_slide_rows(
 }
 
 /// Casts one file column to the output field's type, naming the file and column on failure.
-fn convert_column(path: &Path, batch: &RecordBatch, field: &Field) -> EmbedResult<ArrayRef> {
+fn convert_column(path: &Path, batch: &RecordBatch, field: &Field) -> FeaturesResult<ArrayRef> {
     let name = field.name();
     let col = batch
         .column_by_name(name)
@@ -464,8 +464,8 @@ impl StageKind for FeaturesParams {
 /// experiment's.
 pub(crate) fn first_readable<T>(
     files: &[PathBuf],
-    probe: impl Fn(&Path) -> EmbedResult<T>,
-) -> Option<EmbedResult<T>> {
+    probe: impl Fn(&Path) -> FeaturesResult<T>,
+) -> Option<FeaturesResult<T>> {
     let mut first_error = None;
     for f in files {
         match probe(f) {
@@ -500,7 +500,7 @@ struct FeaturesStage {
 }
 
 impl FeaturesStage {
-    fn rows_of(&self, slide_id: &str) -> EmbedResult<Vec<RecordBatch>> {
+    fn rows_of(&self, slide_id: &str) -> FeaturesResult<Vec<RecordBatch>> {
         if let Some(path) = self.layout.slide_file(slide_id) {
             if !path.is_file() {
                 return Err(features_err(

@@ -8,7 +8,7 @@
 //! `coords`: `patch_size_level0` (TRIDENT), else `patch_size` when `patch_level` is 0 (CLAM at
 //! level 0); otherwise the `tile_size` parameter must say it.
 
-use crate::error::EmbedResult;
+use crate::error::FeaturesResult;
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
@@ -21,7 +21,9 @@ use tessera_pipeline::{
     StageResult,
 };
 
-use crate::features::{features_err, files_salt, first_readable, Layout, SLIDE_ID_PLACEHOLDER};
+use crate::parquet_import::{
+    features_err, files_salt, first_readable, Layout, SLIDE_ID_PLACEHOLDER,
+};
 
 /// Rows per emitted batch: bounded memory for slides with 100k tiles.
 const ROWS_PER_BATCH: usize = 8192;
@@ -96,7 +98,7 @@ impl H5FeaturesParams {
     }
 
     /// Shape of the features dataset: `(N, D)`, accepting `[1, N, D]`.
-    fn rows_and_dim(&self, path: &Path, shape: &[usize]) -> EmbedResult<(usize, usize)> {
+    fn rows_and_dim(&self, path: &Path, shape: &[usize]) -> FeaturesResult<(usize, usize)> {
         match shape {
             [n, d] => Ok((*n, *d)),
             [1, n, d] => Ok((*n, *d)),
@@ -111,7 +113,7 @@ impl H5FeaturesParams {
     }
 
     /// The embedding width of one file, without reading its values.
-    pub fn probe_dim(&self, path: &Path) -> EmbedResult<usize> {
+    pub fn probe_dim(&self, path: &Path) -> FeaturesResult<usize> {
         let file = open(path)?;
         let ds = dataset(&file, path, &self.features_dataset)?;
         let (_, dim) = self.rows_and_dim(path, &ds.shape())?;
@@ -125,7 +127,7 @@ impl H5FeaturesParams {
     }
 
     /// Reads one slide's file whole, checking shapes, values and the tile size.
-    pub fn read(&self, path: &Path) -> EmbedResult<H5Slide> {
+    pub fn read(&self, path: &Path) -> FeaturesResult<H5Slide> {
         let file = open(path)?;
         let feats = dataset(&file, path, &self.features_dataset)?;
         let (n, dim) = self.rows_and_dim(path, &feats.shape())?;
@@ -191,11 +193,11 @@ impl H5FeaturesParams {
     }
 }
 
-fn open(path: &Path) -> EmbedResult<hdf5::File> {
+fn open(path: &Path) -> FeaturesResult<hdf5::File> {
     hdf5::File::open(path).map_err(|e| features_err(path, format!("not a readable HDF5 file: {e}")))
 }
 
-fn dataset(file: &hdf5::File, path: &Path, name: &str) -> EmbedResult<hdf5::Dataset> {
+fn dataset(file: &hdf5::File, path: &Path, name: &str) -> FeaturesResult<hdf5::Dataset> {
     file.dataset(name).map_err(|_| {
         let found = file.member_names().unwrap_or_default();
         features_err(
@@ -304,7 +306,7 @@ struct H5FeaturesStage {
 
 impl H5FeaturesStage {
     /// One slide's rows as batches of the output schema.
-    fn batches_of(&self, slide_id: &str) -> EmbedResult<Vec<RecordBatch>> {
+    fn batches_of(&self, slide_id: &str) -> FeaturesResult<Vec<RecordBatch>> {
         let path = slide_file(&self.pattern, slide_id);
         if !path.is_file() {
             return Err(features_err(
