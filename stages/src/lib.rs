@@ -15,6 +15,8 @@ pub fn register_builtins(registry: &mut Registry) -> &mut Registry {
     registry.register::<tessera_embed::EmbedParams>();
     registry.register::<tessera_features::FeaturesParams>();
     registry.register::<tessera_features::H5FeaturesParams>();
+    registry.register::<tessera_features::SlideflowParams>();
+    registry.register_exporter("trident", tessera_features::export::trident_exporter);
     registry.register::<tessera_mil::SampleParams>();
     registry.register::<tessera_mil::SparseMapParams>();
     registry.register::<tessera_mil::AugmentParams>();

@@ -106,6 +106,7 @@ fn write_batch(path: &Path, batch: RecordBatch) {
 fn features(path: &Path) -> FeaturesParams {
     FeaturesParams {
         path: path.to_string_lossy().into_owned(),
+        ..Default::default()
     }
 }
 
@@ -177,6 +178,7 @@ fn features_reads_a_folder_and_a_slide_id_pattern() {
     assert_eq!((out.rows_of("s1"), out.rows_of("s2")), (2, 1));
     let pattern = FeaturesParams {
         path: format!("{}/{{slide_id}}.parquet", folder.display()),
+        ..Default::default()
     };
     let out = Harness::new(slides, dir.path().join("r2"))
         .run(pattern.clone())
@@ -310,4 +312,147 @@ fn features_accepts_variable_lists_of_doubles_as_written_by_pandas() {
         .flat_map(|(_, b)| embeddings_of(b))
         .collect();
     assert_eq!(all, vec![vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]]);
+}
+
+/// Writes `rows` in row groups of `group` rows.
+fn write_grouped(path: &Path, rows: &[(&str, i64)], dim: usize, group: usize) {
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(group))
+        .build();
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("t.parquet");
+    write_features(&tmp, rows, dim);
+    let batch = {
+        let file = std::fs::File::open(&tmp).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    };
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// Slide `s{i}` has `counts[i]` rows, x = 100 * i + row.
+fn cohort(counts: &[usize]) -> (Vec<String>, Vec<(String, i64)>) {
+    let ids: Vec<String> = (0..counts.len()).map(|i| format!("s{i}")).collect();
+    let rows = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| (0..n).map(move |r| (format!("s{i}"), 100 * i as i64 + r as i64)))
+        .collect();
+    (ids, rows)
+}
+
+fn xs_of(out: &tessera_pipeline::testing::HarnessOutput, id: &str) -> Vec<i64> {
+    out.batches
+        .iter()
+        .filter(|(s, _)| s == id)
+        .flat_map(|(_, b)| {
+            b.column_by_name("x")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn stream_detail(out: &tessera_pipeline::testing::HarnessOutput, key: &str) -> u64 {
+    out.report
+        .as_ref()
+        .unwrap()
+        .stage("features")
+        .unwrap()
+        .details["parquet_stream"][key]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn features_streams_each_row_group_once_whatever_the_slides_per_group() {
+    let dir = tempfile::tempdir().unwrap();
+    // 7 slides of 1..9 rows in row groups of 4: many slides per group, and slides over
+    // several groups.
+    let counts = [3, 9, 1, 1, 6, 2, 5];
+    let (ids, rows) = cohort(&counts);
+    let rows: Vec<(&str, i64)> = rows.iter().map(|(s, x)| (s.as_str(), *x)).collect();
+    let file = dir.path().join("c.parquet");
+    write_grouped(&file, &rows, 3, 4);
+    let groups = rows.len().div_ceil(4) as u64;
+    let specs: Vec<(&str, Option<&str>, Option<&str>)> =
+        ids.iter().map(|s| (s.as_str(), None, None)).collect();
+    let out = Harness::new(test_slides(&specs), dir.path().join("r"))
+        .run(features(&file))
+        .unwrap();
+    for (i, &n) in counts.iter().enumerate() {
+        let want: Vec<i64> = (0..n as i64).map(|r| 100 * i as i64 + r).collect();
+        assert_eq!(xs_of(&out, &format!("s{i}")), want, "slide s{i}");
+    }
+    assert_eq!(stream_detail(&out, "streamed_row_groups"), groups);
+    assert_eq!(stream_detail(&out, "reread_slides"), 0);
+    // The embeddings are the file's, row for row.
+    let s1: Vec<Vec<f32>> = out
+        .batches
+        .iter()
+        .filter(|(s, _)| s == "s1")
+        .flat_map(|(_, b)| embeddings_of(b))
+        .collect();
+    assert_eq!(s1[8], vec![108.0, 108.1, 108.2]);
+}
+
+#[test]
+fn features_out_of_file_order_holds_slides_within_the_buffer_or_rereads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let counts = [2, 5, 3, 4];
+    let (_, rows) = cohort(&counts);
+    let rows: Vec<(&str, i64)> = rows.iter().map(|(s, x)| (s.as_str(), *x)).collect();
+    let file = dir.path().join("c.parquet");
+    write_grouped(&file, &rows, 2, 3);
+    // The dataset lists the slides backwards, and one the file does not hold.
+    let slides = test_slides(&[
+        ("s3", None, None),
+        ("s2", None, None),
+        ("nope", None, None),
+        ("s1", None, None),
+        ("s0", None, None),
+    ]);
+    for (buffer_mb, rereads) in [(1024, 0), (0, 3)] {
+        let params = FeaturesParams {
+            buffer_mb,
+            ..features(&file)
+        };
+        let out = Harness::new(slides.clone(), dir.path().join(format!("r{buffer_mb}")))
+            .run(params)
+            .unwrap();
+        for (i, &n) in counts.iter().enumerate() {
+            let want: Vec<i64> = (0..n as i64).map(|r| 100 * i as i64 + r).collect();
+            assert_eq!(
+                xs_of(&out, &format!("s{i}")),
+                want,
+                "buffer {buffer_mb}: s{i}"
+            );
+        }
+        // With no buffer, every slide read before it was asked for is read again on its own.
+        assert_eq!(
+            stream_detail(&out, "reread_slides"),
+            rereads,
+            "buffer {buffer_mb}"
+        );
+        let errors = format!(
+            "{:?}",
+            out.report.unwrap().stage("features").unwrap().errors
+        );
+        assert!(errors.contains("no rows for slide `nope`"), "{errors}");
+    }
 }
