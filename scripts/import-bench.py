@@ -15,7 +15,7 @@ pattern; and one TRIDENT h5 per slide. For each, prints the seconds of the refer
 (pyarrow `read_table` of everything, h5py reading every file's datasets) and of
 `tessera run` with the source stage alone (wall clock of the process, so index, schema
 probing and start-up are included). With `--memory`, runs features -> sample -> sparse_map ->
-train (SparseConvMIL, 2 epochs, K = 100) under `/usr/bin/time -v` and prints peak RSS next to
+train (SparseConvMIL, 2 epochs, K = 100, `downsample: 1`: one cell per tile) under `/usr/bin/time -v` and prints peak RSS next to
 the embeddings' bytes.
 """
 
@@ -120,7 +120,7 @@ def experiment(root, name, source, train, spill=False):
     if train:
         text += ("  sample:\n    kind: sample\n    inputs: [features]\n    params:\n"
                  f"      tiles_per_slide: 100\n      spill_to_disk: {'true' if spill else 'false'}\n"
-                 "  sparse_map:\n    kind: sparse_map\n    inputs: [sample]\n"
+                 "  sparse_map:\n    kind: sparse_map\n    inputs: [sample]\n    params:\n      downsample: 1\n"
                  "  train:\n    kind: train\n    inputs: [sparse_map]\n    params:\n"
                  "      pooling: sparseconvmil\n      epochs: 2\n")
     p = root / f"{name}.yaml"
@@ -152,6 +152,7 @@ def main():
     ap.add_argument("--memory", action="store_true", help="also peak RSS of 2 training epochs")
     ap.add_argument("--keep", action="store_true", help="reuse the cohort files if present")
     ap.add_argument("--write-only", action="store_true", help="write the cohort files and stop")
+    ap.add_argument("--skip-import", action="store_true", help="only the --memory runs")
     args = ap.parse_args()
     root = args.dir.resolve() / str(args.slides)
     if not (args.keep and (root / "dataset.csv").exists()):
@@ -173,7 +174,7 @@ def main():
     print(f"| layout | reference s | tessera s | ratio |")
     print(f"|---|---:|---:|---:|")
     results = []
-    for label, kind, path in layouts:
+    for label, kind, path in [] if args.skip_import else layouts:
         ref = reference_seconds(kind, path, args.slides)
         name = f"import-{kind}-{path.name}"
         secs, _ = tessera_run(args.tessera, experiment(root, name, source_yaml(kind, path), False))

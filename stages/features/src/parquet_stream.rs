@@ -11,8 +11,8 @@
 
 use crate::error::FeaturesResult;
 use crate::parquet_import::{convert_batch, features_err, open, read_slide_rows};
-use arrow::array::{Array, RecordBatch, StringArray};
-use arrow::compute::{cast, concat_batches};
+use arrow::array::{Array, RecordBatch, StringArray, UInt32Array};
+use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
 use parquet::arrow::ProjectionMask;
@@ -320,9 +320,10 @@ impl SlideStream {
             let id = ids.value(start);
             if self.wanted.contains_key(id) || id == asked {
                 if !self.dropped.contains(id) {
-                    // A copy, so that the buffer holds only this slide's rows, not the batch.
-                    let part = batch.slice(start, end - start);
-                    let part = concat_batches(&self.schema, [&part])?;
+                    // A copy (`take`; a slice, or concatenating one slice, would share the
+                    // whole decoded batch), so that the slide owns only its own rows.
+                    let rows = UInt32Array::from_iter_values(start as u32..end as u32);
+                    let part = take_record_batch(&batch, &rows)?;
                     let bytes = part.get_array_memory_size();
                     let g = self.gathered.entry(id.to_string()).or_default();
                     g.rows += part.num_rows();
