@@ -31,7 +31,7 @@ fn rows(path: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for b in reader {
         let b = b.unwrap();
-        let text = arrow::util::pretty::pretty_format_batches(&[b.clone()])
+        let text = arrow::util::pretty::pretty_format_batches(std::slice::from_ref(&b))
             .unwrap()
             .to_string();
         out.extend(

@@ -318,19 +318,17 @@ impl SlideStream {
         while start < ids.len() {
             let end = run_end(&ids, start);
             let id = ids.value(start);
-            if self.wanted.contains_key(id) || id == asked {
-                if !self.dropped.contains(id) {
-                    // A copy (`take`; a slice, or concatenating one slice, would share the
-                    // whole decoded batch), so that the slide owns only its own rows.
-                    let rows = UInt32Array::from_iter_values(start as u32..end as u32);
-                    let part = take_record_batch(&batch, &rows)?;
-                    let bytes = part.get_array_memory_size();
-                    let g = self.gathered.entry(id.to_string()).or_default();
-                    g.rows += part.num_rows();
-                    g.bytes += bytes;
-                    g.batches.push(part);
-                    self.buffered_bytes += bytes;
-                }
+            if (self.wanted.contains_key(id) || id == asked) && !self.dropped.contains(id) {
+                // A copy (`take`; a slice, or concatenating one slice, would share the whole
+                // decoded batch), so that the slide owns only its own rows.
+                let rows = UInt32Array::from_iter_values(start as u32..end as u32);
+                let part = take_record_batch(&batch, &rows)?;
+                let bytes = part.get_array_memory_size();
+                let g = self.gathered.entry(id.to_string()).or_default();
+                g.rows += part.num_rows();
+                g.bytes += bytes;
+                g.batches.push(part);
+                self.buffered_bytes += bytes;
             }
             start = end;
         }
