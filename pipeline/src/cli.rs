@@ -99,6 +99,24 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Write a cached stage's embeddings for other tools: one TRIDENT-layout `SLIDE_ID.h5` per
+    /// slide (`--h5`) and/or one Parquet file of every slide (`--parquet`). Reads the cache
+    /// only: run the experiment first.
+    Export {
+        experiment: PathBuf,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        sets: Vec<String>,
+        /// The stage whose cached output to export (default: the only cached stage with an
+        /// `embedding` column).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Folder for one `SLIDE_ID.h5` per slide in TRIDENT's layout.
+        #[arg(long)]
+        h5: Option<PathBuf>,
+        /// One Parquet file holding every slide's rows.
+        #[arg(long)]
+        parquet: Option<PathBuf>,
+    },
     /// Print the JSON Schema of experiment files (for editors' YAML language servers).
     Schema,
     /// Draw a run's or a sweep's figures (PNG and SVG into OUT/figures/) and print its
@@ -237,6 +255,19 @@ fn dispatch(command: Command, registry: &Registry) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { out } => crate::sweep::command::report(&out),
+        Command::Export {
+            experiment,
+            sets,
+            stage,
+            h5,
+            parquet,
+        } => {
+            let (exp, graph) =
+                load_and_check(&experiment, &sets, registry).map_err(anyhow::Error::msg)?;
+            let request = crate::export::Request { stage, h5, parquet };
+            crate::export::export(&exp, &graph, registry, &request)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema => {
             println!(
                 "{}",

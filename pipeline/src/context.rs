@@ -237,6 +237,11 @@ impl StageContext {
     pub fn build_context(&self) -> &BuildContext {
         &self.build
     }
+    /// Whether this run has the stage compute `slide` (rather than replay or skip it): a
+    /// source reading many slides from one file keeps only the slides it will be asked for.
+    pub fn computes(&self, slide: &SlideHandle) -> bool {
+        self.run.plan.state(self.shared.index, slide.index) == SlideState::Compute
+    }
 
     /// Drops what was written to the cache for a failed slide and tells consumers.
     pub(crate) fn abort_slide(&mut self, slide: &SlideHandle) {

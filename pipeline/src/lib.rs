@@ -11,6 +11,7 @@ pub mod cache;
 pub mod claim;
 pub mod context;
 pub mod error;
+pub mod export;
 pub mod message;
 pub mod paths;
 pub mod plan;

@@ -145,10 +145,19 @@ pub fn configure_typed<K: StageKind>(params: K) -> Arc<dyn ConfiguredStage> {
     Arc::new(Configured(params))
 }
 
-/// Stage kinds by name.
+/// Writes one slide's cached rows in another tool's file layout into a folder, returning the
+/// file written (`tessera export`); the error names the file.
+pub type SlideExporter = fn(
+    dir: &std::path::Path,
+    slide_id: &str,
+    batches: &[arrow::record_batch::RecordBatch],
+) -> Result<std::path::PathBuf, String>;
+
+/// Stage kinds by name, and the per-slide file layouts `tessera export` can write.
 #[derive(Default, Clone)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynKind>>,
+    exporters: BTreeMap<&'static str, SlideExporter>,
 }
 
 impl Registry {
@@ -174,6 +183,18 @@ impl Registry {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+
+    /// Adds a per-slide file layout for `tessera export --h5`-style outputs (e.g. `trident`),
+    /// kept out of the engine so that it needs no file-format libraries.
+    pub fn register_exporter(&mut self, name: &'static str, f: SlideExporter) -> &mut Self {
+        self.exporters.insert(name, f);
+        self
+    }
+
+    /// The exporter registered as `name`.
+    pub fn exporter(&self, name: &str) -> Option<SlideExporter> {
+        self.exporters.get(name).copied()
     }
 }
 

@@ -589,6 +589,27 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
     Ok(plan.keys.into_iter().flatten().flatten().collect())
 }
 
+/// The cache key of each slide's output of stage `stage` (graph index) in this experiment,
+/// `None` where it cannot be known (for `tessera export`).
+pub fn stage_keys(
+    graph: &Graph,
+    exp: &crate::config::Experiment,
+    stage: usize,
+) -> Result<Vec<Option<String>>, RunError> {
+    let settings = RunSettings::for_experiment(exp, None, false);
+    let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
+    let build_ctx =
+        |stage: usize, worker: usize| build_context(graph, &settings, &slides, stage, worker);
+    let plan = make_plan(
+        graph,
+        &settings,
+        &Cache::new(&settings.cache_dir),
+        &build_ctx,
+        None,
+    )?;
+    Ok(plan.keys.into_iter().nth(stage).unwrap_or_default())
+}
+
 /// The cache entries a run would write: (kind, key) of every slide of every stage with
 /// `cache: true` whose entry is not in the cache yet. Sweeps use it so that two points run
 /// side by side never compute the same entry.

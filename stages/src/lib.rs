@@ -1,6 +1,7 @@
 //! tessera's built-in stages, registered the same way a user's crate registers its own.
 
 pub use tessera_embed as embed;
+pub use tessera_features as features;
 pub use tessera_heatmap as heatmap;
 pub use tessera_mil as mil;
 pub use tessera_sparse as sparse;
@@ -12,8 +13,10 @@ use tessera_pipeline::Registry;
 pub fn register_builtins(registry: &mut Registry) -> &mut Registry {
     registry.register::<tessera_tile::TileParams>();
     registry.register::<tessera_embed::EmbedParams>();
-    registry.register::<tessera_embed::FeaturesParams>();
-    registry.register::<tessera_embed::H5FeaturesParams>();
+    registry.register::<tessera_features::FeaturesParams>();
+    registry.register::<tessera_features::H5FeaturesParams>();
+    registry.register::<tessera_features::SlideflowParams>();
+    registry.register_exporter("trident", tessera_features::export::trident_exporter);
     registry.register::<tessera_mil::SampleParams>();
     registry.register::<tessera_mil::SparseMapParams>();
     registry.register::<tessera_mil::AugmentParams>();

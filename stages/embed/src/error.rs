@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// What went wrong while loading a model, embedding tiles or importing features.
+/// What went wrong while loading a model or embedding tiles.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     /// A tensor operation failed (shape mismatch, missing weight, device error).
@@ -17,9 +17,6 @@ pub enum EmbedError {
     /// Tile pixels did not match what the table says about them.
     #[error("tile row {row}: {message}")]
     Pixels { row: usize, message: String },
-    /// An embeddings Parquet file is unusable (missing column, wrong type, unreadable).
-    #[error("features {path}: {message}")]
-    Features { path: PathBuf, message: String },
     /// Arrow rejected data built from model output.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),

@@ -1,19 +1,15 @@
-//! tessera's tile embedders on candle and the features importer.
+//! tessera's tile embedders on candle.
 //!
 //! - `kind: embed` ([`EmbedParams`]): tiles (`pixels`) to embeddings with a ResNet-18/34/50
 //!   (torchvision names), a DINOv2/timm ViT, or a pathology foundation model by name
 //!   ([`Preset`]: UNI, UNI2-h, Virchow, H-optimus, Prov-GigaPath, Phikon, ...), from a local
 //!   `.safetensors`/`.pth` file or the local Hugging Face cache (`hf:ORG/NAME`).
-//! - `kind: features` ([`FeaturesParams`]): embeddings computed elsewhere, read from Parquet.
-//! - `kind: h5_features` ([`H5FeaturesParams`]): CLAM / TRIDENT per-slide HDF5 feature files.
 //! - [`load_embedder`] / [`TileEmbedder`]: the models, for other stages (fine-tuning).
 
 pub mod columns;
 pub mod embed_stage;
 pub mod embedder;
 pub mod error;
-pub mod features;
-pub mod h5_features;
 pub mod hf_names;
 pub mod preprocess;
 pub mod presets;
@@ -28,8 +24,6 @@ pub use embedder::{
     TileEmbedder,
 };
 pub use error::{EmbedError, EmbedResult};
-pub use features::FeaturesParams;
-pub use h5_features::H5FeaturesParams;
 pub use hf_names::WeightsLayout;
 pub use preprocess::{Preprocess, Resize, ResizeFilter, IMAGENET_MEAN, IMAGENET_STD};
 pub use presets::{Preset, PresetInfo};

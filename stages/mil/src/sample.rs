@@ -181,6 +181,8 @@ impl StageKind for SampleParams {
 struct Bag {
     slide: SlideHandle,
     tiles: RecordBatch,
+    /// The spill mapping `tiles` reads from (`spill_to_disk`).
+    spilled: Option<crate::spill::Spilled>,
     split: Split,
     label: String,
     grid_step: i64,
@@ -219,6 +221,9 @@ impl SampleStage {
         let rows = draw_rows(bag.tiles.num_rows(), self.tiles_for(bag.split), &mut rng);
         let n = rows.len();
         let taken = take_record_batch(&bag.tiles, &UInt32Array::from(rows))?;
+        if let Some(spilled) = &bag.spilled {
+            spilled.release_pages();
+        }
         let schema = sample_schema(&bag.tiles.schema());
         let mut columns: Vec<ArrayRef> = taken.columns().to_vec();
         columns.push(Arc::new(StringArray::from(vec![bag.split.as_str(); n])));
@@ -320,12 +325,18 @@ impl Stage for SampleStage {
             return Ok(());
         }
         let grid_step = Self::grid_step(ctx, slide, &tiles)?;
-        let tiles = match &self.spill_dir {
-            Some(dir) => crate::spill::spill(
-                &tiles,
-                &dir.join(format!("{}-{}.arrow", std::process::id(), slide.index)),
-            )
-            .map_err(MilError::from)?,
+        let spilled = match &self.spill_dir {
+            Some(dir) => Some(
+                crate::spill::spill_mapped(
+                    &tiles,
+                    &dir.join(format!("{}-{}.arrow", std::process::id(), slide.index)),
+                )
+                .map_err(MilError::from)?,
+            ),
+            None => None,
+        };
+        let tiles = match &spilled {
+            Some(s) => s.batch.clone(),
             None => tiles,
         };
         self.bags.insert(
@@ -333,6 +344,7 @@ impl Stage for SampleStage {
             Bag {
                 slide: slide.clone(),
                 tiles,
+                spilled,
                 split,
                 label,
                 grid_step,
@@ -448,6 +460,7 @@ mod tests {
         Bag {
             slide: handle("s1", Some(split)),
             tiles: tile_bag(&coords, 256),
+            spilled: None,
             split,
             label: "tumor".into(),
             grid_step: 256,

@@ -33,9 +33,34 @@ pub enum SpillError {
     },
 }
 
+/// A spilled batch and the mapping it reads from.
+pub struct Spilled {
+    pub batch: RecordBatch,
+    map: Arc<memmap2::Mmap>,
+}
+
+impl Spilled {
+    /// Drops the pages the process has touched from its resident set (they stay in the page
+    /// cache, and are read back on the next access): called after each draw, so that resident
+    /// memory does not grow with the cohort as training visits every slide.
+    pub fn release_pages(&self) {
+        // SAFETY: a read-only shared mapping of an unlinked file nobody writes: after
+        // MADV_DONTNEED the next access reads the same bytes back from the file.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+}
+
 /// Writes `batch` to `path`, maps it, removes the file and returns the batch read zero-copy
 /// from the mapping.
 pub fn spill(batch: &RecordBatch, path: &Path) -> Result<RecordBatch, SpillError> {
+    spill_mapped(batch, path).map(|s| s.batch)
+}
+
+/// [`spill`], keeping a handle on the mapping (see [`Spilled::release_pages`]).
+pub fn spill_mapped(batch: &RecordBatch, path: &Path) -> Result<Spilled, SpillError> {
     let io = |source| SpillError::Io {
         path: path.to_path_buf(),
         source,
@@ -56,11 +81,14 @@ pub fn spill(batch: &RecordBatch, path: &Path) -> Result<RecordBatch, SpillError
     }
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: the file is ours, just written, and unlinked below: nobody can change it.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
     std::fs::remove_file(path).map_err(io)?;
-    let mut batches = decode(map, path)?;
+    let mut batches = decode(map.clone(), path)?;
     match batches.len() {
-        1 => Ok(batches.remove(0)),
+        1 => Ok(Spilled {
+            batch: batches.remove(0),
+            map,
+        }),
         n => Err(SpillError::Format {
             path: path.to_path_buf(),
             message: format!("expected one record batch, found {n}"),
@@ -69,7 +97,7 @@ pub fn spill(batch: &RecordBatch, path: &Path) -> Result<RecordBatch, SpillError
 }
 
 /// The record batches of an IPC file held in `map`, referencing the mapping (no copy).
-fn decode(map: memmap2::Mmap, path: &Path) -> Result<Vec<RecordBatch>, SpillError> {
+fn decode(map: Arc<memmap2::Mmap>, path: &Path) -> Result<Vec<RecordBatch>, SpillError> {
     let format = |message: String| SpillError::Format {
         path: path.to_path_buf(),
         message,
@@ -82,7 +110,7 @@ fn decode(map: memmap2::Mmap, path: &Path) -> Result<Vec<RecordBatch>, SpillErro
     let ptr = NonNull::new(map.as_ptr() as *mut u8).ok_or_else(|| format("empty map".into()))?;
     // SAFETY: `ptr..ptr+len` is the mapping, kept alive by the Arc owner for as long as any
     // buffer slices it.
-    let buffer = unsafe { Buffer::from_custom_allocation(ptr, len, Arc::new(map)) };
+    let buffer = unsafe { Buffer::from_custom_allocation(ptr, len, map) };
     if len < 10 {
         return Err(format(format!(
             "{len} bytes is too short for an Arrow IPC file"

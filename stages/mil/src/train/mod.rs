@@ -613,7 +613,8 @@ struct TrainStage {
     rows: HashMap<usize, BagRows>,
     /// Bags completed in the current epoch.
     epoch_bags: Vec<Bag>,
-    /// The bags of the last epoch trained on (for predictions and for upstreams that stop).
+    /// The bags of the last epoch trained on (for predictions and for upstreams that stop),
+    /// until the next epoch's first bag arrives.
     last_bags: Vec<Bag>,
     /// Every slide received, to end each exactly once.
     seen: BTreeMap<usize, SlideHandle>,
@@ -814,7 +815,14 @@ impl Stage for TrainStage {
             .or_insert_with(|| slide.clone());
         let rows = self.rows.remove(&slide.index).unwrap_or_default();
         match rows.into_bag(&slide.id, &self.classes)? {
-            Some(bag) => self.epoch_bags.push(bag),
+            Some(bag) => {
+                if self.epoch_bags.is_empty() {
+                    // A new epoch has begun: from here on `finish` uses its bags, never the
+                    // last epoch's, so holding both would only double the memory.
+                    self.last_bags = Vec::new();
+                }
+                self.epoch_bags.push(bag)
+            }
             None => ctx.warn(
                 Some(slide),
                 "no instances reached training; the slide is left out",

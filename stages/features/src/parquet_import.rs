@@ -3,10 +3,12 @@
 //! they flow into sampling and training exactly like `embed`'s output.
 //!
 //! `path` is one Parquet file, a folder of them, or a pattern with `{slide_id}` naming one file
-//! per slide. For files holding several slides, an index of which row groups hold which slide
-//! is made once when the stage starts, so each slide reads only its own row groups.
+//! per slide. Files holding several slides are indexed once when the stage starts (from the
+//! `slide_id` column alone) and then decoded once, row group after row group in file order,
+//! each slide handed on as soon as its last row is read ([`crate::parquet_stream`]).
 
-use crate::error::{EmbedError, EmbedResult};
+use crate::error::{FeaturesError, FeaturesResult};
+use crate::parquet_stream::{SlideIndex, SlideStream};
 use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow::compute::kernels::cmp::eq;
 use arrow::compute::{cast, filter_record_batch};
@@ -28,7 +30,7 @@ use tessera_pipeline::{
 pub const SLIDE_ID_PLACEHOLDER: &str = "{slide_id}";
 
 /// Parameters of `kind: features`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeaturesParams {
     /// Where the embeddings are: a Parquet file, a folder of Parquet files, or a pattern such
@@ -36,6 +38,20 @@ pub struct FeaturesParams {
     /// `slide_id` (string), `x`, `y`, `tile_size` (integers, level-0 px) and `embedding`
     /// (fixed-size list, or list of equal lengths, of floats).
     pub path: String,
+    /// MiB of slides read ahead of the dataset's order that may wait in memory. Files are read
+    /// once in their own order; when the dataset CSV lists slides in another order, slides
+    /// read before they are asked for wait here, and past this bound the ones asked for last
+    /// are read again on their own. Does not change the output (not in cache keys).
+    pub buffer_mb: u64,
+}
+
+impl Default for FeaturesParams {
+    fn default() -> Self {
+        FeaturesParams {
+            path: String::new(),
+            buffer_mb: 1024,
+        }
+    }
 }
 
 /// How `path` names the files.
@@ -61,7 +77,7 @@ impl Layout {
     }
 
     /// Every Parquet file this layout names now (a pattern: those matching it in its folder).
-    pub fn files(&self) -> EmbedResult<Vec<PathBuf>> {
+    pub fn files(&self) -> FeaturesResult<Vec<PathBuf>> {
         match self {
             Layout::File(p) => Ok(vec![p.clone()]),
             Layout::Folder(dir) => {
@@ -108,8 +124,8 @@ impl Layout {
     }
 }
 
-fn list_dir(dir: &Path) -> EmbedResult<Vec<PathBuf>> {
-    let err = |e: std::io::Error| EmbedError::Features {
+fn list_dir(dir: &Path) -> FeaturesResult<Vec<PathBuf>> {
+    let err = |e: std::io::Error| FeaturesError::File {
         path: dir.to_path_buf(),
         message: e.to_string(),
     };
@@ -119,14 +135,14 @@ fn list_dir(dir: &Path) -> EmbedResult<Vec<PathBuf>> {
         .collect()
 }
 
-pub(crate) fn features_err(path: &Path, message: impl Into<String>) -> EmbedError {
-    EmbedError::Features {
+pub(crate) fn features_err(path: &Path, message: impl Into<String>) -> FeaturesError {
+    FeaturesError::File {
         path: path.to_path_buf(),
         message: message.into(),
     }
 }
 
-fn open(path: &Path) -> EmbedResult<ParquetRecordBatchReaderBuilder<File>> {
+pub(crate) fn open(path: &Path) -> FeaturesResult<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| features_err(path, e.to_string()))?;
     ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| features_err(path, format!("not a readable Parquet file: {e}")))
@@ -134,7 +150,7 @@ fn open(path: &Path) -> EmbedResult<ParquetRecordBatchReaderBuilder<File>> {
 
 /// Checks a file's columns and returns the output schema they map to: the tile keys and
 /// `embedding` as `FixedSizeList<Float32 | Float16, D>`.
-pub fn probe_schema(path: &Path) -> EmbedResult<SchemaRef> {
+pub fn probe_schema(path: &Path) -> FeaturesResult<SchemaRef> {
     let builder = open(path)?;
     let schema = builder.schema().clone();
     let field = |name: &str| {
@@ -205,7 +221,7 @@ pub fn probe_schema(path: &Path) -> EmbedResult<SchemaRef> {
 fn first_list_len(
     builder: ParquetRecordBatchReaderBuilder<File>,
     path: &Path,
-) -> EmbedResult<Option<usize>> {
+) -> FeaturesResult<Option<usize>> {
     let mask = ProjectionMask::columns(builder.parquet_schema(), [EMBEDDING]);
     let reader = builder
         .with_projection(mask)
@@ -245,44 +261,6 @@ fn first_list_len(
     Ok(None)
 }
 
-/// Which row groups of which files hold each slide.
-type SlideIndex = HashMap<String, Vec<(PathBuf, Vec<usize>)>>;
-
-/// Reads only the `slide_id` column of each row group of `files`.
-fn index_slides(files: &[PathBuf]) -> EmbedResult<SlideIndex> {
-    let mut index: SlideIndex = HashMap::new();
-    for path in files {
-        let builder = open(path)?;
-        let groups = builder.metadata().num_row_groups();
-        for rg in 0..groups {
-            let builder = open(path)?;
-            let mask = ProjectionMask::columns(builder.parquet_schema(), ["slide_id"]);
-            let reader = builder
-                .with_projection(mask)
-                .with_row_groups(vec![rg])
-                .build()
-                .map_err(|e| features_err(path, e.to_string()))?;
-            let mut ids = std::collections::BTreeSet::new();
-            for batch in reader {
-                let batch = batch.map_err(|e| features_err(path, e.to_string()))?;
-                let col = cast(batch.column(0), &DataType::Utf8)
-                    .map_err(|e| features_err(path, format!("column `slide_id`: {e}")))?;
-                if let Some(s) = col.as_any().downcast_ref::<StringArray>() {
-                    ids.extend(s.iter().flatten().map(str::to_string));
-                }
-            }
-            for id in ids {
-                let entry = index.entry(id).or_default();
-                match entry.last_mut() {
-                    Some((p, rgs)) if p == path => rgs.push(rg),
-                    _ => entry.push((path.clone(), vec![rg])),
-                }
-            }
-        }
-    }
-    Ok(index)
-}
-
 /// Reads the rows of `slide_id` from `path` (only `row_groups` when given), converted to
 /// `schema`.
 pub fn read_slide_rows(
@@ -290,7 +268,7 @@ pub fn read_slide_rows(
     row_groups: Option<Vec<usize>>,
     slide_id: &str,
     schema: &SchemaRef,
-) -> EmbedResult<Vec<RecordBatch>> {
+) -> FeaturesResult<Vec<RecordBatch>> {
     let builder = open(path)?;
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     for name in &names {
@@ -310,15 +288,13 @@ pub fn read_slide_rows(
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| features_err(path, e.to_string()))?;
-        let columns = schema
-            .fields()
-            .iter()
-            .map(|f| convert_column(path, &batch, f))
-            .collect::<EmbedResult<Vec<ArrayRef>>>()?;
-        let batch = RecordBatch::try_new(schema.clone(), columns)
-            .map_err(|e| features_err(path, e.to_string()))?;
+        let batch = convert_batch(path, &batch, schema)?;
         let keep = eq(batch.column(0), &wanted)?;
-        let batch = filter_record_batch(&batch, &keep)?;
+        let batch = if keep.true_count() == batch.num_rows() {
+            batch
+        } else {
+            filter_record_batch(&batch, &keep)?
+        };
         if batch.num_rows() > 0 {
             out.push(batch);
         }
@@ -326,8 +302,23 @@ pub fn read_slide_rows(
     Ok(out)
 }
 
+/// A batch of a file's columns converted to `schema` (by name), naming the file and column
+/// on failure.
+pub(crate) fn convert_batch(
+    path: &Path,
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+) -> FeaturesResult<RecordBatch> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| convert_column(path, batch, f))
+        .collect::<FeaturesResult<Vec<ArrayRef>>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| features_err(path, e.to_string()))
+}
+
 /// Casts one file column to the output field's type, naming the file and column on failure.
-fn convert_column(path: &Path, batch: &RecordBatch, field: &Field) -> EmbedResult<ArrayRef> {
+fn convert_column(path: &Path, batch: &RecordBatch, field: &Field) -> FeaturesResult<ArrayRef> {
     let name = field.name();
     let col = batch
         .column_by_name(name)
@@ -432,7 +423,7 @@ impl StageKind for FeaturesParams {
         let index = match layout {
             Layout::Pattern(_) => None,
             _ => Some(
-                index_slides(&files)
+                SlideIndex::build(&files)
                     .map_err(|e| StageError::other("indexing the features files", e))?,
             ),
         };
@@ -440,7 +431,14 @@ impl StageKind for FeaturesParams {
             layout,
             schema,
             index,
+            stream: None,
+            buffer_bytes: usize::try_from(self.buffer_mb.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
         }))
+    }
+
+    fn key_neutral_params() -> &'static [&'static str] {
+        &["buffer_mb"]
     }
 
     fn cache_salt(&self, ctx: &BuildContext) -> StageResult<String> {
@@ -462,10 +460,10 @@ impl StageKind for FeaturesParams {
 /// `probe` of the first file it succeeds on, else the first file's error; `None` without files.
 /// With one file per slide, a broken file is that slide's error when it is read, not the whole
 /// experiment's.
-pub(crate) fn first_readable<T>(
+pub fn first_readable<T>(
     files: &[PathBuf],
-    probe: impl Fn(&Path) -> EmbedResult<T>,
-) -> Option<EmbedResult<T>> {
+    probe: impl Fn(&Path) -> FeaturesResult<T>,
+) -> Option<FeaturesResult<T>> {
     let mut first_error = None;
     for f in files {
         match probe(f) {
@@ -495,12 +493,18 @@ pub(crate) fn files_salt(files: impl IntoIterator<Item = PathBuf>) -> String {
 struct FeaturesStage {
     layout: Layout,
     schema: SchemaRef,
-    /// Row groups per slide, for single files and folders.
+    /// Where each slide's rows are, for single files and folders; taken by the stream when
+    /// the first slide is asked for.
     index: Option<SlideIndex>,
+    stream: Option<SlideStream>,
+    buffer_bytes: usize,
 }
 
 impl FeaturesStage {
-    fn rows_of(&self, slide_id: &str) -> EmbedResult<Vec<RecordBatch>> {
+    /// One slide's rows: its own file under a pattern, else from the stream over the files
+    /// (started at the first slide, knowing which slides this run will ask for and in what
+    /// order).
+    fn rows_of(&mut self, ctx: &StageContext, slide_id: &str) -> FeaturesResult<Vec<RecordBatch>> {
         if let Some(path) = self.layout.slide_file(slide_id) {
             if !path.is_file() {
                 return Err(features_err(
@@ -517,28 +521,37 @@ impl FeaturesStage {
             }
             return Ok(rows);
         }
-        let parts = self
-            .index
-            .as_ref()
-            .and_then(|i| i.get(slide_id))
-            .ok_or_else(|| {
-                let place = match &self.layout {
-                    Layout::File(p) | Layout::Folder(p) => p.clone(),
-                    Layout::Pattern(p) => PathBuf::from(p),
-                };
-                features_err(&place, format!("no rows for slide `{slide_id}`"))
-            })?;
-        let mut out = Vec::new();
-        for (path, rgs) in parts {
-            out.extend(read_slide_rows(
-                path,
-                Some(rgs.clone()),
-                slide_id,
-                &self.schema,
-            )?);
+        if self.stream.is_none() {
+            let index = self.index.take().unwrap_or_default();
+            let wanted = wanted_slides(ctx);
+            self.stream = Some(SlideStream::new(
+                index,
+                self.schema.clone(),
+                wanted,
+                self.buffer_bytes,
+            ));
         }
-        Ok(out)
+        match self.stream.as_mut() {
+            Some(stream) => stream.take(slide_id),
+            None => Ok(Vec::new()),
+        }
     }
+}
+
+/// The slides this worker will be asked for, ranked in the order they will be: the dataset's
+/// slides this stage computes in this run. With several workers sharing the slides, a
+/// worker cannot know which it gets: it then keeps none it was not asked for (each is read on
+/// its own when the stream has passed it).
+fn wanted_slides(ctx: &StageContext) -> HashMap<String, usize> {
+    if ctx.build_context().workers > 1 {
+        return HashMap::new();
+    }
+    ctx.slides()
+        .iter()
+        .filter(|s| ctx.computes(s))
+        .enumerate()
+        .map(|(rank, s)| (s.id.clone(), rank))
+        .collect()
 }
 
 impl Stage for FeaturesStage {
@@ -549,11 +562,21 @@ impl Stage for FeaturesStage {
         slide: &SlideHandle,
     ) -> StageResult {
         let rows = self
-            .rows_of(&slide.id)
+            .rows_of(ctx, &slide.id)
             .map_err(|e| StageError::other("reading features", e))?;
         for batch in rows {
             ctx.emit(slide, batch)?;
         }
         ctx.end_slide(slide)
+    }
+
+    fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
+        if let Some(stream) = &self.stream {
+            ctx.set_detail(
+                "parquet_stream",
+                serde_json::to_value(stream.stats()).unwrap_or_default(),
+            );
+        }
+        Ok(())
     }
 }

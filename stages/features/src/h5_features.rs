@@ -7,8 +7,16 @@
 //! top-left corner, as in tessera). The tile size at level 0 comes from the attributes of
 //! `coords`: `patch_size_level0` (TRIDENT), else `patch_size` when `patch_level` is 0 (CLAM at
 //! level 0); otherwise the `tile_size` parameter must say it.
+//!
+//! `layout: stamp` reads STAMP's files instead: `feats` (`[N, D]`, float16 or float32) and
+//! `coords` (`[N, 2]` floats, the tiles' top-left corners in **micrometres** from the slide's
+//! origin, file attribute `unit: um`), with the file attributes `tile_size_um` and
+//! `tile_size_px`. Level-0 pixels are `um / mpp` (rounded), where `mpp` is the slide's
+//! level-0 resolution: the dataset CSV's `mpp` column, else a `slide_mpp` or `mpp` attribute
+//! of the file, else the `mpp` parameter. `tile_size_um / tile_size_px` is the resolution
+//! STAMP resampled tiles to, not the slide's: it is never used as the level-0 mpp.
 
-use crate::error::EmbedResult;
+use crate::error::FeaturesResult;
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
@@ -21,7 +29,9 @@ use tessera_pipeline::{
     StageResult,
 };
 
-use crate::features::{features_err, files_salt, first_readable, Layout, SLIDE_ID_PLACEHOLDER};
+use crate::parquet_import::{
+    features_err, files_salt, first_readable, Layout, SLIDE_ID_PLACEHOLDER,
+};
 
 /// Rows per emitted batch: bounded memory for slides with 100k tiles.
 const ROWS_PER_BATCH: usize = 8192;
@@ -41,7 +51,27 @@ pub struct H5FeaturesParams {
     /// Tile size in level-0 pixels, for files whose attributes do not give it (CLAM patches
     /// taken at a level other than 0). Overrides the attributes when set.
     pub tile_size: Option<i64>,
+    /// Which tool wrote the files: `trident` (also CLAM: level-0 pixel coordinates) or
+    /// `stamp` (micrometre coordinates; the default `features_dataset` then means `feats`).
+    pub layout: H5Layout,
+    /// Level-0 micrometres per pixel for `layout: stamp`, for slides whose CSV row has no
+    /// `mpp` and whose file no `slide_mpp` attribute.
+    pub mpp: Option<f64>,
 }
+
+/// The per-slide HDF5 layouts `h5_features` reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum H5Layout {
+    /// CLAM / TRIDENT: `features`, `coords` in level-0 pixels.
+    #[default]
+    Trident,
+    /// STAMP: `feats`, `coords` in micrometres, `tile_size_um` attribute.
+    Stamp,
+}
+
+/// STAMP's name for the embeddings dataset.
+const STAMP_FEATURES: &str = "feats";
 
 impl Default for H5FeaturesParams {
     fn default() -> Self {
@@ -50,6 +80,8 @@ impl Default for H5FeaturesParams {
             features_dataset: "features".into(),
             coords_dataset: "coords".into(),
             tile_size: None,
+            layout: H5Layout::Trident,
+            mpp: None,
         }
     }
 }
@@ -68,6 +100,16 @@ pub struct H5Slide {
 }
 
 impl H5FeaturesParams {
+    /// The embeddings dataset's name: STAMP's `feats` when the layout is STAMP's and the
+    /// parameter was left at its default.
+    fn features_name(&self) -> &str {
+        if self.layout == H5Layout::Stamp && self.features_dataset == "features" {
+            STAMP_FEATURES
+        } else {
+            &self.features_dataset
+        }
+    }
+
     /// Where the files are, as a `{slide_id}` pattern resolved against `base_dir` (a folder
     /// `F` is `F/{slide_id}.h5`).
     pub fn pattern(&self, base_dir: &Path) -> String {
@@ -96,7 +138,7 @@ impl H5FeaturesParams {
     }
 
     /// Shape of the features dataset: `(N, D)`, accepting `[1, N, D]`.
-    fn rows_and_dim(&self, path: &Path, shape: &[usize]) -> EmbedResult<(usize, usize)> {
+    fn rows_and_dim(&self, path: &Path, shape: &[usize]) -> FeaturesResult<(usize, usize)> {
         match shape {
             [n, d] => Ok((*n, *d)),
             [1, n, d] => Ok((*n, *d)),
@@ -104,16 +146,16 @@ impl H5FeaturesParams {
                 path,
                 format!(
                     "dataset `{}` has shape {other:?}, expected [tiles, width]",
-                    self.features_dataset
+                    self.features_name()
                 ),
             )),
         }
     }
 
     /// The embedding width of one file, without reading its values.
-    pub fn probe_dim(&self, path: &Path) -> EmbedResult<usize> {
+    pub fn probe_dim(&self, path: &Path) -> FeaturesResult<usize> {
         let file = open(path)?;
-        let ds = dataset(&file, path, &self.features_dataset)?;
+        let ds = dataset(&file, path, self.features_name())?;
         let (_, dim) = self.rows_and_dim(path, &ds.shape())?;
         if dim == 0 {
             return Err(features_err(
@@ -124,10 +166,11 @@ impl H5FeaturesParams {
         Ok(dim)
     }
 
-    /// Reads one slide's file whole, checking shapes, values and the tile size.
-    pub fn read(&self, path: &Path) -> EmbedResult<H5Slide> {
+    /// Reads one slide's file whole, checking shapes, values and the tile size; `slide_mpp`
+    /// is the dataset CSV's level-0 resolution of the slide (used by `layout: stamp`).
+    pub fn read(&self, path: &Path, slide_mpp: Option<f64>) -> FeaturesResult<H5Slide> {
         let file = open(path)?;
-        let feats = dataset(&file, path, &self.features_dataset)?;
+        let feats = dataset(&file, path, self.features_name())?;
         let (n, dim) = self.rows_and_dim(path, &feats.shape())?;
         let coords_ds = dataset(&file, path, &self.coords_dataset)?;
         let cshape = coords_ds.shape();
@@ -136,14 +179,14 @@ impl H5FeaturesParams {
                 path,
                 format!(
                     "dataset `{}` has shape {cshape:?}, expected [{n}, 2] (x, y of each of the {n} rows of `{}`)",
-                    self.coords_dataset, self.features_dataset
+                    self.coords_dataset, self.features_name()
                 ),
             ));
         }
         let features: Vec<f32> = feats.read_raw::<f32>().map_err(|e| {
             features_err(
                 path,
-                format!("reading `{}` as 32-bit floats: {e}", self.features_dataset),
+                format!("reading `{}` as 32-bit floats: {e}", self.features_name()),
             )
         })?;
         if let Some(at) = features.iter().position(|v| !v.is_finite()) {
@@ -151,30 +194,15 @@ impl H5FeaturesParams {
                 path,
                 format!(
                     "dataset `{}`: row {} holds {} (NaN or infinite)",
-                    self.features_dataset,
+                    self.features_name(),
                     at / dim.max(1),
                     features[at]
                 ),
             ));
         }
-        let flat: Vec<i64> = coords_ds.read_raw::<i64>().map_err(|e| {
-            features_err(
-                path,
-                format!("reading `{}` as integers: {e}", self.coords_dataset),
-            )
-        })?;
-        let coords = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-        let tile_size = match self.tile_size {
-            Some(t) => t,
-            None => attr_tile_size(&coords_ds).ok_or_else(|| {
-                features_err(
-                    path,
-                    format!(
-                        "`{}` has no `patch_size_level0` attribute, nor `patch_size` with `patch_level` 0: set `tile_size` (level-0 pixels)",
-                        self.coords_dataset
-                    ),
-                )
-            })?,
+        let (coords, tile_size) = match self.layout {
+            H5Layout::Trident => self.level0_coords(path, &coords_ds)?,
+            H5Layout::Stamp => self.micrometre_coords(path, &file, &coords_ds, slide_mpp)?,
         };
         if tile_size <= 0 {
             return Err(features_err(
@@ -189,13 +217,117 @@ impl H5FeaturesParams {
             features,
         })
     }
+
+    /// CLAM / TRIDENT: integer level-0 corners, tile size from the attributes of `coords`.
+    fn level0_coords(
+        &self,
+        path: &Path,
+        coords_ds: &hdf5::Dataset,
+    ) -> FeaturesResult<(Vec<[i64; 2]>, i64)> {
+        let flat: Vec<i64> = coords_ds.read_raw::<i64>().map_err(|e| {
+            features_err(
+                path,
+                format!("reading `{}` as integers: {e}", self.coords_dataset),
+            )
+        })?;
+        let coords = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
+        let tile_size = match self.tile_size {
+            Some(t) => t,
+            None => attr_tile_size(coords_ds).ok_or_else(|| {
+                features_err(
+                    path,
+                    format!(
+                        "`{}` has no `patch_size_level0` attribute, nor `patch_size` with `patch_level` 0: set `tile_size` (level-0 pixels)",
+                        self.coords_dataset
+                    ),
+                )
+            })?,
+        };
+        Ok((coords, tile_size))
+    }
+
+    /// STAMP: corners in micrometres, converted with the slide's level-0 mpp; the tile size
+    /// from the file's `tile_size_um`.
+    fn micrometre_coords(
+        &self,
+        path: &Path,
+        file: &hdf5::File,
+        coords_ds: &hdf5::Dataset,
+        slide_mpp: Option<f64>,
+    ) -> FeaturesResult<(Vec<[i64; 2]>, i64)> {
+        if let Some(unit) = string_attr(file, "unit") {
+            if unit != "um" {
+                return Err(features_err(
+                    path,
+                    format!("attribute `unit` is `{unit}`: `layout: stamp` reads coordinates in micrometres (`um`)"),
+                ));
+            }
+        }
+        let mpp = slide_mpp
+            .or_else(|| float_attr(file, "slide_mpp"))
+            .or_else(|| float_attr(file, "mpp"))
+            .or(self.mpp)
+            .ok_or_else(|| {
+                features_err(
+                    path,
+                    "coordinates are in micrometres and the slide's level-0 resolution is unknown: give the dataset CSV an `mpp` column or set `mpp` (tile_size_um / tile_size_px is the extraction resolution, not the slide's)",
+                )
+            })?;
+        if !(mpp.is_finite() && mpp > 0.0) {
+            return Err(features_err(
+                path,
+                format!("level-0 mpp {mpp} is not positive"),
+            ));
+        }
+        let um: Vec<f64> = coords_ds.read_raw::<f64>().map_err(|e| {
+            features_err(
+                path,
+                format!("reading `{}` as numbers: {e}", self.coords_dataset),
+            )
+        })?;
+        if let Some(bad) = um.iter().find(|v| !v.is_finite()) {
+            return Err(features_err(
+                path,
+                format!("dataset `{}` holds {bad}", self.coords_dataset),
+            ));
+        }
+        let px = |v: f64| (v / mpp).round() as i64;
+        let coords = um.chunks_exact(2).map(|c| [px(c[0]), px(c[1])]).collect();
+        let tile_size = match self.tile_size {
+            Some(t) => t,
+            None => px(float_attr(file, "tile_size_um").ok_or_else(|| {
+                features_err(
+                    path,
+                    "no `tile_size_um` attribute: set `tile_size` (level-0 pixels)",
+                )
+            })?),
+        };
+        Ok((coords, tile_size))
+    }
 }
 
-fn open(path: &Path) -> EmbedResult<hdf5::File> {
+/// A numeric attribute of the file's root, if present and numeric.
+fn float_attr(file: &hdf5::File, name: &str) -> Option<f64> {
+    file.attr(name).ok()?.read_scalar::<f64>().ok()
+}
+
+/// A string attribute of the file's root (as h5py writes them), if present.
+fn string_attr(file: &hdf5::File, name: &str) -> Option<String> {
+    let attr = file.attr(name).ok()?;
+    attr.read_scalar::<hdf5::types::VarLenUnicode>()
+        .map(|s| s.as_str().to_string())
+        .or_else(|_| {
+            attr.read_scalar::<hdf5::types::VarLenAscii>()
+                .map(|s| s.as_str().to_string())
+        })
+        .ok()
+}
+
+fn open(path: &Path) -> FeaturesResult<hdf5::File> {
     hdf5::File::open(path).map_err(|e| features_err(path, format!("not a readable HDF5 file: {e}")))
 }
 
-fn dataset(file: &hdf5::File, path: &Path, name: &str) -> EmbedResult<hdf5::Dataset> {
+fn dataset(file: &hdf5::File, path: &Path, name: &str) -> FeaturesResult<hdf5::Dataset> {
     file.dataset(name).map_err(|_| {
         let found = file.member_names().unwrap_or_default();
         features_err(
@@ -265,6 +397,12 @@ impl StageKind for H5FeaturesParams {
         if self.tile_size.is_some_and(|t| t <= 0) {
             return Err(ParamIssue::new("tile_size", "must be positive"));
         }
+        if self.mpp.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+            return Err(ParamIssue::new(
+                "mpp",
+                "must be a positive number of micrometres per pixel",
+            ));
+        }
         Ok(())
     }
 
@@ -302,52 +440,6 @@ struct H5FeaturesStage {
     schema: SchemaRef,
 }
 
-impl H5FeaturesStage {
-    /// One slide's rows as batches of the output schema.
-    fn batches_of(&self, slide_id: &str) -> EmbedResult<Vec<RecordBatch>> {
-        let path = slide_file(&self.pattern, slide_id);
-        if !path.is_file() {
-            return Err(features_err(
-                &path,
-                format!("no features file for slide `{slide_id}`"),
-            ));
-        }
-        let slide = self.params.read(&path)?;
-        if slide.dim != self.dim {
-            return Err(features_err(
-                &path,
-                format!(
-                    "embeddings are {} wide, the first file's are {}: one experiment reads one model's features",
-                    slide.dim, self.dim
-                ),
-            ));
-        }
-        let item = Arc::new(Field::new("item", DataType::Float32, true));
-        let mut out = Vec::new();
-        for (coords, feats) in slide
-            .coords
-            .chunks(ROWS_PER_BATCH)
-            .zip(slide.features.chunks(ROWS_PER_BATCH * slide.dim))
-        {
-            let n = coords.len();
-            let columns: Vec<ArrayRef> = vec![
-                Arc::new(arrow::array::StringArray::from(vec![slide_id; n])),
-                Arc::new(Int64Array::from_iter_values(coords.iter().map(|p| p[0]))),
-                Arc::new(Int64Array::from_iter_values(coords.iter().map(|p| p[1]))),
-                Arc::new(Int64Array::from(vec![slide.tile_size; n])),
-                Arc::new(FixedSizeListArray::try_new(
-                    item.clone(),
-                    slide.dim as i32,
-                    Arc::new(Float32Array::from(feats.to_vec())),
-                    None,
-                )?),
-            ];
-            out.push(RecordBatch::try_new(self.schema.clone(), columns)?);
-        }
-        Ok(out)
-    }
-}
-
 impl Stage for H5FeaturesStage {
     fn on_slide_end(
         &mut self,
@@ -355,17 +447,75 @@ impl Stage for H5FeaturesStage {
         _input: usize,
         slide: &SlideHandle,
     ) -> StageResult {
-        let batches = self
-            .batches_of(&slide.id)
-            .map_err(|e| StageError::other("reading HDF5 features", e))?;
-        if batches.is_empty() {
-            ctx.warn(Some(slide), "the features file holds no tile");
-        }
-        for batch in batches {
-            ctx.emit(slide, batch)?;
-        }
-        ctx.end_slide(slide)
+        let path = slide_file(&self.pattern, &slide.id);
+        let read = || -> FeaturesResult<H5Slide> {
+            if !path.is_file() {
+                return Err(features_err(
+                    &path,
+                    format!("no features file for slide `{}`", slide.id),
+                ));
+            }
+            let read = self.params.read(&path, slide.mpp)?;
+            if read.dim != self.dim {
+                return Err(features_err(
+                    &path,
+                    format!(
+                        "embeddings are {} wide, the first file's are {}: one experiment reads one model's features",
+                        read.dim, self.dim
+                    ),
+                ));
+            }
+            Ok(read)
+        };
+        let s = read().map_err(|e| StageError::other("reading HDF5 features", e))?;
+        emit_rows(
+            ctx,
+            slide,
+            &self.schema,
+            &s.coords,
+            s.tile_size,
+            s.dim,
+            &s.features,
+        )
     }
+}
+
+/// Emits one slide's tiles as embeddings-table batches of at most [`ROWS_PER_BATCH`] rows
+/// (bounded memory for slides with 100k tiles) and ends the slide; a slide without tiles is
+/// warned about.
+pub(crate) fn emit_rows(
+    ctx: &mut StageContext,
+    slide: &SlideHandle,
+    schema: &SchemaRef,
+    coords: &[[i64; 2]],
+    tile_size: i64,
+    dim: usize,
+    features: &[f32],
+) -> StageResult {
+    if coords.is_empty() {
+        ctx.warn(Some(slide), "the features file holds no tile");
+    }
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    for (coords, feats) in coords
+        .chunks(ROWS_PER_BATCH)
+        .zip(features.chunks(ROWS_PER_BATCH * dim.max(1)))
+    {
+        let n = coords.len();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(arrow::array::StringArray::from(vec![slide.id.as_str(); n])),
+            Arc::new(Int64Array::from_iter_values(coords.iter().map(|p| p[0]))),
+            Arc::new(Int64Array::from_iter_values(coords.iter().map(|p| p[1]))),
+            Arc::new(Int64Array::from(vec![tile_size; n])),
+            Arc::new(FixedSizeListArray::try_new(
+                item.clone(),
+                dim as i32,
+                Arc::new(Float32Array::from(feats.to_vec())),
+                None,
+            )?),
+        ];
+        ctx.emit(slide, RecordBatch::try_new(schema.clone(), columns)?)?;
+    }
+    ctx.end_slide(slide)
 }
 
 #[cfg(test)]
@@ -419,7 +569,9 @@ mod tests {
             false,
             &[("patch_size", 256), ("patch_size_level0", 512)],
         );
-        let s = params(dir.path()).read(&dir.path().join("t.h5")).unwrap();
+        let s = params(dir.path())
+            .read(&dir.path().join("t.h5"), None)
+            .unwrap();
         assert_eq!(s.tile_size, 512);
         assert_eq!(s.dim, 4);
         assert_eq!(s.coords, vec![[0, 512], [256, 512], [512, 512]]);
@@ -434,7 +586,7 @@ mod tests {
         );
         let p = params(dir.path());
         assert_eq!(p.probe_dim(&dir.path().join("c.h5")).unwrap(), 3);
-        let s = p.read(&dir.path().join("c.h5")).unwrap();
+        let s = p.read(&dir.path().join("c.h5"), None).unwrap();
         assert_eq!((s.tile_size, s.dim, s.coords.len()), (224, 3, 2));
     }
 
@@ -450,7 +602,10 @@ mod tests {
             false,
             &[("patch_size", 256), ("patch_level", 1)],
         );
-        let err = params(dir.path()).read(&file).unwrap_err().to_string();
+        let err = params(dir.path())
+            .read(&file, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("s.h5") && err.contains("set `tile_size`"),
             "{err}"
@@ -459,7 +614,7 @@ mod tests {
             tile_size: Some(512),
             ..params(dir.path())
         };
-        assert_eq!(given.read(&file).unwrap().tile_size, 512);
+        assert_eq!(given.read(&file, None).unwrap().tile_size, 512);
     }
 
     #[test]
@@ -469,7 +624,7 @@ mod tests {
         // Not HDF5 at all.
         let junk = dir.path().join("junk.h5");
         std::fs::write(&junk, b"not hdf5").unwrap();
-        let e = p.read(&junk).unwrap_err().to_string();
+        let e = p.read(&junk, None).unwrap_err().to_string();
         assert!(
             e.contains("junk.h5") && e.contains("not a readable HDF5"),
             "{e}"
@@ -481,7 +636,7 @@ mod tests {
             features_dataset: "feats".into(),
             ..params(dir.path())
         };
-        let e = renamed.read(&other).unwrap_err().to_string();
+        let e = renamed.read(&other, None).unwrap_err().to_string();
         assert!(
             e.contains("no dataset `feats`") && e.contains("coords, features"),
             "{e}"
@@ -502,7 +657,7 @@ mod tests {
             .unwrap();
         drop(f);
         let e = p
-            .read(&dir.path().join("mismatch.h5"))
+            .read(&dir.path().join("mismatch.h5"), None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -529,7 +684,10 @@ mod tests {
             .write_scalar(&256i64)
             .unwrap();
         drop(f);
-        let e = p.read(&dir.path().join("nan.h5")).unwrap_err().to_string();
+        let e = p
+            .read(&dir.path().join("nan.h5"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("row 1") && e.contains("NaN"), "{e}");
     }
 
