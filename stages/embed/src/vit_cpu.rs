@@ -328,7 +328,7 @@ fn erf(x: f32) -> f32 {
         -2.101_024e-6,
         -5.692_506_4e-5,
         -7.349_906_3e-4,
-        -2.954_600_0e-3,
+        -2.9546e-3,
         -1.609_603_3e-2,
     ] {
         p = p * x2 + c;
@@ -340,6 +340,9 @@ fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// An in-place function on a chunk of rows (an activation).
+type RowsFn<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
+
 /// `((a · W + bias) * scale + residual)` for the rows of `a`, then `post` on each chunk of
 /// rows; chunks of rows in parallel.
 fn linear(
@@ -348,7 +351,7 @@ fn linear(
     lin: &Lin,
     scale: Option<&[f32]>,
     residual: Option<&[f32]>,
-    post: Option<&(dyn Fn(&mut [f32]) + Sync)>,
+    post: Option<RowsFn<'_>>,
 ) -> Vec<f32> {
     let (k, n) = (lin.w.k(), lin.w.n());
     let rows = a.len() / k;
