@@ -7,11 +7,14 @@ convolutions). Prints the same best (median) img/s of single timed batches, forw
 
 On the CPU, as a worker of the Rust bench (`EMBED_BENCH_TORCH=1`), for one model: the same
 architecture as tessera's row (timm for the ViTs, as the presets' model cards build them),
-random weights, inference mode, f32; prints one JSON line `{"best": img/s, "median": img/s}`.
+random weights, inference mode, f32, `TORCH_THREADS` threads (default 2); prints one JSON line
+`{"best": img/s, "median": img/s, "gflop": per image}` (FLOPs of convolutions, matmuls and
+attention as PyTorch's FlopCounterMode counts them: 2 per multiply-add).
 
     python3 scripts/torch-embed-bench.py --cpu MODEL BATCH RUNS
     # MODEL: resnet18 | resnet50 | vit_s14 | uni | virchow2
 """
+import os
 import json
 import sys
 import time
@@ -40,11 +43,17 @@ def cpu_model(name):
 
 
 def bench_cpu(name, batch, runs):
+    torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
     model = cpu_model(name)
     x = torch.rand(batch, 3, 224, 224)
     if name.startswith("resnet"):
         x = x.to(memory_format=torch.channels_last)
     with torch.inference_mode():
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x[:1])
+        gflop = counter.get_total_flops() / 1e9
         model(x)
         secs = []
         for _ in range(runs):
@@ -53,7 +62,8 @@ def bench_cpu(name, batch, runs):
             secs.append(time.perf_counter() - t)
     secs.sort()
     print(json.dumps({"best": batch / secs[0], "median": batch / secs[len(secs) // 2],
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+                      "gflop": gflop, "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}))
 
 
 def bench(model, batch, runs=10):

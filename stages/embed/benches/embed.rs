@@ -9,10 +9,12 @@
 //!
 //! Rows: ResNet-18/50, DINOv2 ViT-S/14, and two foundation-model presets, UNI (ViT-L/16) and
 //! Virchow2 (ViT-H/14, SwiGLU, registers). With `EMBED_BENCH_TORCH=1` (CPU), PyTorch is
-//! measured in the same run on the same architecture and batch (`scripts/torch-embed-bench.py
-//! --cpu`, timm for the ViTs) and the ratio printed; otherwise the PyTorch column shows older
-//! figures where there are any. The ViT-H row is slow on a small CPU: pick rows with the first
-//! argument (`cargo bench -p tessera-embed --bench embed -- vit-l`).
+//! measured in the same run, right after tessera's row, on the same architecture and batch
+//! (`scripts/torch-embed-bench.py --cpu`, timm for the ViTs, `TORCH_THREADS` threads, default
+//! 2), the ratio printed, and both rates in GFLOP/s (PyTorch's FLOP count of the model; as a
+//! share of `EMBED_BENCH_PEAK_GFLOPS` where given). `scripts/embed-bench-side-by-side.sh` runs
+//! it all. The ViT-H row is slow on a small CPU: pick rows with the first argument
+//! (`cargo bench -p tessera-embed --bench embed -- vit-l`).
 
 /// The `tessera` binary's allocator (glibc's returns large freed buffers to the OS at every
 /// layer, and page-faults them back in).
@@ -25,8 +27,9 @@ use tessera_embed::{
     VitPooling, WeightsSource,
 };
 
-/// PyTorch's img/s (best, median) for `model` on the CPU, from the reference script.
-fn torch_cpu(model: &str, batch: usize, runs: usize) -> Option<(f64, f64)> {
+/// PyTorch's img/s (best, median) and GFLOP per image for `model` on the CPU, from the
+/// reference script.
+fn torch_cpu(model: &str, batch: usize, runs: usize) -> Option<(f64, f64, f64)> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../scripts/torch-embed-bench.py"
@@ -43,7 +46,11 @@ fn torch_cpu(model: &str, batch: usize, runs: usize) -> Option<(f64, f64)> {
         .ok()?;
     let line = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(line.lines().last()?).ok()?;
-    Some((v["best"].as_f64()?, v["median"].as_f64()?))
+    Some((
+        v["best"].as_f64()?,
+        v["median"].as_f64()?,
+        v["gflop"].as_f64()?,
+    ))
 }
 use tessera_pipeline::DeviceSpec;
 
@@ -81,41 +88,30 @@ fn main() {
     let refs: Vec<&[u8]> = tiles.iter().map(Vec::as_slice).collect();
     let same_run_torch =
         std::env::var("EMBED_BENCH_TORCH").is_ok_and(|v| v == "1") && device.is_cpu();
-    // (row, architecture or preset, the reference script's model, older PyTorch figure)
+    let peak: Option<f64> = std::env::var("EMBED_BENCH_PEAK_GFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    // (row, architecture or preset, the reference script's model)
     let cases = [
-        (
-            "ResNet-18",
-            Architecture::Resnet18,
-            None,
-            "resnet18",
-            Some(47.0),
-        ),
-        (
-            "ResNet-50",
-            Architecture::Resnet50,
-            None,
-            "resnet50",
-            Some(15.7),
-        ),
-        ("ViT-S/14", Architecture::VitS14, None, "vit_s14", None),
+        ("ResNet-18", Architecture::Resnet18, None, "resnet18"),
+        ("ResNet-50", Architecture::Resnet50, None, "resnet50"),
+        ("ViT-S/14", Architecture::VitS14, None, "vit_s14"),
         (
             "UNI ViT-L/16",
             Architecture::Resnet18,
             Some(Preset::Uni),
             "uni",
-            None,
         ),
         (
             "Virchow2 ViT-H/14",
             Architecture::Resnet18,
             Some(Preset::Virchow2),
             "virchow2",
-            None,
         ),
     ];
-    println!("| model | tessera img/s, embed incl. preprocessing: best (median) | forward only: best (median) | PyTorch img/s | forward / PyTorch |");
-    println!("|---|---|---|---|---|");
-    for (name, arch, preset, torch_model, torch) in cases {
+    println!("| model | tessera img/s, embed incl. preprocessing: best (median) | forward only: best (median) | PyTorch img/s, forward: best (median) | forward / PyTorch | GFLOP/img | tessera GFLOP/s | PyTorch GFLOP/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, arch, preset, torch_model) in cases {
         if only
             .as_deref()
             .is_some_and(|o| !name.to_lowercase().contains(&o.to_lowercase()))
@@ -164,16 +160,22 @@ fn main() {
         } else {
             None
         };
-        let (torch, ratio) = match (measured, torch) {
-            (Some((best, med)), _) => (
-                format!("{best:.1} ({med:.1}), same run"),
-                format!("{:.2}x", fwd / best),
-            ),
-            (None, Some(v)) => (format!("{v:.1} (earlier run)"), format!("{:.2}x", fwd / v)),
-            (None, None) => ("not measured".into(), "".into()),
+        let rate = |img_s: f64, gflop: f64| {
+            let g = img_s * gflop;
+            match peak {
+                Some(p) => format!("{g:.0} ({:.0}%)", 100.0 * g / p),
+                None => format!("{g:.0}"),
+            }
         };
-        println!(
-            "| {name} | {full:.1} ({full_med:.1}) | {fwd:.1} ({fwd_med:.1}) | {torch} | {ratio} |"
-        );
+        let row = match measured {
+            Some((best, med, gflop)) => format!(
+                "{best:.1} ({med:.1}) | {:.2}x | {gflop:.2} | {} | {}",
+                fwd / best,
+                rate(fwd, gflop),
+                rate(best, gflop)
+            ),
+            None => "not measured (EMBED_BENCH_TORCH=1) | | | | ".into(),
+        };
+        println!("| {name} | {full:.1} ({full_med:.1}) | {fwd:.1} ({fwd_med:.1}) | {row} |");
     }
 }

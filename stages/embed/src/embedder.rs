@@ -7,6 +7,7 @@ use crate::presets::Preset;
 use crate::resnet::{ResNet, ResNetDepth};
 use crate::resnet_cpu::CpuResNet;
 use crate::vit::{Vit, VitConfig, VitPooling};
+use crate::vit_cpu::CpuVit;
 use crate::weights::{var_builder, WeightsSource};
 use candle_core::{DType, Device, Module, Tensor};
 use schemars::JsonSchema;
@@ -175,6 +176,8 @@ impl TileEmbedder for ResNetEmbedder {
 
 struct VitEmbedder {
     model: Vit,
+    /// The AVX-512 block stack, on CPU in f32.
+    cpu: Option<CpuVit>,
     dtype: DType,
     preprocess: Preprocess,
     /// The preset's resize (filter, centre crop); bilinear without crop otherwise.
@@ -193,6 +196,9 @@ impl TileEmbedder for VitEmbedder {
         &self.device
     }
     fn forward(&self, input: &Tensor) -> EmbedResult<Tensor> {
+        if let Some(cpu) = &self.cpu {
+            return Ok(cpu.forward(&self.model, input)?);
+        }
         Ok(self
             .model
             .forward(&input.to_dtype(self.dtype)?)?
@@ -325,8 +331,14 @@ pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dy
                 .map_err(|e| weights_error(&spec.weights, e))?
         }
     };
+    let cpu = if device.is_cpu() {
+        CpuVit::new(&model)?
+    } else {
+        None
+    };
     Ok(Box::new(VitEmbedder {
         model,
+        cpu,
         dtype,
         preprocess,
         resize: spec.preset.map(|p| p.info().resize).unwrap_or_default(),

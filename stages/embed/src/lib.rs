@@ -7,6 +7,7 @@
 //! - [`load_embedder`] / [`TileEmbedder`]: the models, for other stages (fine-tuning).
 
 pub mod columns;
+mod cpu_gemm;
 pub mod embed_stage;
 pub mod embedder;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod presets;
 pub mod resnet;
 pub mod resnet_cpu;
 pub mod vit;
+pub mod vit_cpu;
 pub mod weights;
 
 pub use embed_stage::{EmbedParams, Pooling};

@@ -1,16 +1,31 @@
 //! A CPU inference path for batch-norm-folded ResNets, about 5x faster than candle's generic
-//! convolution on the same machine: activations stay in NHWC, each convolution is one im2col
-//! (skipped for 1x1 stride-1 convolutions) and a GEMM per chunk of output pixels, with bias,
-//! residual and ReLU applied in the same pass while the chunk is hot in cache. Chunks run in
-//! parallel on rayon, each GEMM single-threaded.
+//! convolution on the same machine: activations stay in NHWC, and bias, residual and ReLU are
+//! applied while the output is hot in cache. Chunks of output pixels run in parallel on rayon.
+//!
+//! On CPUs with AVX-512F each convolution is direct: the [`cpu_gemm`] tile reads every kernel
+//! position's input channels in place (no im2col matrix) against weights packed once at load,
+//! and applies bias, residual and ReLU in registers. Elsewhere each convolution is one im2col
+//! (skipped for 1x1 stride-1 convolutions) and a `gemm` crate call per chunk.
 
+use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB, TileOut, MR, NR};
 use crate::resnet::{ConvBn, ResNet};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-/// Output pixels per work chunk: large enough for an efficient GEMM, small enough that the
-/// im2col buffer of a chunk stays in L2.
+/// Output pixels per work chunk of the im2col path: large enough for an efficient GEMM, small
+/// enough that the im2col buffer of a chunk stays in L2.
 const CHUNK_ROWS: usize = 256;
+
+/// Output pixels per work chunk of the direct path (a multiple of the tile's rows; small
+/// enough that the last layers of a batch still split into many chunks for two threads).
+const TASK_ROWS: usize = 20 * MR;
+
+/// Target reduction length of one K block of the direct path: the block's packed weights for
+/// [`N_BLOCK`] outputs (512 x 512 floats, 1 MiB) are read from L2 by every tile of a chunk.
+const K_BLOCK: usize = 512;
+
+/// Output channels computed together per K block of the direct path.
+const N_BLOCK: usize = 512;
 
 /// A dense NHWC activation.
 struct Act {
@@ -30,6 +45,69 @@ struct Conv {
     c_out: usize,
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// The direct path's weights, packed once (where AVX-512 runs).
+    direct: Option<Direct>,
+}
+
+/// A convolution as a sum of K segments: each is one contiguous run of input values per
+/// output pixel (the channels `c0..c0 + len` at kernel position `ky, kx`, or with `merge_kx`
+/// all of kernel row `ky`), in the weights' `[ky][kx][c_in]` order.
+struct Direct {
+    cpu: Avx512,
+    packed: PackedB,
+    /// Consecutive segments in K blocks of about [`K_BLOCK`], each with its first K row.
+    blocks: Vec<KBlock>,
+    /// Kernel rows read as one run each, from an input padded first: for few input channels
+    /// (the stem's 3), where a run of `c_in` values would be too short to stream.
+    merge_kx: bool,
+    /// What an out-of-image position (or a row past the chunk) reads.
+    zeros: Vec<f32>,
+}
+
+struct KBlock {
+    /// `(ky, kx, c0)` of each segment.
+    segs: Vec<(usize, usize, usize)>,
+    /// Values per segment.
+    len: usize,
+    /// The block's first row of the packed weights.
+    k0: usize,
+}
+
+impl Direct {
+    fn new(cpu: Avx512, k: usize, c_in: usize, c_out: usize, weight: &[f32]) -> Self {
+        let merge_kx = k > 1 && c_in < 16;
+        let (segs, len): (Vec<_>, usize) = if merge_kx {
+            ((0..k).map(|ky| (ky, 0, 0)).collect(), k * c_in)
+        } else {
+            // Channels split in equal parts of at most K_BLOCK.
+            let parts = (c_in.div_ceil(K_BLOCK)..=c_in)
+                .find(|p| c_in.is_multiple_of(*p))
+                .unwrap_or(1);
+            let len = c_in / parts;
+            let segs = (0..k)
+                .flat_map(|ky| (0..k).map(move |kx| (ky, kx)))
+                .flat_map(|(ky, kx)| (0..parts).map(move |p| (ky, kx, p * len)))
+                .collect();
+            (segs, len)
+        };
+        let per_block = (K_BLOCK / len.max(1)).max(1);
+        let blocks = segs
+            .chunks(per_block)
+            .enumerate()
+            .map(|(i, segs)| KBlock {
+                segs: segs.to_vec(),
+                len,
+                k0: i * per_block * len,
+            })
+            .collect();
+        Direct {
+            cpu,
+            packed: PackedB::new(k * k * c_in, c_out, weight),
+            blocks,
+            merge_kx,
+            zeros: vec![0.0; len],
+        }
+    }
 }
 
 impl Conv {
@@ -53,6 +131,7 @@ impl Conv {
             Some(b) => b.to_vec1::<f32>()?,
             None => vec![0.0; c_out],
         };
+        let direct = Avx512::detect().map(|cpu| Direct::new(cpu, kh, c_in, c_out, &weight));
         Ok(Conv {
             k: kh,
             stride: cfg.stride,
@@ -61,11 +140,96 @@ impl Conv {
             c_out,
             weight,
             bias,
+            direct,
         })
     }
 
     /// `relu(conv(x) + bias + residual)` (ReLU and residual optional).
     fn forward(&self, x: &Act, residual: Option<&Act>, relu: bool) -> Act {
+        match &self.direct {
+            Some(d) => self.forward_direct(d, x, residual, relu),
+            None => self.forward_im2col(x, residual, relu),
+        }
+    }
+
+    /// The direct convolution on the AVX-512 tile.
+    fn forward_direct(&self, d: &Direct, x: &Act, residual: Option<&Act>, relu: bool) -> Act {
+        let ho = (x.h + 2 * self.pad - self.k) / self.stride + 1;
+        let wo = (x.w + 2 * self.pad - self.k) / self.stride + 1;
+        let padded;
+        let (src, pad) = if d.merge_kx && self.pad > 0 {
+            padded = pad_nhwc(x, self.pad);
+            (&padded, 0)
+        } else {
+            (x, self.pad)
+        };
+        let n = self.c_out;
+        let rows = x.n * ho * wo;
+        let mut out = vec![0f32; rows * n];
+        let last = d.blocks.len() - 1;
+        // One run of `len` input values, or zeros outside the image (or past the chunk).
+        let run = |r: Option<usize>, (ky, kx, c0): (usize, usize, usize), len: usize| {
+            let Some(r) = r else { return &d.zeros[..len] };
+            let (img, rem) = (r / (ho * wo), r % (ho * wo));
+            let (oy, ox) = (rem / wo, rem % wo);
+            let iy = (oy * self.stride + ky).wrapping_sub(pad);
+            let ix = (ox * self.stride + kx).wrapping_sub(pad);
+            if iy >= src.h || ix >= src.w {
+                return &d.zeros[..len];
+            }
+            let at = ((img * src.h + iy) * src.w + ix) * src.c + c0;
+            &src.data[at..at + len]
+        };
+        out.par_chunks_mut(TASK_ROWS * n)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                let r0 = chunk * TASK_ROWS;
+                let m = dst.len() / n;
+                let res = residual.map(|r| &r.data[r0 * n..(r0 + m) * n]);
+                let mut a: Vec<[&[f32]; MR]> = Vec::new();
+                for j0 in (0..n).step_by(N_BLOCK) {
+                    for (bi, block) in d.blocks.iter().enumerate() {
+                        for i0 in (0..m).step_by(MR) {
+                            a.clear();
+                            a.extend(block.segs.iter().map(|&seg| {
+                                std::array::from_fn(|i| {
+                                    let r = (i0 + i < m).then_some(r0 + i0 + i);
+                                    run(r, seg, block.len)
+                                })
+                            }));
+                            for col0 in (j0..n.min(j0 + N_BLOCK)).step_by(NR) {
+                                let epilogue = (bi == last).then_some(Epilogue {
+                                    bias: Some(&self.bias),
+                                    scale: None,
+                                    residual: res,
+                                    relu,
+                                });
+                                let o = TileOut {
+                                    out: &mut *dst,
+                                    ldc: n,
+                                    row0: i0,
+                                    rows: m - i0,
+                                    col0,
+                                    accumulate: bi > 0,
+                                    epilogue,
+                                };
+                                cpu_gemm::tile(d.cpu, &a, block.len, &d.packed, block.k0, o);
+                            }
+                        }
+                    }
+                }
+            });
+        Act {
+            data: out,
+            n: x.n,
+            h: ho,
+            w: wo,
+            c: n,
+        }
+    }
+
+    /// im2col and the `gemm` crate, where AVX-512 does not run.
+    fn forward_im2col(&self, x: &Act, residual: Option<&Act>, relu: bool) -> Act {
         let ho = (x.h + 2 * self.pad - self.k) / self.stride + 1;
         let wo = (x.w + 2 * self.pad - self.k) / self.stride + 1;
         let rows = x.n * ho * wo;
@@ -176,6 +340,46 @@ impl Conv {
     }
 }
 
+/// NCHW values as an NHWC activation, rows in parallel (candle's permute copies on one thread).
+fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Act {
+    let mut data = vec![0f32; n * h * w * c];
+    data.par_chunks_mut((w * c).max(1))
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let (img, y) = (r / h, r % h);
+            for ch in 0..c {
+                let plane = &x[((img * c + ch) * h + y) * w..][..w];
+                for (px, v) in plane.iter().enumerate() {
+                    dst[px * c + ch] = *v;
+                }
+            }
+        });
+    Act { data, n, h, w, c }
+}
+
+/// `x` with `pad` zero pixels around each image.
+fn pad_nhwc(x: &Act, pad: usize) -> Act {
+    let (h, w) = (x.h + 2 * pad, x.w + 2 * pad);
+    let mut data = vec![0f32; x.n * h * w * x.c];
+    let row = x.w * x.c;
+    data.par_chunks_mut((w * x.c).max(1))
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let (img, y) = (r / h, r % h);
+            if (pad..pad + x.h).contains(&y) {
+                let src = (img * x.h + y - pad) * row;
+                dst[pad * x.c..pad * x.c + row].copy_from_slice(&x.data[src..src + row]);
+            }
+        });
+    Act {
+        data,
+        n: x.n,
+        h,
+        w,
+        c: x.c,
+    }
+}
+
 thread_local! {
     /// Each worker thread's patch matrix, reused across chunks and layers (allocating and
     /// zeroing one per chunk cost more than the copy itself).
@@ -222,13 +426,11 @@ impl CpuResNet {
     /// `[B, 3, H, W]` normalised images (any device; computed on CPU) to `[B, dim]` features.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
-        let data = xs
+        let nchw = xs
             .to_device(&Device::Cpu)?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let x = Act { data, n, h, w, c };
+        let x = nchw_to_nhwc(&nchw, n, c, h, w);
         let x = self.stem.forward(&x, None, true);
         let mut x = max_pool_3x3_s2(&x);
         for block in &self.blocks {

@@ -215,7 +215,7 @@ fn norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 }
 
 #[derive(Debug, Clone)]
-enum Mlp {
+pub(crate) enum Mlp {
     Gelu {
         fc1: Linear,
         fc2: Linear,
@@ -274,15 +274,15 @@ impl Mlp {
 }
 
 #[derive(Debug, Clone)]
-struct Block {
-    norm1: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
-    ls1: Option<Tensor>,
-    norm2: LayerNorm,
-    mlp: Mlp,
-    ls2: Option<Tensor>,
-    heads: usize,
+pub(crate) struct Block {
+    pub(crate) norm1: LayerNorm,
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) ls1: Option<Tensor>,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) mlp: Mlp,
+    pub(crate) ls2: Option<Tensor>,
+    pub(crate) heads: usize,
 }
 
 impl Block {
@@ -342,7 +342,7 @@ pub struct Vit {
     /// Position embedding resized to the input grid (prefix positions, if any, then the grid).
     pos_embed: Tensor,
     register_tokens: Option<Tensor>,
-    blocks: Vec<Block>,
+    pub(crate) blocks: Vec<Block>,
     norm: LayerNorm,
     pooling: VitPooling,
     input_size: usize,
@@ -433,6 +433,19 @@ impl Vit {
     /// `[B, 3, S, S]` normalised images to the final-normed tokens `[B, 1 + registers +
     /// patches, dim]` (class token, registers, patches: timm's `forward_features`).
     pub fn tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        self.norm.forward(&self.run_blocks(self.input_tokens(xs)?)?)
+    }
+
+    fn run_blocks(&self, mut tokens: Tensor) -> Result<Tensor> {
+        for block in &self.blocks {
+            tokens = block.forward(&tokens)?;
+        }
+        Ok(tokens)
+    }
+
+    /// The tokens entering the first block: patch embeddings, class and register tokens,
+    /// position embeddings.
+    pub(crate) fn input_tokens(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = xs.dims4()?;
         if h != self.input_size || w != self.input_size {
             candle_core::bail!("ViT built for {0}x{0} input, got {h}x{w}", self.input_size);
@@ -448,7 +461,7 @@ impl Vit {
             Some(r) => Some(r.broadcast_as((b, self.cfg.registers, d))?),
             None => None,
         };
-        let mut tokens = match self.cfg.pos_layout {
+        let tokens = match self.cfg.pos_layout {
             PosLayout::AllTokens => {
                 let mut parts = vec![&cls];
                 parts.extend(reg.as_ref());
@@ -470,15 +483,17 @@ impl Vit {
                 }
             }
         };
-        for block in &self.blocks {
-            tokens = block.forward(&tokens)?;
-        }
-        self.norm.forward(&tokens)
+        Ok(tokens)
     }
 
     /// `[B, 3, S, S]` normalised images to `[B, dim]` embeddings.
     pub fn features(&self, xs: &Tensor) -> Result<Tensor> {
-        let tokens = self.tokens(xs)?;
+        self.pool(&self.run_blocks(self.input_tokens(xs)?)?)
+    }
+
+    /// The last block's tokens to the embedding: final norm, then the pooling.
+    pub(crate) fn pool(&self, tokens: &Tensor) -> Result<Tensor> {
+        let tokens = self.norm.forward(tokens)?;
         let cls = || tokens.i((.., 0));
         let mean = || tokens.i((.., self.cfg.prefix_tokens()..))?.mean(1);
         match self.pooling {

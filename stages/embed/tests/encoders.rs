@@ -120,6 +120,16 @@ fn every_family_equals_its_reference() {
             let err = max_rel_diff(&ours, want);
             report.push(format!("{name}@{size}: {err:.2e}"));
             assert!(err <= 1e-5, "{name} at {size} px: relative error {err}");
+            // The AVX-512 block stack the embedder uses on CPUs that have it.
+            if let Some(cpu) = tessera_embed::vit_cpu::CpuVit::new(&vit).unwrap() {
+                let fast = cpu.forward(&vit, &input_tensor(batch, size)).unwrap();
+                let err = max_rel_diff(&fast, want);
+                report.push(format!("{name}@{size} (CPU path): {err:.2e}"));
+                assert!(
+                    err <= 1e-5,
+                    "{name} at {size} px, CPU path: relative error {err}"
+                );
+            }
         }
     }
     println!("max relative error per family: {}", report.join(", "));

@@ -1,0 +1,553 @@
+//! The transformer blocks of a [`Vit`] on the CPU, for inference, where AVX-512 runs: every
+//! linear layer on the [`cpu_gemm`] tile with its weights packed once at load, bias and
+//! LayerScale and the residual add applied in the tile's epilogue, GELU / SwiGLU applied to
+//! each chunk of rows while it is hot in cache, and attention computed per image (scores,
+//! softmax, weighted sum) on the same tile. Everything runs in parallel on rayon; candle's CPU
+//! element-wise ops (GELU among them) run on one thread, which cost a quarter of ViT-S's time.
+//!
+//! The patch embedding, the token assembly, the final norm and the pooling stay candle's
+//! ([`Vit::input_tokens`], [`Vit::pool`]).
+
+use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB};
+use crate::vit::{Block, Mlp, Vit};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{LayerNorm, Linear};
+use rayon::prelude::*;
+
+/// Rows (tokens) per parallel chunk of a linear layer.
+const ROWS: usize = 16 * cpu_gemm::MR;
+
+/// Reduction block of the GEMM (see `cpu_gemm::gemm`).
+const K_BLOCK: usize = 512;
+
+/// A linear layer's weight packed for the tile, and its bias.
+struct Lin {
+    w: PackedB,
+    bias: Option<Vec<f32>>,
+}
+
+impl Lin {
+    fn new(l: &Linear) -> Result<Self> {
+        let (n, k) = l.weight().dims2()?;
+        let w = l.weight().flatten_all()?.to_vec1::<f32>()?;
+        Ok(Lin {
+            w: PackedB::from_transposed(n, k, &w),
+            bias: l.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
+        })
+    }
+}
+
+/// A LayerNorm's parameters.
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn new(n: &LayerNorm) -> Result<Self> {
+        let d = n.weight().dim(0)?;
+        Ok(Norm {
+            gamma: n.weight().to_vec1::<f32>()?,
+            beta: match n.bias() {
+                Some(b) => b.to_vec1::<f32>()?,
+                None => vec![0.0; d],
+            },
+            eps: n.eps() as f32,
+        })
+    }
+
+    /// Row-wise LayerNorm of `x` (rows of `gamma.len()` values), two-pass mean and variance.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.gamma.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS))
+            .for_each(|(dst, src)| {
+                for (o, v) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
+                    let mean = v.iter().sum::<f32>() / d as f32;
+                    let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / d as f32;
+                    let inv = (var + self.eps).sqrt().recip();
+                    for (((o, a), g), b) in o.iter_mut().zip(v).zip(&self.gamma).zip(&self.beta) {
+                        *o = (a - mean) * inv * g + b;
+                    }
+                }
+            });
+        out
+    }
+}
+
+enum CpuMlp {
+    Gelu { fc1: Lin, fc2: Lin },
+    Packed { fc1: Lin, fc2: Lin },
+    Split { fc1_g: Lin, fc1_x: Lin, fc2: Lin },
+}
+
+struct CpuBlock {
+    norm1: Norm,
+    qkv: Lin,
+    proj: Lin,
+    ls1: Option<Vec<f32>>,
+    norm2: Norm,
+    mlp: CpuMlp,
+    ls2: Option<Vec<f32>>,
+    heads: usize,
+}
+
+/// The CPU block stack of one [`Vit`], weights copied and packed at load (so it serves a
+/// frozen encoder: weights trained later are not seen).
+pub struct CpuVit {
+    cpu: Avx512,
+    blocks: Vec<CpuBlock>,
+}
+
+impl CpuVit {
+    /// `None` where AVX-512 does not run or the model is not f32 on the CPU.
+    pub fn new(vit: &Vit) -> Result<Option<Self>> {
+        let Some(cpu) = Avx512::detect() else {
+            return Ok(None);
+        };
+        let on_cpu_f32 = vit.blocks.first().is_none_or(|b| {
+            b.qkv.weight().device().is_cpu() && b.qkv.weight().dtype() == DType::F32
+        });
+        if !on_cpu_f32 {
+            return Ok(None);
+        }
+        let blocks = vit
+            .blocks
+            .iter()
+            .map(CpuBlock::new)
+            .collect::<Result<_>>()?;
+        Ok(Some(CpuVit { cpu, blocks }))
+    }
+
+    /// `[B, 3, S, S]` normalised images to `[B, dim]` embeddings, as [`Vit::features`] (which
+    /// `vit` must be the model this was built from).
+    pub fn forward(&self, vit: &Vit, xs: &Tensor) -> Result<Tensor> {
+        let tokens = vit.input_tokens(&xs.to_device(&Device::Cpu)?)?;
+        let (b, n, d) = tokens.dims3()?;
+        let mut x = tokens.flatten_all()?.to_vec1::<f32>()?;
+        for block in &self.blocks {
+            x = block.forward(self.cpu, x, b, n, d);
+        }
+        let tokens = Tensor::from_vec(x, (b, n, d), &Device::Cpu)?;
+        vit.pool(&tokens)?.to_device(xs.device())
+    }
+}
+
+impl CpuBlock {
+    fn new(b: &Block) -> Result<Self> {
+        let gamma = |g: &Option<Tensor>| g.as_ref().map(|g| g.to_vec1::<f32>()).transpose();
+        Ok(CpuBlock {
+            norm1: Norm::new(&b.norm1)?,
+            qkv: Lin::new(&b.qkv)?,
+            proj: Lin::new(&b.proj)?,
+            ls1: gamma(&b.ls1)?,
+            norm2: Norm::new(&b.norm2)?,
+            mlp: match &b.mlp {
+                Mlp::Gelu { fc1, fc2 } => CpuMlp::Gelu {
+                    fc1: Lin::new(fc1)?,
+                    fc2: Lin::new(fc2)?,
+                },
+                Mlp::Packed { fc1, fc2 } => CpuMlp::Packed {
+                    fc1: Lin::new(fc1)?,
+                    fc2: Lin::new(fc2)?,
+                },
+                Mlp::Split { fc1_g, fc1_x, fc2 } => CpuMlp::Split {
+                    fc1_g: Lin::new(fc1_g)?,
+                    fc1_x: Lin::new(fc1_x)?,
+                    fc2: Lin::new(fc2)?,
+                },
+            },
+            ls2: gamma(&b.ls2)?,
+            heads: b.heads,
+        })
+    }
+
+    /// `x` (`b * n` tokens of `d`) through attention and MLP, residuals included.
+    fn forward(&self, cpu: Avx512, x: Vec<f32>, b: usize, n: usize, d: usize) -> Vec<f32> {
+        let h = self.norm1.forward(&x);
+        let qkv = linear(cpu, &h, &self.qkv, None, None, None);
+        let attn = attention(cpu, &qkv, b, n, d, self.heads);
+        let x = linear(cpu, &attn, &self.proj, self.ls1.as_deref(), Some(&x), None);
+        let h = self.norm2.forward(&x);
+        let ls2 = self.ls2.as_deref();
+        match &self.mlp {
+            CpuMlp::Gelu { fc1, fc2 } => {
+                let gelu = |xs: &mut [f32]| gelu_erf(cpu, xs);
+                let hidden = linear(cpu, &h, fc1, None, None, Some(&gelu));
+                linear(cpu, &hidden, fc2, ls2, Some(&x), None)
+            }
+            CpuMlp::Packed { fc1, fc2 } => {
+                let hidden = linear(cpu, &h, fc1, None, None, None);
+                let half = fc1.w.n() / 2;
+                let mut gated = vec![0f32; hidden.len() / 2];
+                gated
+                    .par_chunks_mut(half * ROWS)
+                    .zip(hidden.par_chunks(2 * half * ROWS))
+                    .for_each(|(g, hd)| {
+                        for (g, row) in g.chunks_exact_mut(half).zip(hd.chunks_exact(2 * half)) {
+                            let (gate, val) = row.split_at(half);
+                            for ((g, a), v) in g.iter_mut().zip(gate).zip(val) {
+                                *g = silu(*a) * v;
+                            }
+                        }
+                    });
+                linear(cpu, &gated, fc2, ls2, Some(&x), None)
+            }
+            CpuMlp::Split { fc1_g, fc1_x, fc2 } => {
+                let mut gate = linear(cpu, &h, fc1_g, None, None, None);
+                let val = linear(cpu, &h, fc1_x, None, None, None);
+                gate.par_chunks_mut(4096)
+                    .zip(val.par_chunks(4096))
+                    .for_each(|(g, v)| {
+                        for (g, v) in g.iter_mut().zip(v) {
+                            *g = silu(*g) * v;
+                        }
+                    });
+                linear(cpu, &gate, fc2, ls2, Some(&x), None)
+            }
+        }
+    }
+}
+
+/// candle's `silu`, `x / (1 + e^-x)`.
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// Row-wise `softmax(scale * row)` in place (rows of `n`), 16 lanes at a time: scalar `expf`
+/// and the loops around it were a tenth of ViT-S's time.
+fn softmax_rows(cpu: Avx512, xs: &mut [f32], n: usize, scale: f32) {
+    let _ = cpu;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
+    unsafe {
+        softmax_avx512(xs, n, scale)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    softmax_scalar(xs, n, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(xs: &mut [f32], n: usize, scale: f32) {
+    softmax_scalar(xs, n, scale)
+}
+
+/// The loops [`softmax_avx512`] compiles with AVX-512: reductions over 16 independent lanes
+/// (so they vectorise), [`exp_le0`] branch-free.
+#[inline(always)]
+fn softmax_scalar(xs: &mut [f32], n: usize, scale: f32) {
+    const L: usize = 16;
+    for row in xs.chunks_exact_mut(n.max(1)) {
+        let mut lanes = [f32::NEG_INFINITY; L];
+        let mut chunks = row.chunks_exact(L);
+        for c in &mut chunks {
+            for (m, v) in lanes.iter_mut().zip(c) {
+                *m = m.max(*v);
+            }
+        }
+        let max = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let mut sums = [0f32; L];
+        let mut chunks = row.chunks_exact_mut(L);
+        for c in &mut chunks {
+            for (s, v) in sums.iter_mut().zip(c) {
+                *v = exp_le0((*v - max) * scale);
+                *s += *v;
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp_le0((*v - max) * scale);
+            sum += *v;
+        }
+        let inv = sum.recip();
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// `e^x` for `x <= 0` (Cephes' expf: `x = k ln 2 + r`, a degree-6 polynomial in `r`, `2^k`
+/// from the exponent bits), within 2 ulp; below -87 it flushes to `e^-87`, which is 0 next
+/// to the row's maximum term of 1.
+#[inline(always)]
+fn exp_le0(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 0.0);
+    let k = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = p * r + c;
+    }
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits((((k as i32) + 127) as u32) << 23)
+}
+
+/// Exact (erf) GELU in place, `x / 2 * (1 + erf(x / √2))`, 16 lanes at a time: a scalar
+/// libm erf per element cost a sixth of ViT-S's time.
+fn gelu_erf(cpu: Avx512, xs: &mut [f32]) {
+    let _ = cpu;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
+    unsafe {
+        gelu_avx512(xs)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    gelu_scalar(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(xs: &mut [f32]) {
+    gelu_scalar(xs)
+}
+
+/// The loop [`gelu_avx512`] compiles with AVX-512 (branch-free, so it vectorises).
+#[inline(always)]
+fn gelu_scalar(xs: &mut [f32]) {
+    for v in xs {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// erf in f32 as Eigen and XLA compute it: a rational function of degree 13/8 on [-4, 4]
+/// (outside, erf is ±1 in f32); within a few ulp of the exact value.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    for c in [
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.9546e-3,
+        -1.609_603_3e-2,
+    ] {
+        p = p * x2 + c;
+    }
+    let mut q = -1.456_607_2e-5_f32;
+    for c in [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
+        q = q * x2 + c;
+    }
+    x * p / q
+}
+
+/// An in-place function on a chunk of rows (an activation).
+type RowsFn<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
+
+/// `((a · W + bias) * scale + residual)` for the rows of `a`, then `post` on each chunk of
+/// rows; chunks of rows in parallel.
+fn linear(
+    cpu: Avx512,
+    a: &[f32],
+    lin: &Lin,
+    scale: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    post: Option<RowsFn<'_>>,
+) -> Vec<f32> {
+    let (k, n) = (lin.w.k(), lin.w.n());
+    let rows = a.len() / k;
+    let mut out = vec![0f32; rows * n];
+    out.par_chunks_mut(ROWS * n)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let r0 = chunk * ROWS;
+            let m = dst.len() / n;
+            let ep = Epilogue {
+                bias: lin.bias.as_deref(),
+                scale,
+                residual: residual.map(|r| &r[r0 * n..(r0 + m) * n]),
+                relu: false,
+            };
+            cpu_gemm::gemm(
+                cpu,
+                &a[r0 * k..(r0 + m) * k],
+                k,
+                m,
+                &lin.w,
+                dst,
+                n,
+                ep,
+                K_BLOCK,
+            );
+            if let Some(post) = post {
+                post(dst);
+            }
+        });
+    out
+}
+
+/// Multi-head self-attention of `b` images of `n` tokens from their `[b * n, 3 * d]` qkv
+/// projection (timm's `[3, heads, head_dim]` order in each row) to `[b * n, d]`, heads
+/// concatenated. One image per parallel task.
+fn attention(cpu: Avx512, qkv: &[f32], b: usize, n: usize, d: usize, heads: usize) -> Vec<f32> {
+    let hd = d / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; b * n * d];
+    out.par_chunks_mut(n * d)
+        .enumerate()
+        .for_each(|(img, dst)| {
+            let rows = &qkv[img * n * 3 * d..(img + 1) * n * 3 * d];
+            let mut scores = vec![0f32; n * n];
+            for h in 0..heads {
+                let q = h * hd;
+                let (k, v) = (d + h * hd, 2 * d + h * hd);
+                let kt = PackedB::from_columns(hd, n, |j| &rows[j * 3 * d + k..][..hd]);
+                let vs = PackedB::from_rows(n, hd, |j| &rows[j * 3 * d + v..][..hd]);
+                let none = Epilogue::default();
+                cpu_gemm::gemm(
+                    cpu,
+                    &rows[q..],
+                    3 * d,
+                    n,
+                    &kt,
+                    &mut scores,
+                    n,
+                    none,
+                    K_BLOCK,
+                );
+                softmax_rows(cpu, &mut scores, n, scale);
+                cpu_gemm::gemm(cpu, &scores, n, n, &vs, &mut dst[q..], d, none, K_BLOCK);
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention written out in f64 loops: the oracle.
+    fn naive_attention(qkv: &[f32], b: usize, n: usize, d: usize, heads: usize) -> Vec<f64> {
+        let hd = d / heads;
+        let mut out = vec![0f64; b * n * d];
+        let at = |img: usize, t: usize, part: usize, h: usize, i: usize| {
+            qkv[(img * n + t) * 3 * d + part * d + h * hd + i] as f64
+        };
+        for img in 0..b {
+            for h in 0..heads {
+                for i in 0..n {
+                    let s: Vec<f64> = (0..n)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|c| at(img, i, 0, h, c) * at(img, j, 1, h, c))
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        out[(img * n + i) * d + h * hd + c] =
+                            (0..n).map(|j| e[j] / total * at(img, j, 2, h, c)).sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_loops_in_f64() {
+        let Some(cpu) = Avx512::detect() else {
+            eprintln!("no AVX-512F here: the CPU ViT path is not used on this CPU");
+            return;
+        };
+        // Odd token counts (tile and panel remainders) and two head widths.
+        for (b, n, d, heads) in [(2, 7, 16, 2), (1, 67, 128, 2), (3, 13, 96, 3)] {
+            let qkv: Vec<f32> = (0..b * n * 3 * d)
+                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+                .collect();
+            let got = attention(cpu, &qkv, b, n, d, heads);
+            let want = naive_attention(&qkv, b, n, d, heads);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{b}x{n}x{d}/{heads} at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_and_softmax_match_f64() {
+        for i in 0..=870_000 {
+            let x = -(i as f32) / 10_000.0;
+            let want = (x as f64).exp();
+            let got = exp_le0(x) as f64;
+            assert!(
+                (got - want).abs() <= 3e-7 * want,
+                "exp({x}): {got} vs {want}"
+            );
+        }
+        let n = 37;
+        let mut xs: Vec<f32> = (0..2 * n)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+            .collect();
+        let want: Vec<f64> = xs
+            .chunks(n)
+            .flat_map(|row| {
+                let e: Vec<f64> = row.iter().map(|v| (*v as f64 * 0.125).exp()).collect();
+                let total: f64 = e.iter().sum();
+                e.into_iter().map(move |v| v / total)
+            })
+            .collect();
+        softmax_scalar(&mut xs, n, 0.125);
+        for (g, w) in xs.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 1e-6 * w.max(1e-3), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn erf_is_within_a_few_ulp_of_f64() {
+        let mut worst = 0f64;
+        for i in -60_000..=60_000 {
+            let x = i as f32 / 10_000.0;
+            let want = candle_core::cpu::erf::erf_f64(x as f64);
+            worst = worst.max((erf(x) as f64 - want).abs());
+        }
+        assert!(worst < 5e-7, "max abs error {worst}");
+        let mut xs = vec![-3.0f32, -0.5, 0.0, 0.7, 2.5];
+        let want: Vec<f64> = xs
+            .iter()
+            .map(|&x| {
+                0.5 * x as f64 * (1.0 + candle_core::cpu::erf::erf_f64(x as f64 / 2f64.sqrt()))
+            })
+            .collect();
+        gelu_scalar(&mut xs);
+        for (g, w) in xs.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() {
+        let dev = Device::Cpu;
+        let d = 48;
+        let x = Tensor::rand(-2f32, 3.0, (10, d), &dev).unwrap();
+        let g = Tensor::rand(0.5f32, 1.5, d, &dev).unwrap();
+        let beta = Tensor::rand(-0.5f32, 0.5, d, &dev).unwrap();
+        let ln = LayerNorm::new(g, beta, 1e-6);
+        let want = candle_core::Module::forward(&ln, &x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = Norm::new(&ln)
+            .unwrap()
+            .forward(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}
