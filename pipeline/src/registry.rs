@@ -145,10 +145,11 @@ pub fn configure_typed<K: StageKind>(params: K) -> Arc<dyn ConfiguredStage> {
     Arc::new(Configured(params))
 }
 
-/// Stage kinds by name.
+/// Stage kinds by name, and the native libraries they run on.
 #[derive(Default, Clone)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynKind>>,
+    libraries: BTreeMap<&'static str, String>,
 }
 
 impl Registry {
@@ -174,6 +175,21 @@ impl Registry {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+
+    /// Records the version of a native library the stages run on (e.g. OpenSlide, whose
+    /// version decides which slide formats open), for `tessera --version`.
+    pub fn note_library(&mut self, name: &'static str, version: impl Into<String>) -> &mut Self {
+        self.libraries.insert(name, version.into());
+        self
+    }
+
+    /// The noted libraries as `NAME VERSION`, sorted by name.
+    pub fn libraries(&self) -> Vec<String> {
+        self.libraries
+            .iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect()
     }
 }
 
