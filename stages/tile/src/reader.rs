@@ -507,11 +507,19 @@ mod tests {
     }
 
     #[test]
-    fn generic_tiff_has_levels_and_no_mpp() {
+    fn generic_tiff_has_levels_and_an_mpp_from_openslide4_only() {
         let r = SlideReader::open(slide_path("boxes.tiff")).unwrap();
         assert_eq!(r.dimensions(), (300, 250));
         assert_eq!(r.levels().len(), 4);
-        assert_eq!(r.mpp(), None);
+        // boxes.tiff says 72 dpi, in pixels per centimetre (4294967295 / 151551421): OpenSlide
+        // 4 reports that as mpp (352.9 um), OpenSlide 3 reports no mpp for generic TIFF.
+        match (crate::library::openslide_major() >= Some(4), r.mpp()) {
+            (true, Some(mpp)) => {
+                assert!((mpp - 1e4 * 151_551_421.0 / 4_294_967_295.0).abs() < 1e-6)
+            }
+            (false, None) => {}
+            (_, mpp) => panic!("OpenSlide {}: mpp {mpp:?}", crate::openslide_version()),
+        }
         assert_eq!(r.best_level(1.0), 0);
         assert_eq!(r.best_level(2.0), 1);
         assert_eq!(r.best_level(3.0), 1);
