@@ -86,9 +86,10 @@ EOF
   # (its output names the library folder pkg-config gave it).
   for out in "$(dirname "$0")"/../target/*/build/openslide-sys-*/output; do
     if [ -e "$out" ] && ! grep -q "$libdir" "$out"; then
-      echo "setup: this checkout was built against another OpenSlide; to link $openslide_version," \
-        "run \`cargo clean -p openslide-sys\` (with --release for release builds) once" >&2
-      break
+      profile=$(basename "$(dirname "$(dirname "$(dirname "$out")")")")
+      flag=""; [ "$profile" = release ] && flag=" --release"
+      echo "setup: target/$profile was built against another OpenSlide; to link" \
+        "$openslide_version, run \`cargo clean -p openslide-sys$flag\` once" >&2
     fi
   done
 fi
