@@ -87,8 +87,13 @@ pub fn content_key(parts: &KeyParts<'_>) -> String {
 /// first and last MiB. Edits that keep the size and touch neither end go unnoticed; slide
 /// formats keep their headers and directories there, so re-scans and re-exports change it.
 /// Remembered for the life of the process while the file's size, mtime and inode stay the same
-/// (a sweep plans every point against the same slides).
+/// (a sweep plans every point against the same slides). A folder (a DICOM slide's series) is
+/// identified by the names and identities of the files in it, so adding, removing or
+/// rewriting one instance changes it.
 pub fn file_identity(path: &Path) -> Result<String, CacheError> {
+    if path.is_dir() {
+        return folder_identity(path);
+    }
     memoized(path, "identity", || {
         let mut f = File::open(path).map_err(io_err(path))?;
         let len = f.metadata().map_err(io_err(path))?.len();
@@ -106,6 +111,32 @@ pub fn file_identity(path: &Path) -> Result<String, CacheError> {
         }
         Ok(format!("{len}:{}", &h.finalize().to_hex()[..32]))
     })
+}
+
+/// [`file_identity`] of a folder: its regular files (not its subfolders), sorted by name.
+fn folder_identity(dir: &Path) -> Result<String, CacheError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in &files {
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        let id = file_identity(f)?;
+        for field in [name.as_ref(), id.as_str()] {
+            h.update(&(field.len() as u64).to_le_bytes());
+            h.update(field.as_bytes());
+        }
+    }
+    Ok(format!(
+        "dir{}:{}",
+        files.len(),
+        &h.finalize().to_hex()[..32]
+    ))
 }
 
 /// Hash of a whole file (model weights: small enough, and every byte matters). Remembered like
@@ -514,6 +545,30 @@ mod tests {
                 ..base.clone()
             })
         );
+    }
+
+    #[test]
+    fn a_folder_is_identified_by_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let slide = dir.path().join("series");
+        fs::create_dir(&slide).unwrap();
+        fs::write(slide.join("a.dcm"), b"level 0").unwrap();
+        fs::write(slide.join("b.dcm"), b"level 1").unwrap();
+        let a = file_identity(&slide).unwrap();
+        assert!(a.starts_with("dir2:"), "{a}");
+        assert_eq!(file_identity(&slide).unwrap(), a);
+        // An instance rewritten in place (the folder's own mtime does not change).
+        fs::write(slide.join("b.dcm"), b"level 1, cut").unwrap();
+        let b = file_identity(&slide).unwrap();
+        assert_ne!(a, b);
+        // An instance missing.
+        fs::remove_file(slide.join("a.dcm")).unwrap();
+        assert_ne!(file_identity(&slide).unwrap(), b);
+        // Renamed: another identity too.
+        fs::rename(slide.join("b.dcm"), slide.join("c.dcm")).unwrap();
+        let c = file_identity(&slide).unwrap();
+        fs::rename(slide.join("c.dcm"), slide.join("d.dcm")).unwrap();
+        assert_ne!(file_identity(&slide).unwrap(), c);
     }
 
     #[test]

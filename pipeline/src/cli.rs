@@ -10,7 +10,7 @@ use crate::runner::{execute, RunSettings};
 use crate::shard::Shard;
 use crate::slurm::{sbatch, JobSpec, Resources};
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -149,7 +149,7 @@ enum CacheCommand {
 
 /// Runs the CLI with `registry`; returns the process exit code.
 pub fn main(registry: Registry) -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args(&registry);
     init_logging(cli.verbose);
     match dispatch(cli.command, &registry) {
         Ok(code) => code,
@@ -158,6 +158,21 @@ pub fn main(registry: Registry) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The command line, with `--version` naming the libraries the registry's stages run on
+/// (`tessera 0.1.0 (OpenSlide 4.0.1)`).
+fn parse_args(registry: &Registry) -> Cli {
+    let libraries = registry.libraries();
+    let mut command = Cli::command();
+    if !libraries.is_empty() {
+        let version = format!("{} ({})", env!("CARGO_PKG_VERSION"), libraries.join(", "));
+        // Parsed once per process: leaking the string is what a `'static` version takes.
+        let version: &'static str = Box::leak(version.into_boxed_str());
+        command = command.version(version);
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn init_logging(verbose: u8) {

@@ -153,11 +153,13 @@ pub type SlideExporter = fn(
     batches: &[arrow::record_batch::RecordBatch],
 ) -> Result<std::path::PathBuf, String>;
 
-/// Stage kinds by name, and the per-slide file layouts `tessera export` can write.
+/// Stage kinds by name, the per-slide file layouts `tessera export` can write, and the native
+/// libraries the stages run on.
 #[derive(Default, Clone)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynKind>>,
     exporters: BTreeMap<&'static str, SlideExporter>,
+    libraries: BTreeMap<&'static str, String>,
 }
 
 impl Registry {
@@ -195,6 +197,21 @@ impl Registry {
     /// The exporter registered as `name`.
     pub fn exporter(&self, name: &str) -> Option<SlideExporter> {
         self.exporters.get(name).copied()
+    }
+
+    /// Records the version of a native library the stages run on (e.g. OpenSlide, whose
+    /// version decides which slide formats open), for `tessera --version`.
+    pub fn note_library(&mut self, name: &'static str, version: impl Into<String>) -> &mut Self {
+        self.libraries.insert(name, version.into());
+        self
+    }
+
+    /// The noted libraries as `NAME VERSION`, sorted by name.
+    pub fn libraries(&self) -> Vec<String> {
+        self.libraries
+            .iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect()
     }
 }
 

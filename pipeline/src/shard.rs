@@ -83,6 +83,25 @@ pub fn assign_by_size(slides: &[(&str, u64)], count: usize) -> Vec<usize> {
     shard_of
 }
 
+/// A slide's size on disk: its file's, or a folder's (a DICOM series) files' summed; 0 when
+/// missing.
+fn slide_bytes(path: &std::path::Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
 impl Shard {
     /// Which slides (by dataset index) this shard processes. Sizes come from the files;
     /// a missing file weighs nothing (it fails in its stage, reported there).
@@ -90,12 +109,7 @@ impl Shard {
         let sized: Vec<(&str, u64)> = slides
             .iter()
             .map(|s| {
-                let size = s
-                    .path
-                    .as_deref()
-                    .and_then(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
-                    .unwrap_or(0);
+                let size = s.path.as_deref().map(slide_bytes).unwrap_or(0);
                 (s.id.as_str(), size)
             })
             .collect();

@@ -9,8 +9,9 @@ pub use tessera_tile as tile;
 
 use tessera_pipeline::Registry;
 
-/// Adds every built-in stage kind to `registry`.
+/// Adds every built-in stage kind to `registry`, and notes the OpenSlide the tiling runs on.
 pub fn register_builtins(registry: &mut Registry) -> &mut Registry {
+    registry.note_library("OpenSlide", tessera_tile::openslide_version());
     registry.register::<tessera_tile::TileParams>();
     registry.register::<tessera_embed::EmbedParams>();
     registry.register::<tessera_features::FeaturesParams>();

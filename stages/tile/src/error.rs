@@ -23,6 +23,10 @@ pub enum TileError {
         h: u32,
         message: String,
     },
+    /// A DICOM slide's series is incomplete or damaged (a missing level 0, an instance cut
+    /// off), or its folder holds no or several series.
+    #[error("DICOM slide {}: {message}", path.display())]
+    Dicom { path: PathBuf, message: String },
     /// A target resolution was asked for but the slide's pixel size is unknown.
     #[error(
         "slide {} has no microns-per-pixel in its metadata (openslide.mpp-x/mpp-y){}; \

@@ -3,6 +3,7 @@
 //! resampling), and the low-resolution overview tissue detection runs on. The embedding and
 //! end-to-end training stages reuse it to read pixels for coordinates they were given.
 
+use crate::dicom;
 use crate::direct::{DirectReader, LevelRegion};
 use crate::error::{TileError, TileResult};
 use crate::pixels::argb_to_rgb;
@@ -16,6 +17,12 @@ use std::sync::Mutex;
 /// Relative slack when matching a requested downsample to a pyramid level: scanners store
 /// levels at 4.0003x rather than 4x, which must still count as the 4x level.
 const LEVEL_TOLERANCE: f64 = 0.01;
+
+/// Coarsest level-0 resolution taken from a slide's metadata, in microns per pixel. OpenSlide 4
+/// reads a generic TIFF's resolution tags as mpp, which image tools fill with print/screen
+/// defaults (72 dpi: 352.8 um; vips: 1 px/mm); no whole-slide scan is coarser than a few um
+/// (1.25x: about 8 um), so a larger value is treated as no mpp.
+const MAX_SLIDE_MPP: f64 = 20.0;
 
 /// Bytes of ARGB one overview band may read at once, so a single-level gigapixel slide
 /// never needs its whole level 0 in memory.
@@ -68,7 +75,10 @@ pub struct Overview {
 #[derive(Debug)]
 pub struct SlideReader {
     slide: OpenSlide,
+    /// The slide as given (a DICOM slide's folder, not the instance OpenSlide opened).
     path: PathBuf,
+    /// OpenSlide's name for the format (`aperio`, `dicom`, `generic-tiff`, ...).
+    vendor: String,
     levels: Vec<LevelInfo>,
     mpp: Option<f64>,
     objective_power: Option<f64>,
@@ -78,8 +88,9 @@ pub struct SlideReader {
 }
 
 impl SlideReader {
-    /// Opens a slide in any format OpenSlide reads; the error names the file and carries
-    /// OpenSlide's own message. Reads pixels directly where it can ([`ReaderMode::Auto`]).
+    /// Opens a slide in any format OpenSlide reads (a DICOM slide by its folder or any of its
+    /// instance files); the error names the slide and carries OpenSlide's own message. Reads
+    /// pixels directly where it can ([`ReaderMode::Auto`]).
     pub fn open(path: impl AsRef<Path>) -> TileResult<Self> {
         Self::open_with(path, ReaderMode::Auto)
     }
@@ -91,7 +102,10 @@ impl SlideReader {
             path: path.clone(),
             message,
         };
-        let slide = OpenSlide::new(&path).map_err(|e| open_err(e.to_string()))?;
+        let file = dicom::openable_path(&path)?;
+        let slide = OpenSlide::new(&file).map_err(|e| {
+            open_err(dicom::unsupported_reason(&path).unwrap_or_else(|| e.to_string()))
+        })?;
         let dims = slide.all_level_dimensions();
         let downsamples = slide.all_level_downsamples();
         if dims.is_empty() {
@@ -119,8 +133,29 @@ impl SlideReader {
         let mpp = match (number("openslide.mpp-x"), number("openslide.mpp-y")) {
             (Some(x), Some(y)) => Some((x + y) / 2.0),
             (one, other) => one.or(other),
-        };
+        }
+        .filter(|&mpp| {
+            let plausible = mpp <= MAX_SLIDE_MPP;
+            if !plausible {
+                tracing::debug!(
+                    "{}: ignoring mpp {mpp} (a default DPI, not a microscope resolution)",
+                    path.display()
+                );
+            }
+            plausible
+        });
         let objective_power = number("openslide.objective-power");
+        let vendor = slide
+            .property_value("openslide.vendor")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if vendor == "dicom" {
+            let image_type: Vec<String> = (0..)
+                .map_while(|i| slide.property_value(&format!("dicom.ImageType[{i}]")).ok())
+                .collect();
+            dicom::check_level_zero(&path, &image_type, (levels[0].width, levels[0].height))?;
+        }
         let background = slide
             .property_value("openslide.background-color")
             .ok()
@@ -128,20 +163,18 @@ impl SlideReader {
             .unwrap_or([255, 255, 255]);
         let direct = match mode {
             ReaderMode::Openslide => None,
-            ReaderMode::Auto => {
-                let vendor = slide.property_value("openslide.vendor").unwrap_or_default();
-                match DirectReader::open(&path, vendor.trim(), &levels) {
-                    Ok(d) => Some(Mutex::new(d)),
-                    Err(reason) => {
-                        tracing::debug!("{}: pixels through OpenSlide ({reason})", path.display());
-                        None
-                    }
+            ReaderMode::Auto => match DirectReader::open(&file, &vendor, &levels) {
+                Ok(d) => Some(Mutex::new(d)),
+                Err(reason) => {
+                    tracing::debug!("{}: pixels through OpenSlide ({reason})", path.display());
+                    None
                 }
-            }
+            },
         };
         Ok(SlideReader {
             slide,
             path,
+            vendor,
             levels,
             mpp,
             objective_power,
@@ -160,6 +193,51 @@ impl SlideReader {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// OpenSlide's name for the slide's format (`aperio`, `dicom`, `generic-tiff`, ...), for
+    /// checks and messages that depend on it.
+    pub fn vendor(&self) -> &str {
+        &self.vendor
+    }
+
+    /// One of OpenSlide's metadata properties (`openslide.*`, or the format's own, such as
+    /// `dicom.SeriesInstanceUID`), for metadata this reader does not interpret itself.
+    pub fn property(&self, name: &str) -> Option<String> {
+        self.slide.property_value(name).ok()
+    }
+
+    /// Checks, once per slide before tiling, what opening does not: for a DICOM slide, that
+    /// every instance in its folder opens and belongs to its series (when named by the
+    /// folder) and that the last tile of every level decodes (an instance cut inside its
+    /// pixel data fails there, not halfway through tiling). Other formats pass.
+    pub fn verify(&self) -> TileResult<()> {
+        if self.vendor != "dicom" {
+            return Ok(());
+        }
+        let series = self.property("dicom.SeriesInstanceUID");
+        dicom::check_instances(&self.path, series.as_deref())?;
+        for (index, level) in self.levels.iter().enumerate() {
+            // Level-0 coordinates of the level's last pixel: in its last frame, which
+            // TILED_FULL instances store last.
+            let x = ((level.width - 1) as f64 * level.downsample) as u64;
+            let y = ((level.height - 1) as f64 * level.downsample) as u64;
+            self.read_region(index as u32, x, y, 1, 1)
+                .map_err(|e| TileError::Dicom {
+                    path: self.path.clone(),
+                    message: format!(
+                        "level {index} ({}x{} px) does not decode its last tile ({}): an \
+                         instance is truncated or damaged",
+                        level.width,
+                        level.height,
+                        match e {
+                            TileError::Read { message, .. } => message,
+                            other => other.to_string(),
+                        }
+                    ),
+                })?;
+        }
+        Ok(())
     }
 
     /// Level-0 width and height.
@@ -449,6 +527,8 @@ mod tests {
         let r = SlideReader::open(slide_path("boxes.tiff")).unwrap();
         assert_eq!(r.dimensions(), (300, 250));
         assert_eq!(r.levels().len(), 4);
+        // boxes.tiff says 72 dpi (in pixels per centimetre): OpenSlide 4 reports that as an mpp
+        // of 352.9 um, OpenSlide 3 reports none; neither is a microscope's.
         assert_eq!(r.mpp(), None);
         assert_eq!(r.best_level(1.0), 0);
         assert_eq!(r.best_level(2.0), 1);

@@ -236,10 +236,12 @@ pub struct TileStage {
 }
 
 impl TileStage {
-    /// Plans a slide (geometry, tissue, kept tiles) and writes its thumbnail.
+    /// Checks the slide whole ([`SlideReader::verify`]), plans it (geometry, tissue, kept
+    /// tiles) and writes its thumbnail.
     pub fn plan(&self, slide: &SlideHandle) -> StageResult<(SlidePlan, PathBuf)> {
         let path = slide_path(slide)?;
         let reader = SlideReader::open(&path)?;
+        reader.verify()?;
         let plan = plan_slide(&reader, slide.mpp, &self.params.plan_options())?;
         if let Some(picture) = &plan.picture {
             let file = self.thumbnail_path(slide);
@@ -348,6 +350,7 @@ impl Stage for TileStage {
         _input: usize,
         slide: &SlideHandle,
     ) -> StageResult {
+        record_library(ctx);
         let (plan, path) = self.plan(slide)?;
         let rows = Self::rows(&plan);
         if rows.is_empty() {
@@ -383,6 +386,7 @@ impl Stage for TileStage {
         slide: &SlideHandle,
         cached: Vec<RecordBatch>,
     ) -> StageResult {
+        record_library(ctx);
         if !self.params.emit_pixels {
             for batch in cached {
                 ctx.emit(slide, batch)?;
@@ -410,6 +414,15 @@ impl Stage for TileStage {
         }
         ctx.end_slide(slide)
     }
+}
+
+/// Puts the OpenSlide version the slides were read with into run.json (`details.openslide`):
+/// which formats open depends on it (DICOM needs 4).
+fn record_library(ctx: &StageContext) {
+    ctx.set_detail(
+        "openslide",
+        serde_json::Value::String(crate::openslide_version().to_string()),
+    );
 }
 
 fn slide_path(slide: &SlideHandle) -> StageResult<PathBuf> {
