@@ -3,7 +3,7 @@
 //! SparseConvMIL wins: it sees the arrangement of the instances, the permutation-invariant
 //! baselines cannot. (The crate test `stages/mil/tests/spatial_context.rs` checks the tight
 //! claim, every baseline <= 0.6, on 300 test bags; this run has 40, so single baselines get
-//! a little more room here.) The example's two TransMIL points train one bag at a time
+//! three standard deviations of guessing here.) The example's two TransMIL points train one bag at a time
 //! through Nystrom attention, minutes in a debug build: this test runs the example's file with
 //! the other thirteen models (the README's table comes from the whole sweep).
 
@@ -107,7 +107,10 @@ fn spatial_sweep_prints_one_row_per_model_and_sparseconvmil_wins() {
     let baselines: Vec<f64> = MODELS[1..].iter().map(|m| balanced_accuracy(m)).collect();
     let summary = format!("sparseconvmil {sparse:.3}, baselines {baselines:.3?}");
     assert!(sparse >= 0.9, "{summary}");
-    assert!(baselines.iter().all(|&b| b <= 0.65), "{summary}");
+    // 40 test slides: a guessing model's balanced accuracy has sd sqrt(0.25 / 40) = 0.079, so
+    // with twelve baselines one above 0.65 (1.9 sd) happens in about a third of the runs; each
+    // is held to 3 sd (0.74), their mean (sd 0.023) to 0.6.
+    assert!(baselines.iter().all(|&b| b <= 0.74), "{summary}");
     assert!(
         baselines.iter().sum::<f64>() / baselines.len() as f64 <= 0.6,
         "{summary}"
