@@ -73,18 +73,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// The defaults with `sets` applied (through serde, so names and types are the YAML's).
-fn params(sets: &[(String, Value)], pooling: Pooling) -> Result<TrainParams, String> {
-    let mut v = serde_json::to_value(TrainParams::default()).map_err(|e| e.to_string())?;
-    if let Value::Object(map) = &mut v {
-        for (k, val) in sets {
-            map.insert(k.clone(), val.clone());
-        }
-        map.insert("pooling".into(), Value::String(pooling.name().into()));
-    }
-    serde_json::from_value(v).map_err(|e| format!("--set: {e}"))
-}
-
 /// What one model reached on one task.
 struct Outcome {
     balanced_accuracy: f64,
@@ -189,7 +177,7 @@ fn main() {
         let bags = data.bags();
         let mut results: Vec<(Pooling, f64)> = Vec::new();
         for &pooling in &args.poolings {
-            let p = match params(&args.sets, pooling) {
+            let p = match TrainParams::with_overrides(&args.sets, pooling) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -130,18 +130,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// The defaults with `sets` applied (through serde, so names and types are the YAML's).
-fn params(sets: &[(String, Value)], pooling: Pooling) -> Result<TrainParams, String> {
-    let mut v = serde_json::to_value(TrainParams::default()).map_err(|e| e.to_string())?;
-    if let Value::Object(map) = &mut v {
-        for (k, val) in sets {
-            map.insert(k.clone(), val.clone());
-        }
-        map.insert("pooling".into(), Value::String(pooling.name().into()));
-    }
-    serde_json::from_value(v).map_err(|e| format!("--set: {e}"))
-}
-
 /// 70 / 15 / 15 splits as `sample` makes them without a split column: stratified by the event
 /// (survival) or one stratum (regression), shuffled by `seed`.
 fn assign_splits(slides: &[OutcomeSlide], seed: u64) -> Vec<Split> {
@@ -349,7 +337,7 @@ fn main() {
             };
             let splits = assign_splits(&slides, seed);
             for &pooling in &args.poolings {
-                let p = match params(&args.sets, pooling) {
+                let p = match TrainParams::with_overrides(&args.sets, pooling) {
                     Ok(p) => p,
                     Err(e) => {
                         eprintln!("error: {e}");

@@ -247,6 +247,26 @@ pub const DEFAULT_ENCODER_WIDTH: usize = 128;
 const DEFAULT_CLAM_DSMIL: ClamDsmilOptions = ClamDsmilOptions::DEFAULT;
 
 impl TrainParams {
+    /// The defaults with `sets` applied by their YAML names (through serde, so names and types
+    /// are checked as in an experiment file) and `pooling` chosen: how the defaults studies
+    /// (`defaults_study`, `outcome_study` examples) state the configuration they try.
+    pub fn with_overrides(
+        sets: &[(String, serde_json::Value)],
+        pooling: Pooling,
+    ) -> Result<TrainParams, String> {
+        let mut v = serde_json::to_value(TrainParams::default()).map_err(|e| e.to_string())?;
+        if let serde_json::Value::Object(map) = &mut v {
+            for (k, val) in sets {
+                map.insert(k.clone(), val.clone());
+            }
+            map.insert(
+                "pooling".into(),
+                serde_json::Value::String(pooling.name().into()),
+            );
+        }
+        serde_json::from_value(v).map_err(|e| format!("--set: {e}"))
+    }
+
     /// The architecture for embeddings of width `input_dim` and `n_classes` classes, with the
     /// training slides' statistics when the inputs are standardised.
     pub fn model_config(
