@@ -21,7 +21,7 @@ use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, Recor
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tessera_pipeline::schema::embeddings_schema;
 use tessera_pipeline::{
@@ -29,9 +29,7 @@ use tessera_pipeline::{
     StageResult,
 };
 
-use crate::parquet_import::{
-    features_err, files_salt, first_readable, Layout, SLIDE_ID_PLACEHOLDER,
-};
+use crate::parquet_import::{features_err, files_salt, first_readable, slide_file, Layout};
 
 /// Rows per emitted batch: bounded memory for slides with 100k tiles.
 const ROWS_PER_BATCH: usize = 8192;
@@ -113,13 +111,7 @@ impl H5FeaturesParams {
     /// Where the files are, as a `{slide_id}` pattern resolved against `base_dir` (a folder
     /// `F` is `F/{slide_id}.h5`).
     pub fn pattern(&self, base_dir: &Path) -> String {
-        let resolved = tessera_pipeline::paths::resolve_path(base_dir, Path::new(&self.path));
-        let pattern = if self.path.contains(SLIDE_ID_PLACEHOLDER) {
-            resolved
-        } else {
-            resolved.join(format!("{SLIDE_ID_PLACEHOLDER}.h5"))
-        };
-        pattern.to_string_lossy().into_owned()
+        crate::parquet_import::per_slide_pattern(&self.path, base_dir, "h5")
     }
 
     /// The embedding width of the first readable file matching `pattern` now.
@@ -423,11 +415,6 @@ impl StageKind for H5FeaturesParams {
             ctx.slides.iter().map(|s| slide_file(&pattern, &s.id)),
         ))
     }
-}
-
-/// The file of `slide_id` under a `{slide_id}` pattern.
-fn slide_file(pattern: &str, slide_id: &str) -> PathBuf {
-    PathBuf::from(pattern.replace(SLIDE_ID_PLACEHOLDER, slide_id))
 }
 
 /// The running `h5_features` source.

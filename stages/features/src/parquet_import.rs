@@ -29,6 +29,24 @@ use tessera_pipeline::{
 /// The placeholder a per-slide file pattern must contain.
 pub const SLIDE_ID_PLACEHOLDER: &str = "{slide_id}";
 
+/// Where one-file-per-slide sources (`h5_features`, `slideflow_features`) find their files:
+/// `path` resolved against `base_dir` as a `{slide_id}` pattern, a folder `F` meaning
+/// `F/{slide_id}.EXTENSION`.
+pub fn per_slide_pattern(path: &str, base_dir: &Path, extension: &str) -> String {
+    let resolved = tessera_pipeline::paths::resolve_path(base_dir, Path::new(path));
+    let pattern = if path.contains(SLIDE_ID_PLACEHOLDER) {
+        resolved
+    } else {
+        resolved.join(format!("{SLIDE_ID_PLACEHOLDER}.{extension}"))
+    };
+    pattern.to_string_lossy().into_owned()
+}
+
+/// The file of `slide_id` under a `{slide_id}` pattern.
+pub fn slide_file(pattern: &str, slide_id: &str) -> PathBuf {
+    PathBuf::from(pattern.replace(SLIDE_ID_PLACEHOLDER, slide_id))
+}
+
 /// Parameters of `kind: features`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -118,7 +136,7 @@ impl Layout {
     /// The file of one slide, for patterns.
     pub fn slide_file(&self, slide_id: &str) -> Option<PathBuf> {
         match self {
-            Layout::Pattern(p) => Some(PathBuf::from(p.replace(SLIDE_ID_PLACEHOLDER, slide_id))),
+            Layout::Pattern(p) => Some(slide_file(p, slide_id)),
             _ => None,
         }
     }

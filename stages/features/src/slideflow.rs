@@ -10,7 +10,7 @@
 
 use crate::error::FeaturesResult;
 use crate::h5_features::emit_rows;
-use crate::parquet_import::{features_err, files_salt, SLIDE_ID_PLACEHOLDER};
+use crate::parquet_import::{features_err, files_salt, slide_file};
 use arrow::datatypes::SchemaRef;
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Tensor};
@@ -53,13 +53,7 @@ pub struct Bag {
 impl SlideflowParams {
     /// The `.pt` pattern resolved against `base_dir` (a folder `F` is `F/{slide_id}.pt`).
     pub fn pattern(&self, base_dir: &Path) -> String {
-        let resolved = tessera_pipeline::paths::resolve_path(base_dir, Path::new(&self.path));
-        let pattern = if self.path.contains(SLIDE_ID_PLACEHOLDER) {
-            resolved
-        } else {
-            resolved.join(format!("{SLIDE_ID_PLACEHOLDER}.pt"))
-        };
-        pattern.to_string_lossy().into_owned()
+        crate::parquet_import::per_slide_pattern(&self.path, base_dir, "pt")
     }
 
     /// `tile_um`: the parameter, else `bags_config.json` next to the bags.
@@ -346,10 +340,6 @@ impl SlideflowParams {
             ))),
         }
     }
-}
-
-fn slide_file(pattern: &str, slide_id: &str) -> PathBuf {
-    PathBuf::from(pattern.replace(SLIDE_ID_PLACEHOLDER, slide_id))
 }
 
 /// The running `slideflow_features` source.
