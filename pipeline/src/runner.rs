@@ -573,8 +573,12 @@ fn build_context(
     }
 }
 
-/// Every cache key an experiment would use (for `cache gc --keep`).
-pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<String>, RunError> {
+/// The cache keys of an experiment's plan, per stage (graph index) and slide, `None` where a
+/// key cannot be known before running.
+fn experiment_keys(
+    graph: &Graph,
+    exp: &crate::config::Experiment,
+) -> Result<Vec<Vec<Option<String>>>, RunError> {
     let settings = RunSettings::for_experiment(exp, None, false);
     let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
     let build_ctx =
@@ -586,7 +590,16 @@ pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<S
         &build_ctx,
         None,
     )?;
-    Ok(plan.keys.into_iter().flatten().flatten().collect())
+    Ok(plan.keys)
+}
+
+/// Every cache key an experiment would use (for `cache gc --keep`).
+pub fn plan_keys(graph: &Graph, exp: &crate::config::Experiment) -> Result<Vec<String>, RunError> {
+    Ok(experiment_keys(graph, exp)?
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect())
 }
 
 /// The cache key of each slide's output of stage `stage` (graph index) in this experiment,
@@ -596,18 +609,10 @@ pub fn stage_keys(
     exp: &crate::config::Experiment,
     stage: usize,
 ) -> Result<Vec<Option<String>>, RunError> {
-    let settings = RunSettings::for_experiment(exp, None, false);
-    let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
-    let build_ctx =
-        |stage: usize, worker: usize| build_context(graph, &settings, &slides, stage, worker);
-    let plan = make_plan(
-        graph,
-        &settings,
-        &Cache::new(&settings.cache_dir),
-        &build_ctx,
-        None,
-    )?;
-    Ok(plan.keys.into_iter().nth(stage).unwrap_or_default())
+    Ok(experiment_keys(graph, exp)?
+        .into_iter()
+        .nth(stage)
+        .unwrap_or_default())
 }
 
 /// The cache entries a run would write: (kind, key) of every slide of every stage with
