@@ -170,7 +170,7 @@ pub fn score_slide(
         label_index: 0,
         split: Split::Test,
         dim: tiles.dim,
-        embeddings: Vec::new(),
+        embeddings: Default::default(),
         positions: None,
         pixels: None,
     };
@@ -199,10 +199,10 @@ pub fn score_slide(
         let instance_of: Vec<usize> = cells.iter().map(|c| index[c]).collect();
         let cell_tiles = instance_of.iter().map(|&k| merged.counts[k]).collect();
         bag.positions = Some(merged.cells.iter().map(|&(i, j)| [i, j]).collect());
-        bag.embeddings = merged.embeddings;
+        bag.embeddings = merged.embeddings.into();
         (instance_of, cell_tiles)
     } else {
-        bag.embeddings = tiles.embeddings.clone();
+        bag.embeddings = tiles.embeddings.clone().into();
         ((0..n).collect(), vec![1; n])
     };
     let importance = model.explain(&bag)?;

@@ -538,7 +538,10 @@ fn export(s: &Setup, bags: &[&Bag], path: &std::path::Path) {
         .map(|(name, v)| (name, v.as_tensor().to_device(&cpu).expect("weights")))
         .collect();
     let n: usize = bags.iter().map(|b| b.len()).sum();
-    let x: Vec<f32> = bags.iter().flat_map(|b| b.embeddings.clone()).collect();
+    let x: Vec<f32> = bags
+        .iter()
+        .flat_map(|b| b.embeddings.iter().copied())
+        .collect();
     let pos: Vec<i64> = bags
         .iter()
         .flat_map(|b| b.positions.clone().unwrap_or_default())

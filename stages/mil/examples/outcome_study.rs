@@ -218,7 +218,7 @@ fn run(
             label_index: usize::from(s.survival.is_some_and(|(_, e)| e)),
             split,
             dim,
-            embeddings: s.slide.embeddings.clone(),
+            embeddings: s.slide.embeddings.clone().into(),
             positions: Some(s.slide.cells.clone()),
             pixels: None,
         })

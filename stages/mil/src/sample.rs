@@ -336,7 +336,11 @@ impl Stage for SampleStage {
             None => None,
         };
         let tiles = match &spilled {
-            Some(s) => s.batch.clone(),
+            Some(s) => {
+                // Mapping the file back touched its pages; draws page in only what they read.
+                s.release_pages();
+                s.batch.clone()
+            }
             None => tiles,
         };
         self.bags.insert(

@@ -156,3 +156,36 @@ fn baselines_run_without_map_positions() {
         .unwrap();
     assert!(!out.batches.is_empty());
 }
+
+#[test]
+fn bags_spilled_past_the_memory_budget_train_and_predict_identically() {
+    let run = |bag_memory_mb: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, _, _) = harness(dir.path());
+        let out = h
+            .run(TrainParams {
+                epochs: 3,
+                bag_memory_mb,
+                ..TrainParams::default()
+            })
+            .unwrap();
+        let predictions: Vec<_> = out
+            .batches
+            .iter()
+            .map(|(id, b)| (id.clone(), from_batch(b).unwrap()[0].probs.clone()))
+            .collect();
+        let log = read_log(&h.out_dir.join("train_log.json"));
+        let losses: Vec<f64> = log.epochs.iter().map(|e| e.train_loss).collect();
+        // The spill file is unlinked as soon as it is created: nothing is left behind.
+        let spill = h.out_dir.join(".spill");
+        let left = std::fs::read_dir(&spill).map(|d| d.count()).unwrap_or(0);
+        (predictions, losses, left, spill.exists())
+    };
+    let in_memory = run(64);
+    let spilled = run(0);
+    assert!(!in_memory.3, "within the budget nothing goes to disk");
+    assert!(spilled.3, "with a zero budget every bag is spilled");
+    assert_eq!(spilled.2, 0);
+    assert_eq!(in_memory.0, spilled.0, "predictions");
+    assert_eq!(in_memory.1, spilled.1, "training losses");
+}

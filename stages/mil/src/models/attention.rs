@@ -87,7 +87,7 @@ mod tests {
             label_index: 0,
             split: Split::Val,
             dim: 3,
-            embeddings: e,
+            embeddings: e.into(),
             positions: None,
             pixels: None,
         };

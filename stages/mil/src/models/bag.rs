@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+pub use super::rows::EmbeddingRows;
 pub use crate::columns::TilePixels;
 pub use crate::splits::Split;
 
@@ -15,7 +16,8 @@ pub struct Bag {
     pub label_index: usize,
     pub split: Split,
     pub dim: usize,
-    pub embeddings: Vec<f32>,
+    /// Owned, or mapped from `train`'s spill file when the epoch outgrows its memory budget.
+    pub embeddings: EmbeddingRows,
     /// `(map_i, map_j)` per instance, when the input carries a sparse map.
     pub positions: Option<Vec<[i64; 2]>>,
     /// The tiles' pixels (then `embeddings` is empty and `dim` 0), for end-to-end training.
@@ -125,6 +127,8 @@ impl BagBatch {
                     }
                 }
             }
+            // Spilled bags: the batch has its copy; keep the resident set to one batch.
+            bag.embeddings.release_pages();
         }
         let n = data.len() / dim.max(1);
         let features = Tensor::from_vec(data, (n, dim), device)?;

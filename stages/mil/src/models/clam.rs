@@ -431,7 +431,7 @@ mod tests {
             label_index: 1,
             split: crate::models::Split::Train,
             dim: 1,
-            embeddings: vec![-1.0, 0.5, 2.0, 0.0],
+            embeddings: vec![-1.0, 0.5, 2.0, 0.0].into(),
             positions: None,
             pixels: None,
         };

@@ -116,6 +116,7 @@ impl Standardization {
                 }
                 count += 1;
             }
+            bag.embeddings.release_pages();
         }
         if count == 0 {
             return None;

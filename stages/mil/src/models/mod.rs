@@ -12,6 +12,7 @@ pub mod nystrom;
 pub mod pooling;
 #[cfg(test)]
 pub mod reference;
+pub mod rows;
 pub mod sparse;
 pub mod transmil;
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bag::{Bag, BagBatch, Split};
 pub use encoder::{InstanceEncoder, InstanceInput, Standardization};
+pub use rows::EmbeddingRows;
 pub use sparse::GlobalPool;
 
 /// A bag classifier: logits `[B, n_classes]` for a batch of bags.

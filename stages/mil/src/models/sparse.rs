@@ -136,7 +136,7 @@ mod tests {
             label_index: 0,
             split: Split::Train,
             dim: 1,
-            embeddings: emb,
+            embeddings: emb.into(),
             positions: Some(pos),
             pixels: None,
         }

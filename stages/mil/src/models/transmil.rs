@@ -1339,7 +1339,7 @@ mod tests {
                 label_index: 0,
                 split: Split::Test,
                 dim: d,
-                embeddings: x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                embeddings: x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into(),
                 positions: None,
                 pixels: None,
             };

@@ -44,6 +44,8 @@ pub enum TrainError {
     Slide { slide: String, message: String },
     #[error("embedder: {message}")]
     Embedder { message: String },
+    #[error("spill file of the epoch's bags {path}: {message}")]
+    Spill { path: PathBuf, message: String },
     #[error("writing {path}: {source}")]
     Io {
         path: PathBuf,

@@ -179,7 +179,7 @@ mod tests {
             label_index: label,
             split,
             dim: 0,
-            embeddings: Vec::new(),
+            embeddings: Default::default(),
             positions: Some((0..k as i64).map(|j| [0, j]).collect()),
             pixels: Some(pixels),
         }

@@ -129,7 +129,7 @@ impl BagRows {
             label_index,
             split,
             dim,
-            embeddings: self.embeddings,
+            embeddings: self.embeddings.into(),
             positions,
             pixels: self.pixels,
         }))

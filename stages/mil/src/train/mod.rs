@@ -9,6 +9,7 @@
 //! into `sparse_map`), it trains every epoch on those same bags.
 
 pub mod checkpoint;
+pub mod epoch_bags;
 #[path = "loop.rs"]
 pub mod epochs;
 pub mod error;
@@ -40,6 +41,7 @@ use crate::models::{
     Bag, ClamDsmilOptions, GlobalPool, ModelConfig, Pooling, Split, Standardization,
 };
 use crate::predictions::{predictions_schema, to_batch, Prediction};
+use epoch_bags::EpochBags;
 use epochs::{write_log, TrainConfig, Trainer};
 use error::TrainError;
 use finetune::{EmbedderConfig, EmbedderSetup};
@@ -186,6 +188,14 @@ pub struct TrainParams {
     /// finetune_embedder: side of the images the network sees (tiles of another size are
     /// resized); ImageNet mean/std normalisation.
     pub embedder_input_size: usize,
+    /// MiB of an epoch's bag embeddings kept in memory; the rest go to an unlinked spill
+    /// file under `spill_dir` that the kernel pages in as batches are built (the bags read
+    /// back bit for bit: results do not change). Bounds `train`'s memory on large cohorts,
+    /// where each epoch's bags are `tiles_per_slide / tiles` of all embeddings.
+    pub bag_memory_mb: usize,
+    /// Folder of that spill file (relative to the experiment); default `OUT/.spill`. Put it
+    /// on a local disk.
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl Default for TrainParams {
@@ -230,9 +240,15 @@ impl Default for TrainParams {
             embedder_weights: String::new(),
             embedder_weights_prefix: String::new(),
             embedder_input_size: 224,
+            bag_memory_mb: DEFAULT_BAG_MEMORY_MB,
+            spill_dir: None,
         }
     }
 }
+
+/// Enough for the bags of a few hundred slides at K = 100 and 512-d (`bag_memory_mb`), and
+/// small next to the embeddings that `sample` holds for a cohort of thousands.
+pub const DEFAULT_BAG_MEMORY_MB: usize = 64;
 
 /// Defaults of the optimisation, chosen by the study in docs/defaults-study.md (several
 /// synthetic data sets, spatial and not, 2 to many classes, small and large bags, every
@@ -553,7 +569,13 @@ impl StageKind for TrainParams {
             device,
             trainer: None,
             rows: HashMap::new(),
-            epoch_bags: Vec::new(),
+            epoch_bags: EpochBags::new(
+                self.bag_memory_mb.saturating_mul(1 << 20),
+                match &self.spill_dir {
+                    Some(dir) => ctx.resolve(dir),
+                    None => ctx.out_dir.join(".spill"),
+                },
+            ),
             last_bags: Vec::new(),
             seen: BTreeMap::new(),
             epochs_received: 0,
@@ -571,6 +593,10 @@ impl StageKind for TrainParams {
 
     fn cacheable(&self) -> bool {
         false
+    }
+
+    fn key_neutral_params() -> &'static [&'static str] {
+        &["bag_memory_mb", "spill_dir"]
     }
 }
 
@@ -631,8 +657,8 @@ struct TrainStage {
     trainer: Option<Trainer>,
     /// Rows of slides still arriving, by dataset index.
     rows: HashMap<usize, BagRows>,
-    /// Bags completed in the current epoch.
-    epoch_bags: Vec<Bag>,
+    /// Bags completed in the current epoch (in memory up to `bag_memory_mb`, then spilled).
+    epoch_bags: EpochBags,
     /// The bags of the last epoch trained on (for predictions and for upstreams that stop),
     /// until the next epoch's first bag arrives.
     last_bags: Vec<Bag>,
@@ -841,7 +867,7 @@ impl Stage for TrainStage {
                     // last epoch's, so holding both would only double the memory.
                     self.last_bags = Vec::new();
                 }
-                self.epoch_bags.push(bag)
+                self.epoch_bags.push(bag)?
             }
             None => ctx.warn(
                 Some(slide),
@@ -857,7 +883,8 @@ impl Stage for TrainStage {
 
     fn on_epoch_end(&mut self, ctx: &mut StageContext, _epoch: u64) -> StageResult {
         self.epochs_received += 1;
-        let bags = std::mem::take(&mut self.epoch_bags);
+        let next = self.epoch_bags.next_epoch();
+        let bags = std::mem::replace(&mut self.epoch_bags, next).seal()?;
         if bags.is_empty() {
             ctx.warn(
                 None,
@@ -879,7 +906,8 @@ impl Stage for TrainStage {
     fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
         if !self.epoch_bags.is_empty() {
             // Rows after the last epoch marker: an upstream that sends each slide once.
-            self.last_bags = std::mem::take(&mut self.epoch_bags);
+            let next = self.epoch_bags.next_epoch();
+            self.last_bags = std::mem::replace(&mut self.epoch_bags, next).seal()?;
             if self.epochs_received > 0 && !self.is_done() {
                 ctx.warn(
                     None,

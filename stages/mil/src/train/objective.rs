@@ -705,7 +705,7 @@ mod tests {
             label_index: 0,
             split,
             dim: 1,
-            embeddings: vec![0.0],
+            embeddings: vec![0.0].into(),
             positions: None,
             pixels: None,
         }

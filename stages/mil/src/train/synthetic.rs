@@ -195,7 +195,7 @@ pub fn to_bags(slides: &[SyntheticSlide], dim: usize) -> Vec<Bag> {
             label_index: CLASSES.iter().position(|c| *c == s.row.label).unwrap_or(0),
             split: s.row.split,
             dim,
-            embeddings: s.embeddings.clone(),
+            embeddings: s.embeddings.clone().into(),
             positions: Some(s.cells.clone()),
             pixels: None,
         })

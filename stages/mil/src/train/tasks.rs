@@ -108,7 +108,7 @@ impl TaskData {
                     .unwrap_or(0),
                 split: s.row.split,
                 dim: self.dim,
-                embeddings: s.embeddings.clone(),
+                embeddings: s.embeddings.clone().into(),
                 positions: Some(s.cells.clone()),
                 pixels: None,
             })
