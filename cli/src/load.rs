@@ -62,3 +62,44 @@ pub fn single(
 ) -> Result<(Experiment, Graph), ConfigErrors> {
     Loaded::read(file, sets, registry)?.into_single(registry)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::tests::{kind, setup};
+
+    fn registry() -> Registry {
+        let mut registry = Registry::new();
+        registry.register::<kind::Src>();
+        registry
+    }
+
+    #[test]
+    fn one_load_tells_a_single_run_from_a_sweep() {
+        let (_dir, file) = setup("");
+        assert!(matches!(
+            Loaded::read(&file, &[], &registry()),
+            Ok(Loaded::Single { .. })
+        ));
+        let (_dir, file) = setup("sweep:\n  s.n: [1, 2]\n");
+        let loaded = Loaded::read(&file, &[], &registry()).unwrap_or_else(|e| panic!("{e}"));
+        let Loaded::Sweep { base } = &loaded else {
+            panic!("a sweep loaded as a single run");
+        };
+        assert_eq!(base.config.sweep.keys(), vec!["s.n"]);
+        // Commands on one experiment see a sweep's base values.
+        let (exp, graph) = loaded
+            .into_single(&registry())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(graph.stages.len(), 1);
+        assert_eq!(exp.config.name, "e");
+    }
+
+    #[test]
+    fn a_rejected_experiment_names_the_line() {
+        let (_dir, file) = setup("    params: {mode: bad}\n");
+        let err = single(&file, &[], &registry()).err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("`bad` is not a mode"), "{err}");
+    }
+}

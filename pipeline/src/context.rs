@@ -392,3 +392,80 @@ fn project(
         .collect::<StageResult<Vec<_>>>()?;
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::error::StageResult;
+    use crate::schema::InputSpec;
+    use crate::slide::SlideHandle;
+    use crate::stage::{BuildContext, Stage, StageKind};
+    use crate::testing::{test_slides, Harness};
+    use crate::StageContext;
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use arrow::record_batch::RecordBatch;
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
+    use std::sync::Arc;
+
+    /// Declares `slide_id, y: Int64` but passes its input (`slide_id, x`) through.
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+    struct Liar {}
+
+    impl StageKind for Liar {
+        const KIND: &'static str = "liar";
+        const VERSION: &'static str = "1";
+        const ABOUT: &'static str = "emits other columns than it declares";
+        fn input_spec(&self) -> InputSpec {
+            InputSpec::Tables(vec![vec![]])
+        }
+        fn output_schema(&self, _: &[SchemaRef]) -> StageResult<SchemaRef> {
+            Ok(Arc::new(Schema::new(vec![
+                Field::new("slide_id", DataType::Utf8, false),
+                Field::new("y", DataType::Int64, false),
+            ])))
+        }
+        fn build(&self, _: &BuildContext) -> StageResult<Box<dyn Stage>> {
+            Ok(Box::new(PassThrough))
+        }
+    }
+
+    struct PassThrough;
+
+    impl Stage for PassThrough {
+        fn on_batch(
+            &mut self,
+            ctx: &mut StageContext,
+            _: usize,
+            slide: &SlideHandle,
+            batch: RecordBatch,
+        ) -> StageResult {
+            ctx.emit(slide, batch)
+        }
+    }
+
+    #[test]
+    fn a_batch_without_a_declared_column_fails_naming_the_stage_and_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("slide_id", DataType::Utf8, false),
+            Field::new("x", DataType::Int64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec!["a"])),
+            Arc::new(Int64Array::from(vec![1])),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+        let out = Harness::new(test_slides(&[("a", None, Some("l"))]), dir.path())
+            .input(schema, vec![(0, batch)])
+            .run(Liar {})
+            .unwrap();
+        assert!(out.batches.is_empty());
+        let report = out.report.unwrap();
+        let messages: Vec<&str> = report.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            vec!["stage `liar` emitted a batch that lacks declared column `y` (Int64)"]
+        );
+    }
+}

@@ -224,11 +224,11 @@ fn load_and_build(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A registry with one kind whose parameter `n` must be a positive integer.
-    mod kind {
+    pub(crate) mod kind {
         use schemars::JsonSchema;
         use serde::{Deserialize, Serialize};
         use std::sync::Arc;
@@ -265,7 +265,7 @@ mod tests {
         }
     }
 
-    fn setup(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    pub(crate) fn setup(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("d.csv"), "slide_id,path,label\na,,x\n").unwrap();
         let file = dir.path().join("e.yaml");
