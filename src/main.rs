@@ -1,4 +1,4 @@
-//! The `tessera` binary: the engine's CLI with the built-in stages.
+//! The `tessera` binary: the CLI (tessera-cli) with the built-in stages.
 
 /// mimalloc instead of glibc's malloc: glibc hands the large buffers candle frees every
 /// training step back to the OS and page-faults them in again on the next step (see
@@ -7,5 +7,5 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    tessera_pipeline::cli::main(tessera_stages::builtin_registry())
+    tessera_cli::main(tessera_stages::builtin_registry())
 }

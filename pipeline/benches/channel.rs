@@ -15,7 +15,8 @@ use std::time::Instant;
 use tessera_pipeline::config::ErrorPolicy;
 use tessera_pipeline::graph::{Graph, StagePart};
 use tessera_pipeline::registry::configure_typed;
-use tessera_pipeline::runner::{execute, RunSettings};
+use tessera_pipeline::runner::execute;
+use tessera_pipeline::settings::RunSettings;
 use tessera_pipeline::testing::test_slides;
 use tessera_pipeline::{
     BuildContext, Column, DeviceSpec, InputSpec, RunStatus, SlideHandle, Stage, StageContext,

@@ -4,7 +4,7 @@
 
 use crate::slide::{read_dataset_for, MissingTarget, SlideHandle};
 use crate::stage::DeviceSpec;
-use crate::sweep::SweepGrid;
+use crate::sweep_grid::SweepGrid;
 use crate::task::Task;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

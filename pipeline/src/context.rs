@@ -4,23 +4,21 @@
 use crate::cache::{Cache, PendingEntry};
 use crate::claim::{claim_path, ClaimSet};
 use crate::error::{StageError, StageResult};
-use crate::message::{Envelope, Message};
+use crate::graph::Graph;
+use crate::message::{send_or_stop, Envelope, Message, Sent};
 use crate::plan::{Plan, SlideState};
 use crate::report::{ErrorRecord, StageStats};
+use crate::schema::check_emitted;
 use crate::slide::SlideHandle;
 use crate::stage::{BuildContext, DeviceSpec};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use indicatif::ProgressBar;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-/// How often a blocked send looks at the stop flag.
-const POLL: Duration = Duration::from_millis(50);
 
 /// One outgoing edge: the consumer's inbox and which of its inputs this edge is.
 pub(crate) struct Edge {
@@ -45,6 +43,43 @@ pub(crate) struct StageCache {
 }
 
 impl StageCache {
+    /// How stage `i` of `graph` writes its cache entries in this run: the persisted columns
+    /// (output schema minus uncached ones), the keys per slide and the files' metadata.
+    pub(crate) fn for_stage(
+        graph: &Graph,
+        i: usize,
+        cache: &Cache,
+        plan: &Plan,
+        claims: Arc<ClaimSet>,
+    ) -> StageCache {
+        let s = &graph.stages[i];
+        let uncached = s.stage.uncached_columns();
+        let fields: Vec<_> = s
+            .output_schema
+            .fields()
+            .iter()
+            .filter(|f| !uncached.contains(f.name()))
+            .cloned()
+            .collect();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("tessera.stage".to_string(), s.name.clone());
+        metadata.insert("tessera.kind".to_string(), s.kind.clone());
+        metadata.insert("tessera.version".to_string(), s.version.clone());
+        metadata.insert(
+            "tessera.params".to_string(),
+            serde_json::to_string(&s.stage.canonical_params()).unwrap_or_default(),
+        );
+        StageCache {
+            cache: cache.clone(),
+            kind: s.kind.clone(),
+            keys: plan.keys[i].clone(),
+            schema: Arc::new(Schema::new(fields)),
+            uncached,
+            metadata,
+            claims,
+        }
+    }
+
     /// Gives up this run's claim on the slide's entry, if it holds one.
     fn release_claim(&self, slide: usize) {
         if let Some(Some(key)) = self.keys.get(slide) {
@@ -58,6 +93,9 @@ impl StageCache {
 pub(crate) struct StageShared {
     pub index: usize,
     pub name: String,
+    /// The output schema the stage declared (checked by the graph against its consumers);
+    /// every emitted batch must fit it.
+    pub output_schema: SchemaRef,
     pub stats: StageStats,
     pub errors: Mutex<Vec<ErrorRecord>>,
     pub warnings: Mutex<Vec<ErrorRecord>>,
@@ -88,11 +126,19 @@ pub struct StageContext {
 
 impl StageContext {
     /// Sends rows about `slide` downstream (and into the cache when the stage is cached).
-    /// Returns `StageError::Stopped` when the run is stopping or nobody consumes any more.
+    /// Returns `StageError::Stopped` when the run is stopping or nobody consumes any more, and
+    /// `StageError::Undeclared` when the batch lacks a declared column or has it with another
+    /// type than the stage's declared output schema.
     pub fn emit(&mut self, slide: &SlideHandle, batch: RecordBatch) -> StageResult {
         if self.is_cancelled() {
             return Err(StageError::Stopped);
         }
+        check_emitted(&self.shared.output_schema, &batch.schema()).map_err(|mismatch| {
+            StageError::Undeclared {
+                stage: self.shared.name.clone(),
+                mismatch,
+            }
+        })?;
         self.shared.stats.add_rows_out(batch.num_rows());
         self.write_cache(slide, Some(&batch))?;
         self.send_to_needing(
@@ -309,21 +355,11 @@ impl StageContext {
             if !*want || !edge.alive {
                 continue;
             }
-            let mut envelope = (edge.input_index, message.clone());
-            loop {
-                match edge.sender.send_timeout(envelope, POLL) {
-                    Ok(()) => break,
-                    Err(SendTimeoutError::Timeout(back)) => {
-                        if cancel.load(Ordering::Relaxed) {
-                            return Err(StageError::Stopped);
-                        }
-                        envelope = back;
-                    }
-                    Err(SendTimeoutError::Disconnected(_)) => {
-                        edge.alive = false;
-                        break;
-                    }
-                }
+            let envelope = (edge.input_index, message.clone());
+            match send_or_stop(&edge.sender, envelope, &cancel) {
+                Sent::Delivered => {}
+                Sent::Stopped => return Err(StageError::Stopped),
+                Sent::Disconnected => edge.alive = false,
             }
         }
         if self.outputs.iter().all(|e| !e.alive) {
@@ -355,4 +391,81 @@ fn project(
         })
         .collect::<StageResult<Vec<_>>>()?;
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::StageResult;
+    use crate::schema::InputSpec;
+    use crate::slide::SlideHandle;
+    use crate::stage::{BuildContext, Stage, StageKind};
+    use crate::testing::{test_slides, Harness};
+    use crate::StageContext;
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use arrow::record_batch::RecordBatch;
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
+    use std::sync::Arc;
+
+    /// Declares `slide_id, y: Int64` but passes its input (`slide_id, x`) through.
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+    struct Liar {}
+
+    impl StageKind for Liar {
+        const KIND: &'static str = "liar";
+        const VERSION: &'static str = "1";
+        const ABOUT: &'static str = "emits other columns than it declares";
+        fn input_spec(&self) -> InputSpec {
+            InputSpec::Tables(vec![vec![]])
+        }
+        fn output_schema(&self, _: &[SchemaRef]) -> StageResult<SchemaRef> {
+            Ok(Arc::new(Schema::new(vec![
+                Field::new("slide_id", DataType::Utf8, false),
+                Field::new("y", DataType::Int64, false),
+            ])))
+        }
+        fn build(&self, _: &BuildContext) -> StageResult<Box<dyn Stage>> {
+            Ok(Box::new(PassThrough))
+        }
+    }
+
+    struct PassThrough;
+
+    impl Stage for PassThrough {
+        fn on_batch(
+            &mut self,
+            ctx: &mut StageContext,
+            _: usize,
+            slide: &SlideHandle,
+            batch: RecordBatch,
+        ) -> StageResult {
+            ctx.emit(slide, batch)
+        }
+    }
+
+    #[test]
+    fn a_batch_without_a_declared_column_fails_naming_the_stage_and_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("slide_id", DataType::Utf8, false),
+            Field::new("x", DataType::Int64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec!["a"])),
+            Arc::new(Int64Array::from(vec![1])),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+        let out = Harness::new(test_slides(&[("a", None, Some("l"))]), dir.path())
+            .input(schema, vec![(0, batch)])
+            .run(Liar {})
+            .unwrap();
+        assert!(out.batches.is_empty());
+        let report = out.report.unwrap();
+        let messages: Vec<&str> = report.errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            vec!["stage `liar` emitted a batch that lacks declared column `y` (Int64)"]
+        );
+    }
 }

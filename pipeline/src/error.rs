@@ -19,6 +19,13 @@ pub enum StageError {
     /// Reading or writing a file failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The stage emitted a batch its declared output schema does not allow: a bug in the
+    /// stage, caught where it emits rather than downstream or in the cache.
+    #[error("stage `{stage}` emitted a batch that {mismatch}")]
+    Undeclared {
+        stage: String,
+        mismatch: crate::schema::EmitMismatch,
+    },
     /// Any other error, with what the stage was doing when it happened.
     #[error("{context}: {source}")]
     Other {

@@ -35,8 +35,12 @@ pub fn export(
     }
     let index = pick_stage(graph, request.stage.as_deref())?;
     let stage = &graph.stages[index];
-    let keys = crate::runner::stage_keys(graph, exp, index)
-        .with_context(|| format!("working out the cache keys of stage `{}`", stage.name))?;
+    let keys = crate::plan::Plan::for_experiment(graph, exp)
+        .with_context(|| format!("working out the cache keys of stage `{}`", stage.name))?
+        .keys
+        .into_iter()
+        .nth(index)
+        .unwrap_or_default();
     let trident = match &request.h5 {
         Some(dir) => {
             let f = registry

@@ -2,8 +2,9 @@
 //! schema fitting what its consumer needs. Nothing runs until all of this holds.
 
 use crate::config::{ConfigError, ConfigErrors, ErrorPolicy, Experiment};
+use crate::error::StageError;
 use crate::registry::{did_you_mean, ConfiguredStage, Registry};
-use crate::schema::{check_columns, InputSpec};
+use crate::schema::{check_columns, ColumnMismatch, InputSpec};
 use arrow::datatypes::SchemaRef;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ impl Graph {
 
     /// Assembles and checks a graph from stages given in code (tests, embedding programs).
     /// `stages`: (name, configured stage, kind, version, input names, cache).
-    pub fn from_parts(parts: Vec<StagePart>) -> Result<Graph, String> {
+    pub fn from_parts(parts: Vec<StagePart>) -> Result<Graph, GraphError> {
         Self::from_parts_in(parts, std::path::Path::new("."))
     }
 
@@ -52,7 +53,7 @@ impl Graph {
     pub fn from_parts_in(
         parts: Vec<StagePart>,
         base_dir: &std::path::Path,
-    ) -> Result<Graph, String> {
+    ) -> Result<Graph, GraphError> {
         let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
         let mut stages = Vec::new();
         for p in &parts {
@@ -63,21 +64,17 @@ impl Graph {
                     names
                         .iter()
                         .position(|n| n == i)
-                        .ok_or_else(|| format!("stage `{}`: unknown input `{i}`", p.name))
+                        .ok_or_else(|| GraphError::UnknownInput {
+                            stage: p.name.clone(),
+                            input: i.clone(),
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             stages.push((p, inputs));
         }
         let edges: Vec<Vec<usize>> = stages.iter().map(|(_, i)| i.clone()).collect();
         let order = topological_order(&edges).map_err(|cycle| {
-            format!(
-                "cycle: {}",
-                cycle
-                    .iter()
-                    .map(|&i| names[i].as_str())
-                    .collect::<Vec<_>>()
-                    .join(" -> ")
-            )
+            GraphError::Cycle(cycle.iter().map(|&i| names[i].clone()).collect())
         })?;
         let mut schemas: Vec<Option<SchemaRef>> = vec![None; stages.len()];
         for &i in &order {
@@ -86,19 +83,20 @@ impl Graph {
                 inputs.iter().filter_map(|&j| schemas[j].clone()).collect();
             if let InputSpec::Tables(reqs) = p.stage.input_spec() {
                 for (k, (req, schema)) in reqs.iter().zip(&input_schemas).enumerate() {
-                    check_columns(schema, req).map_err(|m| {
-                        format!(
-                            "stage `{}` input {k} from `{}`: {m}",
-                            p.name, names[inputs[k]]
-                        )
+                    check_columns(schema, req).map_err(|mismatch| GraphError::Input {
+                        stage: p.name.clone(),
+                        input: k,
+                        from: names[inputs[k]].clone(),
+                        mismatch,
                     })?;
                 }
             }
-            schemas[i] = Some(
-                p.stage
-                    .output_schema(&input_schemas, base_dir)
-                    .map_err(|e| format!("stage `{}`: {e}", p.name))?,
-            );
+            schemas[i] = Some(p.stage.output_schema(&input_schemas, base_dir).map_err(
+                |source| GraphError::OutputSchema {
+                    stage: p.name.clone(),
+                    source,
+                },
+            )?);
         }
         let mut graph_stages = Vec::new();
         for (i, (p, inputs)) in stages.into_iter().enumerate() {
@@ -112,7 +110,7 @@ impl Graph {
                 inputs,
                 workers: p.workers.max(1),
                 on_error: p.on_error,
-                output_schema: schemas[i].clone().ok_or("unreachable stage")?,
+                output_schema: schemas[i].clone().ok_or(GraphError::Unreachable)?,
             });
         }
         let consumers = consumers_of(&graph_stages);
@@ -121,6 +119,43 @@ impl Graph {
             order,
             consumers,
         })
+    }
+}
+
+/// Why stages given in code ([`Graph::from_parts`]) do not form a checked graph. Typed so that
+/// [`build_graph`] can point each error at its stage's line in the YAML.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("stage `{stage}`: unknown input `{input}`")]
+    UnknownInput { stage: String, input: String },
+    /// The stages on one cycle, the first repeated at the end.
+    #[error("cycle: {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
+    /// An input's schema lacks a column the stage needs, or has it with another type.
+    #[error("stage `{stage}` input {input} from `{from}`: {mismatch}")]
+    Input {
+        stage: String,
+        input: usize,
+        from: String,
+        mismatch: ColumnMismatch,
+    },
+    /// The stage cannot work out its output schema from its inputs and parameters.
+    #[error("stage `{stage}`: {source}")]
+    OutputSchema { stage: String, source: StageError },
+    /// A stage outside the topological order (cannot happen once the order is complete).
+    #[error("unreachable stage")]
+    Unreachable,
+}
+
+impl GraphError {
+    /// The stage the error is about, if it is about one.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            GraphError::UnknownInput { stage, .. }
+            | GraphError::Input { stage, .. }
+            | GraphError::OutputSchema { stage, .. } => Some(stage),
+            GraphError::Cycle(_) | GraphError::Unreachable => None,
+        }
     }
 }
 
@@ -378,20 +413,16 @@ pub fn build_graph(exp: &Experiment, registry: &Registry) -> Result<Graph, Confi
             on_error: sc.on_error,
         })
         .collect();
-    Graph::from_parts_in(parts, &exp.base_dir).map_err(|message| {
+    Graph::from_parts_in(parts, &exp.base_dir).map_err(|error| {
         // Point schema errors at the consumer's `inputs:` line.
-        let stage = message
-            .strip_prefix("stage `")
-            .and_then(|r| r.split('`').next())
-            .map(str::to_string);
-        let line = stage
-            .as_deref()
+        let line = error
+            .stage()
             .and_then(|s| crate::config::locate(&exp.source, &["stages", s, "inputs"]));
         ConfigErrors(vec![ConfigError {
             file: exp.file.clone(),
             line,
             stage: None,
-            message,
+            message: error.to_string(),
         }])
     })
 }

@@ -18,11 +18,11 @@ pub mod plan;
 pub mod registry;
 pub mod report;
 pub mod schema;
+pub mod settings;
 pub mod shard;
 pub mod slide;
-pub mod slurm;
 pub mod stage;
-pub mod sweep;
+pub mod sweep_grid;
 pub mod task;
 
 pub use context::StageContext;
@@ -38,10 +38,10 @@ pub use task::{slide_target, SlideTarget, Task};
 /// Re-exported so stage crates use the engine's exact Arrow version.
 pub use arrow;
 
-pub mod cli;
 pub mod config;
 pub mod graph;
 mod items;
 pub use items::TILES;
 pub mod runner;
 pub mod testing;
+pub mod worker;

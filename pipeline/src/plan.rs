@@ -1,6 +1,15 @@
 //! Per slide and stage, what the run must do: compute, replay from the cache, or skip.
 //! Worked out before anything runs, from the cache keys alone, so that a run whose embeddings
-//! are cached never opens a slide.
+//! are cached never opens a slide. The keys are derived here too: hash(kind, version,
+//! parameters, salt, slide identity, input keys), stage by stage in topological order.
+
+use crate::cache::{content_key, file_identity, Cache, KeyParts};
+use crate::config::Experiment;
+use crate::graph::Graph;
+use crate::settings::{build_context, RunError, RunSettings};
+use crate::slide::SlideHandle;
+use crate::stage::BuildContext;
+use std::sync::Arc;
 
 /// What one stage does for one slide in this run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +50,157 @@ impl Plan {
             count(SlideState::Replay),
             count(SlideState::Skip),
         )
+    }
+
+    /// The plan of a full run of `exp` from the cache as it is now: its keys tell which
+    /// entries the experiment uses (`cache gc --keep`, `tessera export`, sweeps).
+    pub fn for_experiment(graph: &Graph, exp: &Experiment) -> Result<Plan, RunError> {
+        let settings = RunSettings::for_experiment(exp, None, false);
+        let slides: Arc<[SlideHandle]> = settings.slides.clone().into();
+        let build_ctx =
+            |stage: usize, worker: usize| build_context(graph, &settings, &slides, stage, worker);
+        Plan::make(
+            graph,
+            &settings,
+            &Cache::new(&settings.cache_dir),
+            &build_ctx,
+            None,
+        )
+    }
+
+    /// Every cache key the plan uses.
+    pub fn used_keys(&self) -> Vec<String> {
+        self.keys.iter().flatten().flatten().cloned().collect()
+    }
+
+    /// The cache entries a run would write: (kind, key) of every slide of every stage with
+    /// `cache: true` whose entry is not in `cache` yet. Sweeps use it so that two points run
+    /// side by side never compute the same entry.
+    pub fn missing_entries(&self, graph: &Graph, cache: &Cache) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, keys) in self.keys.iter().enumerate() {
+            let s = &graph.stages[i];
+            if !s.cache {
+                continue;
+            }
+            for key in keys.iter().flatten() {
+                if !cache.is_valid(&s.kind, key) {
+                    out.push((s.kind.clone(), key.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Stages a per-slide pass runs: the cached stages whose entries have keys, and everything
+    /// upstream of them.
+    pub(crate) fn per_slide_stages(&self, graph: &Graph) -> Vec<bool> {
+        let mut runs: Vec<bool> = graph
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.cache && self.keys[i].iter().any(Option::is_some))
+            .collect();
+        for &i in graph.order.iter().rev() {
+            if runs[i] {
+                for &j in &graph.stages[i].inputs {
+                    runs[j] = true;
+                }
+            }
+        }
+        runs
+    }
+
+    /// Works out every cache key and what each stage does for each slide. With `per_slide`,
+    /// only the cache entries of those slides are wanted (a shard); otherwise the sinks'
+    /// outputs.
+    pub(crate) fn make(
+        graph: &Graph,
+        settings: &RunSettings,
+        cache: &Cache,
+        build_ctx: &dyn Fn(usize, usize) -> BuildContext,
+        per_slide: Option<&[bool]>,
+    ) -> Result<Plan, RunError> {
+        let n = settings.slides.len();
+        let needs_identity = graph.stages.iter().any(|s| s.source);
+        let identities: Vec<String> = settings
+            .slides
+            .iter()
+            .map(|slide| match (&slide.path, needs_identity) {
+                (Some(p), true) => file_identity(p).unwrap_or_else(|e| format!("unreadable: {e}")),
+                _ => String::new(),
+            })
+            .collect();
+        let mut keys: Vec<Vec<Option<String>>> = vec![vec![None; n]; graph.stages.len()];
+        for &i in &graph.order {
+            let s = &graph.stages[i];
+            if !s.stage.cacheable() {
+                continue;
+            }
+            let salt = s
+                .stage
+                .cache_salt(&build_ctx(i, 0))
+                .map_err(|source| RunError::Build {
+                    stage: s.name.clone(),
+                    source,
+                })?;
+            let params = serde_json::to_string(&s.stage.key_params()).unwrap_or_default();
+            for (slide_index, slide) in settings.slides.iter().enumerate() {
+                let input_keys: Option<Vec<String>> = s
+                    .inputs
+                    .iter()
+                    .map(|&j| keys[j][slide_index].clone())
+                    .collect();
+                let Some(input_keys) = input_keys else {
+                    continue;
+                };
+                if identities[slide_index].starts_with("unreadable") && s.source {
+                    continue;
+                }
+                keys[i][slide_index] = Some(content_key(&KeyParts {
+                    kind: &s.kind,
+                    version: &s.version,
+                    params: &params,
+                    salt: &salt,
+                    slide_id: &slide.id,
+                    slide_identity: if s.source {
+                        &identities[slide_index]
+                    } else {
+                        ""
+                    },
+                    input_keys: &input_keys,
+                }));
+            }
+        }
+        let consumers: Vec<Vec<usize>> = graph
+            .consumers
+            .iter()
+            .map(|c| c.iter().map(|&(s, _)| s).collect())
+            .collect();
+        let cache_enabled: Vec<bool> = graph.stages.iter().map(|s| s.cache).collect();
+        let demand = |stage: usize, slide: usize| match per_slide {
+            None if consumers[stage].is_empty() => Demand::Output,
+            None => Demand::None,
+            Some(members)
+                if members[slide] && cache_enabled[stage] && keys[stage][slide].is_some() =>
+            {
+                Demand::Cached
+            }
+            Some(_) => Demand::None,
+        };
+        let states = decide_with(
+            &graph.order,
+            &consumers,
+            &cache_enabled,
+            n,
+            demand,
+            |stage, slide| {
+                keys[stage][slide]
+                    .as_deref()
+                    .is_some_and(|k| cache.is_valid(&graph.stages[stage].kind, k))
+            },
+        );
+        Ok(Plan { states, keys })
     }
 }
 

@@ -173,6 +173,48 @@ pub fn check_columns(schema: &Schema, required: &[Column]) -> Result<(), ColumnM
     Ok(())
 }
 
+/// Why a batch a stage emitted does not fit the output schema it declared.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EmitMismatch {
+    #[error("lacks declared column `{column}` ({declared})")]
+    Missing { column: String, declared: DataType },
+    #[error("has column `{column}` as {found}, but declared it as {declared}")]
+    WrongType {
+        column: String,
+        declared: DataType,
+        found: DataType,
+    },
+}
+
+/// Checks that an emitted batch's schema has every declared column with its declared type
+/// (nested field names and metadata aside), so that what the graph check promised holds at
+/// run time. Cheap: batches built on the declared schema (the usual case) compare equal field
+/// by field at once; only a differing batch is looked at column by column.
+pub fn check_emitted(declared: &Schema, emitted: &Schema) -> Result<(), EmitMismatch> {
+    if declared.fields() == emitted.fields() {
+        return Ok(());
+    }
+    for field in declared.fields() {
+        match emitted.field_with_name(field.name()) {
+            Err(_) => {
+                return Err(EmitMismatch::Missing {
+                    column: field.name().clone(),
+                    declared: field.data_type().clone(),
+                })
+            }
+            Ok(found) if !found.data_type().equals_datatype(field.data_type()) => {
+                return Err(EmitMismatch::WrongType {
+                    column: field.name().clone(),
+                    declared: field.data_type().clone(),
+                    found: found.data_type().clone(),
+                })
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Name of the column carrying a tile's pixels downstream of tiling: RGB8, row-major,
 /// `pixels_size x pixels_size x 3` bytes, at the tiling stage's target resolution.
 pub const PIXELS: &str = "pixels";
@@ -190,6 +232,43 @@ mod tests {
         assert!(ColumnType::Embedding.accepts(&embedding_type(512, false)));
         assert!(ColumnType::Embedding.accepts(&embedding_type(7, true)));
         assert!(!ColumnType::Embedding.accepts(&DataType::Float32));
+    }
+
+    #[test]
+    fn emitted_batches_must_have_every_declared_column_with_its_type() {
+        let declared = embeddings_schema(4, false);
+        assert!(check_emitted(&declared, &declared).is_ok());
+        // Extra columns and other column orders are fine.
+        let mut fields: Vec<Field> = declared
+            .fields()
+            .iter()
+            .rev()
+            .map(|f| (**f).clone())
+            .collect();
+        fields.push(Field::new("extra", DataType::Utf8, true));
+        assert!(check_emitted(&declared, &Schema::new(fields)).is_ok());
+        let without: Vec<Field> = declared
+            .fields()
+            .iter()
+            .filter(|f| f.name() != "embedding")
+            .map(|f| (**f).clone())
+            .collect();
+        let err = check_emitted(&declared, &Schema::new(without)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("lacks declared column `embedding`"),
+            "{err}"
+        );
+        let retyped: Vec<Field> = declared
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "x" => Field::new("x", DataType::Int32, false),
+                _ => (**f).clone(),
+            })
+            .collect();
+        let err = check_emitted(&declared, &Schema::new(retyped)).unwrap_err();
+        assert!(err.to_string().contains("column `x` as Int32"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@ use crate::error::StageResult;
 use crate::graph::{Graph, StagePart};
 use crate::registry::ConfiguredStage;
 use crate::report::RunReport;
-use crate::runner::{execute, RunSettings};
+use crate::runner::execute;
 use crate::schema::InputSpec;
+use crate::settings::RunSettings;
 use crate::slide::{Slide, SlideHandle};
 use crate::stage::{BuildContext, DeviceSpec, Stage, StageKind};
 use arrow::datatypes::SchemaRef;
@@ -138,7 +139,7 @@ impl Harness {
             false,
             1,
         ));
-        let graph = Graph::from_parts_in(parts, &self.out_dir)?;
+        let graph = Graph::from_parts_in(parts, &self.out_dir).map_err(|e| e.to_string())?;
         let settings = RunSettings {
             name: "harness".into(),
             seed: self.seed,

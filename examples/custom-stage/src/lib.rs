@@ -10,7 +10,7 @@
 //! ```no_run
 //! let mut registry = tessera_stages::builtin_registry();
 //! registry.register::<tessera_example_custom_stage::TileFilterParams>();
-//! let exit_code = tessera_pipeline::cli::main(registry);
+//! let exit_code = tessera_cli::main(registry);
 //! ```
 
 mod stats;

@@ -4,14 +4,17 @@
 //! tiling and embedding run at most once per slide across the sweep.
 
 use super::PlannedPoint;
-use crate::cache::TOOL_VERSION;
-use crate::report::{RunReport, RunStatus};
-use crate::runner::{execute, missing_cache_entries, RunSettings};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use tessera_pipeline::cache::Cache;
+use tessera_pipeline::cache::TOOL_VERSION;
+use tessera_pipeline::plan::Plan;
+use tessera_pipeline::report::{RunReport, RunStatus};
+use tessera_pipeline::runner::execute;
+use tessera_pipeline::settings::RunSettings;
 use tessera_report::{PointRecord, PointStage, SweepRecord};
 
 /// How to run a sweep.
@@ -24,7 +27,7 @@ pub struct SweepOptions {
     /// Set from outside (Ctrl-C) to stop cleanly: running points stop, no new point starts.
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Run every point as this shard (its slides, its per-slide cached stages only).
-    pub shard: Option<crate::shard::Shard>,
+    pub shard: Option<tessera_pipeline::shard::Shard>,
 }
 
 /// For every point, the earlier points it must wait for: those first to compute an entry it
@@ -34,7 +37,8 @@ fn dependencies(points: &[PlannedPoint]) -> anyhow::Result<Vec<Vec<usize>>> {
     let mut deps = Vec::new();
     for (i, p) in points.iter().enumerate() {
         let mut d: Vec<usize> = Vec::new();
-        for entry in missing_cache_entries(&p.graph, &p.exp)? {
+        let plan = Plan::for_experiment(&p.graph, &p.exp)?;
+        for entry in plan.missing_entries(&p.graph, &Cache::new(&p.exp.cache_dir)) {
             let o = *owner.entry(entry).or_insert(i);
             if o != i && !d.contains(&o) {
                 d.push(o);
@@ -61,7 +65,7 @@ fn run_point(p: &PlannedPoint, options: &SweepOptions, progress: bool) -> PointR
     let mut record = point_record(p, "failed");
     let result = (|| -> anyhow::Result<RunReport> {
         std::fs::create_dir_all(&p.exp.out_dir)?;
-        crate::cli::write_resolved(&p.exp, &p.graph)?;
+        crate::run::write_resolved(&p.exp, &p.graph)?;
         let mut settings = RunSettings::for_experiment(&p.exp, options.interrupt.clone(), progress);
         settings.shard = options.shard;
         Ok(execute(&p.graph, &settings)?)
@@ -103,7 +107,7 @@ fn run_point(p: &PlannedPoint, options: &SweepOptions, progress: bool) -> PointR
                 })
                 .collect();
         }
-        Err(e) => record.error = Some(crate::error::error_chain(e.as_ref())),
+        Err(e) => record.error = Some(tessera_pipeline::error::error_chain(e.as_ref())),
     }
     record
 }

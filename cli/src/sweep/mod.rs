@@ -5,16 +5,17 @@
 //! table (`OUT/results.parquet`, `OUT/results.md`) are written.
 
 pub mod command;
-mod grid;
 mod schedule;
 
-pub use grid::{display_value, expand, SweepGrid, SweepPoint};
 pub use schedule::{run_sweep, SweepOptions};
+pub use tessera_pipeline::sweep_grid::{display_value, expand, SweepGrid, SweepPoint};
 
-use crate::config::{apply_set, load_experiment, locate, ConfigError, ConfigErrors, Experiment};
-use crate::graph::{build_graph, Graph};
-use crate::registry::Registry;
 use std::path::Path;
+use tessera_pipeline::config::{
+    apply_set, load_experiment, locate, ConfigError, ConfigErrors, Experiment,
+};
+use tessera_pipeline::graph::{build_graph, Graph};
+use tessera_pipeline::Registry;
 
 /// A point ready to run: its experiment (overrides applied, output folder set) and graph.
 pub struct PlannedPoint {
@@ -223,18 +224,18 @@ fn load_and_build(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A registry with one kind whose parameter `n` must be a positive integer.
-    mod kind {
-        use crate::error::StageResult;
-        use crate::schema::InputSpec;
-        use crate::stage::{BuildContext, ParamIssue, Stage, StageKind};
-        use arrow::datatypes::{Schema, SchemaRef};
+    pub(crate) mod kind {
         use schemars::JsonSchema;
         use serde::{Deserialize, Serialize};
         use std::sync::Arc;
+        use tessera_pipeline::arrow::datatypes::{Schema, SchemaRef};
+        use tessera_pipeline::error::StageResult;
+        use tessera_pipeline::schema::InputSpec;
+        use tessera_pipeline::stage::{BuildContext, ParamIssue, Stage, StageKind};
 
         #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
         #[serde(deny_unknown_fields, default)]
@@ -259,12 +260,12 @@ mod tests {
                 Ok(())
             }
             fn build(&self, _: &BuildContext) -> StageResult<Box<dyn Stage>> {
-                Err(crate::StageError::msg("not built in tests"))
+                Err(tessera_pipeline::StageError::msg("not built in tests"))
             }
         }
     }
 
-    fn setup(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    pub(crate) fn setup(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("d.csv"), "slide_id,path,label\na,,x\n").unwrap();
         let file = dir.path().join("e.yaml");

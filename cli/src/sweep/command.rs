@@ -1,23 +1,18 @@
-//! The sweep side of `tessera run` and `tessera validate`: hooks the CLI calls first, which
-//! take over when the experiment declares `sweep:` or `seeds:`.
+//! The sweep side of `tessera run` and `tessera validate`, for an experiment that declares
+//! `sweep:` or `seeds:` (loaded once by [`crate::load`]).
 
-use super::{is_sweep, plan, run_sweep, write_results, SweepOptions};
-use crate::config::load_experiment;
-use crate::registry::Registry;
+use super::{plan, run_sweep, write_results, SweepOptions};
+use crate::interrupt;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tessera_pipeline::config::Experiment;
+use tessera_pipeline::Registry;
 
-/// `tessera validate` of a sweep: checks every point. `None` when `file` is not a sweep (or
-/// does not load: the ordinary path reports that).
-pub fn validate_if_sweep(file: &Path, sets: &[String], registry: &Registry) -> Option<ExitCode> {
-    let base = load_experiment(file, sets).ok()?;
-    if !is_sweep(&base) {
-        return None;
-    }
-    match plan(&base, sets, registry, &base.out_dir) {
+/// `tessera validate` of a sweep: checks every point.
+pub fn validate(file: &Path, base: &Experiment, sets: &[String], registry: &Registry) -> ExitCode {
+    match plan(base, sets, registry, &base.out_dir) {
         Ok(points) => {
             println!(
                 "{}: ok — sweep of {} points over {}{}, {} slides",
@@ -35,31 +30,25 @@ pub fn validate_if_sweep(file: &Path, sets: &[String], registry: &Registry) -> O
                 },
                 base.slides.len()
             );
-            Some(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("{e}");
-            Some(ExitCode::from(2))
+            ExitCode::from(2)
         }
     }
 }
 
-/// `tessera run` of a sweep. `None` when `file` is not a sweep.
-pub fn run_if_sweep(
-    file: &Path,
+/// `tessera run` of a sweep.
+pub fn run(
+    mut base: Experiment,
     sets: &[String],
     out: Option<PathBuf>,
     quiet: bool,
     jobs: usize,
-    shard: Option<crate::shard::Shard>,
+    shard: Option<tessera_pipeline::shard::Shard>,
     registry: &Registry,
-) -> anyhow::Result<Option<ExitCode>> {
-    let Ok(mut base) = load_experiment(file, sets) else {
-        return Ok(None);
-    };
-    if !is_sweep(&base) {
-        return Ok(None);
-    }
+) -> anyhow::Result<ExitCode> {
     if let Some(out) = out {
         base.out_dir = out;
     }
@@ -67,17 +56,10 @@ pub fn run_if_sweep(
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
-            return Ok(Some(ExitCode::from(2)));
+            return Ok(ExitCode::from(2));
         }
     };
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::Relaxed) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupted: stopping the sweep cleanly (Ctrl-C again to abort)");
-    });
+    let interrupt = interrupt::on_ctrl_c("stopping the sweep cleanly");
     println!(
         "sweep `{}`: {} points into {} ({} at a time)",
         base.config.name,
@@ -175,72 +157,12 @@ pub fn run_if_sweep(
         .iter()
         .filter(|p| p.status == "failed")
         .count();
-    Ok(Some(if interrupt.load(Ordering::Relaxed) {
+    Ok(if interrupt.load(Ordering::Relaxed) {
         ExitCode::from(130)
     } else if failed > 0 {
         eprintln!("{failed} of {} points failed", record.points.len());
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
-    }))
-}
-
-/// The one-row results table of a single run's output folder, when it wrote metrics.
-pub fn single_run_table(out_dir: &Path) -> Option<String> {
-    let mut record = tessera_report::SweepRecord::single(out_dir);
-    record.load_metrics(out_dir).ok()?;
-    record.points.first()?.metrics.as_ref()?;
-    let table = match tessera_report::results_table(out_dir, &record) {
-        Ok(table) => table,
-        Err(e) => {
-            tracing::warn!("the results table has no confidence intervals: {e}");
-            tessera_report::aggregate(&record.points, &[])
-        }
-    };
-    Some(table.to_markdown())
-}
-
-/// `tessera report OUT`: the results table (rewritten for a sweep) and every figure the
-/// run has data for.
-pub fn report(out: &Path) -> anyhow::Result<ExitCode> {
-    let record = tessera_report::SweepRecord::read(out)?;
-    let table = if out.join(tessera_report::record::SWEEP_FILE).exists() {
-        write_results(out, &record)?
-    } else {
-        single_run_table(out)
-    };
-    if let Some(table) = table {
-        println!("{table}");
-    }
-    let figures = tessera_report::draw_all(out, &record)?;
-    for path in figures
-        .written
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-    {
-        println!("figure: {} (and .svg)", path.display());
-    }
-    for reason in &figures.skipped {
-        println!("skipped: {reason}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Every cache key an experiment uses — for a sweep, the keys of every point (a swept
-/// upstream parameter gives each point its own entries) — for `cache gc --keep`.
-pub fn used_cache_keys(file: &Path, registry: &Registry) -> anyhow::Result<Vec<String>> {
-    let base = load_experiment(file, &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !is_sweep(&base) {
-        let (exp, graph) =
-            crate::cli::load_and_check(file, &[], registry).map_err(anyhow::Error::msg)?;
-        return Ok(crate::runner::plan_keys(&graph, &exp)?);
-    }
-    let points = plan(&base, &[], registry, &base.out_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut keys = Vec::new();
-    for p in &points {
-        keys.extend(crate::runner::plan_keys(&p.graph, &p.exp)?);
-    }
-    keys.sort();
-    keys.dedup();
-    Ok(keys)
+    })
 }
