@@ -9,7 +9,7 @@
 //! `target_magnification`) are not written: the embeddings table does not record them.
 
 use crate::error::FeaturesResult;
-use crate::parquet_import::features_err;
+use crate::features::features_err;
 use arrow::array::{
     Array, FixedSizeListArray, Float16Array, Float32Array, Int64Array, RecordBatch,
 };

@@ -10,7 +10,7 @@
 //! from it and read again on their own when asked for (their row groups only, filtered).
 
 use crate::error::FeaturesResult;
-use crate::parquet_import::{convert_batch, features_err, open, read_slide_rows};
+use crate::features::{convert_batch, features_err, open, read_slide_rows};
 use arrow::array::{Array, RecordBatch, StringArray, UInt32Array};
 use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};

@@ -20,7 +20,7 @@ use tessera_pipeline::{
 };
 use tessera_tile::SlideReader;
 
-use crate::params::{DrawClasses, HeatmapParams};
+use crate::heatmap::{DrawClasses, HeatmapParams};
 use crate::render::{blank_canvas, overlay, save_png, strip, thumbnail, ColorScale, ScoredTile};
 use crate::scores::{score_slide, SlideTiles, TileScores};
 use crate::settings::locate_checkpoint;

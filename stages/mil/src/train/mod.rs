@@ -51,7 +51,7 @@ use objective::{Objective, ObjectiveConfig, RegressionLoss, SurvivalLoss};
 use optim::AdamConfig;
 use record::Monitor;
 use schedule::LrSchedule;
-use tessera_embed::embed_stage::RANDOM_WEIGHTS;
+use tessera_embed::embed::RANDOM_WEIGHTS;
 use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
 use tessera_pipeline::schema::SLIDE_ID;
 use tessera_pipeline::{SlideTarget, Task};
