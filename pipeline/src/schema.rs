@@ -82,20 +82,20 @@ pub enum InputSpec {
 /// The columns every per-slide table starts with: which slide and where on it, in level-0 px.
 pub fn tile_key_fields() -> Vec<Field> {
     vec![
-        Field::new("slide_id", DataType::Utf8, false),
-        Field::new("x", DataType::Int64, false),
-        Field::new("y", DataType::Int64, false),
-        Field::new("tile_size", DataType::Int64, false),
+        Field::new(SLIDE_ID, DataType::Utf8, false),
+        Field::new(X, DataType::Int64, false),
+        Field::new(Y, DataType::Int64, false),
+        Field::new(TILE_SIZE, DataType::Int64, false),
     ]
 }
 
 /// The columns a tile table must carry (`slide_id, x, y, tile_size`).
 pub fn tile_key_columns() -> Vec<Column> {
     vec![
-        Column::exact("slide_id", DataType::Utf8),
-        Column::exact("x", DataType::Int64),
-        Column::exact("y", DataType::Int64),
-        Column::exact("tile_size", DataType::Int64),
+        Column::exact(SLIDE_ID, DataType::Utf8),
+        Column::exact(X, DataType::Int64),
+        Column::exact(Y, DataType::Int64),
+        Column::exact(TILE_SIZE, DataType::Int64),
     ]
 }
 
@@ -222,6 +222,12 @@ pub const PIXELS: &str = "pixels";
 pub const PIXELS_SIZE: &str = "pixels_size";
 /// Name of the embedding column.
 pub const EMBEDDING: &str = "embedding";
+/// The tile keys ([`tile_key_fields`]): the slide, the tile's level-0 top-left corner and its
+/// level-0 side.
+pub const SLIDE_ID: &str = "slide_id";
+pub const X: &str = "x";
+pub const Y: &str = "y";
+pub const TILE_SIZE: &str = "tile_size";
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,7 @@
 //! tessera's built-in stages, registered the same way a user's crate registers its own.
+//!
+//! Naming rule: a stage kind's parameters and `StageKind` impl live in its crate's `src/<kind>.rs`
+//! (or `src/<kind>/mod.rs`), e.g. `tile/src/tile.rs`, `mil/src/train/mod.rs`.
 
 pub use tessera_embed as embed;
 pub use tessera_features as features;

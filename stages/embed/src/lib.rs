@@ -8,7 +8,7 @@
 
 pub mod columns;
 mod cpu_gemm;
-pub mod embed_stage;
+pub mod embed;
 pub mod embedder;
 pub mod error;
 pub mod hf_names;
@@ -20,7 +20,7 @@ pub mod vit;
 pub mod vit_cpu;
 pub mod weights;
 
-pub use embed_stage::{EmbedParams, Pooling};
+pub use embed::{EmbedParams, Pooling};
 pub use embedder::{
     candle_device, load_embedder, load_resnet, Architecture, ComputeDtype, EmbedderSpec,
     TileEmbedder,

@@ -9,13 +9,14 @@
 //! `target_magnification`) are not written: the embeddings table does not record them.
 
 use crate::error::FeaturesResult;
-use crate::parquet_import::features_err;
+use crate::features::features_err;
 use arrow::array::{
     Array, FixedSizeListArray, Float16Array, Float32Array, Int64Array, RecordBatch,
 };
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use std::path::{Path, PathBuf};
+use tessera_pipeline::schema::{EMBEDDING, TILE_SIZE, X, Y};
 
 /// One slide's rows in plain vectors: what a per-slide file holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,9 +47,9 @@ pub fn slide_table(path: &Path, batches: &[RecordBatch]) -> FeaturesResult<Slide
                 .cloned()
                 .ok_or_else(|| features_err(path, format!("column `{name}` is not an integer")))
         };
-        let (x, y, ts) = (int("x")?, int("y")?, int("tile_size")?);
+        let (x, y, ts) = (int(X)?, int(Y)?, int(TILE_SIZE)?);
         let emb = b
-            .column_by_name("embedding")
+            .column_by_name(EMBEDDING)
             .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
             .ok_or_else(|| features_err(path, "no fixed-size list column `embedding`"))?;
         t.dim = emb.value_length() as usize;

@@ -29,7 +29,7 @@ use tessera_pipeline::{
     StageResult,
 };
 
-use crate::parquet_import::{features_err, files_salt, first_readable, slide_file, Layout};
+use crate::features::{features_err, files_salt, first_readable, slide_file, Layout};
 
 /// Rows per emitted batch: bounded memory for slides with 100k tiles.
 const ROWS_PER_BATCH: usize = 8192;
@@ -111,7 +111,7 @@ impl H5FeaturesParams {
     /// Where the files are, as a `{slide_id}` pattern resolved against `base_dir` (a folder
     /// `F` is `F/{slide_id}.h5`).
     pub fn pattern(&self, base_dir: &Path) -> String {
-        crate::parquet_import::per_slide_pattern(&self.path, base_dir, "h5")
+        crate::features::per_slide_pattern(&self.path, base_dir, "h5")
     }
 
     /// The embedding width of the first readable file matching `pattern` now.

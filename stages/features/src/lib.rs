@@ -8,12 +8,12 @@
 
 pub mod error;
 pub mod export;
+pub mod features;
 pub mod h5_features;
-pub mod parquet_import;
 pub mod parquet_stream;
-pub mod slideflow;
+pub mod slideflow_features;
 
 pub use error::{FeaturesError, FeaturesResult};
+pub use features::FeaturesParams;
 pub use h5_features::{H5FeaturesParams, H5Layout};
-pub use parquet_import::FeaturesParams;
-pub use slideflow::SlideflowParams;
+pub use slideflow_features::SlideflowParams;

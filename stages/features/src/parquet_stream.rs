@@ -10,7 +10,7 @@
 //! from it and read again on their own when asked for (their row groups only, filtered).
 
 use crate::error::FeaturesResult;
-use crate::parquet_import::{convert_batch, features_err, open, read_slide_rows};
+use crate::features::{convert_batch, features_err, open, read_slide_rows};
 use arrow::array::{Array, RecordBatch, StringArray, UInt32Array};
 use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
@@ -19,6 +19,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::file::statistics::Statistics;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use tessera_pipeline::schema::SLIDE_ID;
 
 /// Rows decoded per batch when streaming.
 const STREAM_BATCH_ROWS: usize = 16_384;
@@ -54,7 +55,7 @@ impl SlideIndex {
                 .parquet_schema()
                 .columns()
                 .iter()
-                .position(|c| c.path().parts() == ["slide_id"])
+                .position(|c| c.path().parts() == [SLIDE_ID])
                 .ok_or_else(|| features_err(path, "missing column `slide_id`"))?;
             let mut to_read = Vec::new();
             for rg in 0..meta.num_row_groups() {

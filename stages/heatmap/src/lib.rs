@@ -11,14 +11,14 @@
 //! - `<slide>.geojson`: one QuPath `tile` feature per tile, scores as measurements.
 
 pub mod geojson;
-pub mod params;
+pub mod heatmap;
 pub mod render;
 pub mod scores;
 pub mod settings;
 pub mod stage;
 pub mod table;
 
-pub use params::{DrawClasses, HeatmapParams};
+pub use heatmap::{DrawClasses, HeatmapParams};
 pub use scores::TileScores;
 
 /// Why a heatmap could not be made; every message names the file or slide concerned.

@@ -12,9 +12,9 @@ use arrow::record_batch::RecordBatch;
 use tessera_mil::columns::{int64_values, read_embeddings};
 use tessera_mil::importance::{LoadedModel, Method};
 use tessera_mil::models::{Bag, Split};
-use tessera_mil::sparse_map::{
-    infer_grid_step, merge_cells, place, Downsample, SparseMapParams, DEFAULT_DOWNSAMPLE,
-};
+use tessera_mil::placement::Placement;
+use tessera_mil::sparse_map::merge_cells;
+use tessera_pipeline::schema::{EMBEDDING, TILE_SIZE, X, Y};
 
 use crate::HeatmapError;
 
@@ -43,10 +43,10 @@ impl SlideTiles {
             dim: 0,
         };
         for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            tiles.xs.extend(int64_values(batch, "x", WHAT)?);
-            tiles.ys.extend(int64_values(batch, "y", WHAT)?);
-            tiles.sizes.extend(int64_values(batch, "tile_size", WHAT)?);
-            let emb = read_embeddings(batch, "embedding")?;
+            tiles.xs.extend(int64_values(batch, X, WHAT)?);
+            tiles.ys.extend(int64_values(batch, Y, WHAT)?);
+            tiles.sizes.extend(int64_values(batch, TILE_SIZE, WHAT)?);
+            let emb = read_embeddings(batch, EMBEDDING)?;
             if tiles.dim != 0 && emb.dim != tiles.dim {
                 return Err(HeatmapError::Invalid(format!(
                     "slide `{slide_id}`: embeddings of width {} and {} in one slide",
@@ -65,22 +65,6 @@ impl SlideTiles {
 
     pub fn is_empty(&self) -> bool {
         self.xs.is_empty()
-    }
-
-    /// Each tile's sparse-map cell under `params`, resolving the grid step as `sample` does
-    /// (parameter, else measured on all the slide's tiles).
-    pub fn cells(&self, params: &SparseMapParams) -> Vec<(i64, i64)> {
-        if let Some(d) = params.downsample_px {
-            return place(&self.xs, &self.ys, Downsample::Pixels { d });
-        }
-        let d = params.downsample.unwrap_or(DEFAULT_DOWNSAMPLE);
-        let tile_size = self.sizes.first().copied().unwrap_or(1);
-        let step = params.grid_step_px.unwrap_or_else(|| {
-            infer_grid_step(&self.xs, &self.ys, tile_size)
-                .map(|g| g.step)
-                .unwrap_or(tile_size.max(1))
-        });
-        place(&self.xs, &self.ys, Downsample::Grid { d, step })
     }
 }
 
@@ -137,11 +121,12 @@ impl TileScores {
     }
 }
 
-/// Scores every tile of `tiles` with `model`; `sparse_map` places the tiles for spatial models.
+/// Scores every tile of `tiles` with `model`; `placement` places the tiles for spatial models
+/// (the one training used, from the checkpoint).
 pub fn score_slide(
     model: &LoadedModel,
     tiles: &SlideTiles,
-    sparse_map: Option<&SparseMapParams>,
+    placement: Option<&Placement>,
 ) -> Result<TileScores, HeatmapError> {
     let config = &model.meta.model;
     if model.meta.embedder.is_some() {
@@ -176,19 +161,22 @@ pub fn score_slide(
     };
     // Which bag instance each tile's score comes from, and how many tiles share it.
     let (instance_of, cell_tiles): (Vec<usize>, Vec<i64>) = if config.pooling.is_spatial() {
-        let params = sparse_map.ok_or_else(|| {
+        let placement = placement.ok_or_else(|| {
             HeatmapError::Invalid(
-                "a sparseconvmil checkpoint needs the sparse-map settings it was trained with"
+                "a sparseconvmil checkpoint needs the sparse-map placement it was trained with"
                     .into(),
             )
         })?;
-        let cells = tiles.cells(params);
+        // All the slide's tiles are here: the grid step is measured on them, as `sample`
+        // measures it for training.
+        let tile_size = tiles.sizes.first().copied().unwrap_or(1);
+        let (cells, _) = placement.cells(&tiles.xs, &tiles.ys, tile_size, None);
         let merged = merge_cells(
             &cells,
             &vec![1; n],
             &tiles.embeddings,
             tiles.dim,
-            params.collision,
+            placement.collision,
         );
         let index: HashMap<(i64, i64), usize> = merged
             .cells

@@ -1,7 +1,11 @@
-//! The running `heatmap` stage. With an explicit `checkpoint` it scores each slide as soon as
-//! its embeddings have arrived (memory: one slide). Without one, its second input is the
-//! training stage: it keeps every slide's embeddings until training is over (the engine calls
-//! `finish` when both inputs are closed), then reads `OUT/checkpoints/best` and scores them all.
+//! The running `heatmap` stage, a per-slide stage ([`PerSlide`]). With an explicit
+//! `checkpoint` it scores each slide as soon as its embeddings have arrived (memory: one
+//! slide). Without one, its second input is the training stage: it holds every slide's
+//! embeddings until training is over (the engine calls `finish` when both inputs are closed),
+//! then reads `OUT/checkpoints/best` and scores them all.
+//!
+//! SparseConvMIL models place the tiles on the sparse map as their training did: with the
+//! placement their checkpoint records ([`tessera_mil::placement`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,23 +13,24 @@ use std::path::{Path, PathBuf};
 use arrow::record_batch::RecordBatch;
 use candle_core::Device;
 use tessera_mil::importance::LoadedModel;
-use tessera_mil::sparse_map::SparseMapParams;
+use tessera_mil::placement::Placement;
 use tessera_pipeline::{
-    check_running, BuildContext, SlideHandle, Stage, StageContext, StageError, StageResult,
+    check_running, BuildContext, PerSlide, SlideHandle, SlideOutput, StageContext, StageError,
+    StageResult,
 };
 use tessera_tile::SlideReader;
 
-use crate::params::{DrawClasses, HeatmapParams};
+use crate::heatmap::{DrawClasses, HeatmapParams};
 use crate::render::{blank_canvas, overlay, save_png, strip, thumbnail, ColorScale, ScoredTile};
 use crate::scores::{score_slide, SlideTiles, TileScores};
-use crate::settings::{locate_checkpoint, run_experiment_of, sparse_map_of};
+use crate::settings::locate_checkpoint;
 use crate::table::{to_stream, write_parquet, SCORE_PREFIX};
 use crate::{file_stem, HeatmapError};
 
 /// The model and the placement it was trained with.
 struct Scorer {
     model: LoadedModel,
-    sparse_map: Option<SparseMapParams>,
+    placement: Option<Placement>,
     checkpoint: PathBuf,
 }
 
@@ -37,15 +42,12 @@ pub struct HeatmapStage {
     /// Where the checkpoint is (explicit, or the run's own `checkpoints/`).
     checkpoint: PathBuf,
     scorer: Option<Scorer>,
-    /// Embedding batches per slide (dataset index).
-    pending: HashMap<usize, Vec<RecordBatch>>,
     /// When the stage was built: in the waiting mode, the checkpoint must be newer (written by
     /// this run's training, not left by an earlier run).
     started: std::time::SystemTime,
-    /// Slides whose embeddings are complete, waiting for the checkpoint.
-    complete: BTreeMap<usize, SlideHandle>,
-    /// Every slide seen on any input, to end each once.
-    seen: BTreeMap<usize, SlideHandle>,
+    /// Slides whose embeddings are complete, waiting for the checkpoint (held: ended in
+    /// `finish`).
+    complete: BTreeMap<usize, (SlideHandle, Option<RecordBatch>)>,
     /// The note about slides without a file was given.
     warned_no_file: bool,
 }
@@ -67,9 +69,7 @@ impl HeatmapStage {
             checkpoint,
             scorer: None,
             started: std::time::SystemTime::now(),
-            pending: HashMap::new(),
             complete: BTreeMap::new(),
-            seen: BTreeMap::new(),
             warned_no_file: false,
         };
         if stage.params.checkpoint.is_some() {
@@ -92,18 +92,10 @@ impl HeatmapStage {
             }
         }
         let model = LoadedModel::load(&files, &self.device)?;
-        let sparse_map = if !model.meta.model.pooling.is_spatial() {
-            None
-        } else if let Some(p) = &self.params.sparse_map {
-            Some(p.clone())
+        let placement = if model.meta.model.pooling.is_spatial() {
+            Some(self.placement_of(&model, &files.meta)?)
         } else {
-            let exp = run_experiment_of(&files).ok_or_else(|| {
-                HeatmapError::Invalid(format!(
-                    "checkpoint {}: no experiment.yaml in its run folder to read the sparse-map settings from; set the heatmap's `sparse_map` parameter",
-                    files.meta.display()
-                ))
-            })?;
-            Some(sparse_map_of(&exp)?)
+            None
         };
         tracing::info!(
             checkpoint = %files.weights.display(),
@@ -114,9 +106,15 @@ impl HeatmapStage {
         );
         Ok(Scorer {
             model,
-            sparse_map,
+            placement,
             checkpoint: files.weights,
         })
+    }
+
+    /// Where a spatial model's tiles land (see [`choose_placement`]).
+    fn placement_of(&self, model: &LoadedModel, meta: &Path) -> Result<Placement, HeatmapError> {
+        let given = self.params.sparse_map.as_ref().map(|p| p.placement());
+        choose_placement(model.meta.placement, given, meta)
     }
 
     /// Scores one slide, writes its files and returns the rows to emit.
@@ -124,10 +122,13 @@ impl HeatmapStage {
         &self,
         scorer: &Scorer,
         slide: &SlideHandle,
-        batches: &[RecordBatch],
+        table: Option<&RecordBatch>,
     ) -> Result<RecordBatch, HeatmapError> {
-        let tiles = SlideTiles::from_batches(&slide.id, batches)?;
-        let scores = score_slide(&scorer.model, &tiles, scorer.sparse_map.as_ref())?;
+        let tiles = SlideTiles::from_batches(
+            &slide.id,
+            table.map(std::slice::from_ref).unwrap_or_default(),
+        )?;
+        let scores = score_slide(&scorer.model, &tiles, scorer.placement.as_ref())?;
         std::fs::create_dir_all(&self.out).map_err(|e| HeatmapError::Write {
             path: self.out.display().to_string(),
             message: e.to_string(),
@@ -228,13 +229,14 @@ impl HeatmapStage {
         Ok(())
     }
 
-    fn emit_slide(
+    /// The slide's rows, once its heatmap files are written.
+    fn score(
         &mut self,
-        ctx: &mut StageContext,
+        ctx: &StageContext,
         scorer: &Scorer,
         slide: &SlideHandle,
-        batches: &[RecordBatch],
-    ) -> StageResult {
+        table: Option<&RecordBatch>,
+    ) -> StageResult<RecordBatch> {
         if slide.path.is_none() && self.params.png && !self.warned_no_file {
             self.warned_no_file = true;
             ctx.warn(
@@ -242,76 +244,69 @@ impl HeatmapStage {
                 "slides without a file in the dataset get their heatmap on a blank canvas and no top-k strip",
             );
         }
-        let rows = self.process(scorer, slide, batches)?;
-        ctx.emit(slide, rows)
+        Ok(self.process(scorer, slide, table)?)
     }
 }
 
-impl Stage for HeatmapStage {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut StageContext,
-        input: usize,
-        slide: &SlideHandle,
-        batch: RecordBatch,
-    ) -> StageResult {
-        self.seen
-            .entry(slide.index)
-            .or_insert_with(|| slide.clone());
-        if input == 0 {
-            self.pending.entry(slide.index).or_default().push(batch);
-        }
-        Ok(())
+/// Where a spatial model's tiles land: as its checkpoint (`meta`) records. The heatmap's
+/// `sparse_map` parameter (`given`) stands in for the record with checkpoints written before
+/// it existed, and must otherwise agree with it.
+fn choose_placement(
+    recorded: Option<Placement>,
+    given: Option<Placement>,
+    meta: &Path,
+) -> Result<Placement, HeatmapError> {
+    match (recorded, given) {
+        (Some(recorded), None) => Ok(recorded),
+        (Some(recorded), Some(given)) if recorded == given => Ok(recorded),
+        (Some(recorded), Some(given)) => Err(HeatmapError::Invalid(format!(
+            "checkpoint {}: the model was trained on tiles placed by {recorded}, the heatmap's `sparse_map` parameter says {given}; remove the parameter (the checkpoint's placement is used)",
+            meta.display()
+        ))),
+        (None, Some(given)) => Ok(given),
+        (None, None) => Err(HeatmapError::Invalid(format!(
+            "checkpoint {} does not record where its sparse map placed the tiles (it predates that record): retrain the model, or set the heatmap's `sparse_map` parameter to the `sparse_map` settings it was trained with",
+            meta.display()
+        ))),
     }
+}
 
-    fn on_slide_end(
+impl PerSlide for HeatmapStage {
+    fn process_slide(
         &mut self,
         ctx: &mut StageContext,
-        input: usize,
         slide: &SlideHandle,
-    ) -> StageResult {
-        self.seen
-            .entry(slide.index)
-            .or_insert_with(|| slide.clone());
-        if input != 0 {
-            return Ok(());
-        }
-        if self.scorer.is_none() {
-            self.complete.insert(slide.index, slide.clone());
-            return Ok(());
-        }
-        let batches = self.pending.remove(&slide.index).unwrap_or_default();
-        self.seen.remove(&slide.index);
-        let scorer = self.scorer.take();
-        let result = match &scorer {
-            Some(s) => self.emit_slide(ctx, s, slide, &batches),
-            None => Ok(()),
+        table: Option<RecordBatch>,
+    ) -> StageResult<SlideOutput> {
+        let Some(scorer) = self.scorer.take() else {
+            self.complete.insert(slide.index, (slide.clone(), table));
+            return Ok(SlideOutput::Held);
         };
-        self.scorer = scorer;
-        result?;
-        ctx.end_slide(slide)
+        let rows = self.score(ctx, &scorer, slide, table.as_ref());
+        self.scorer = Some(scorer);
+        Ok(SlideOutput::Rows(vec![rows?]))
     }
 
-    fn on_slide_failed(&mut self, _ctx: &mut StageContext, slide: &SlideHandle) {
-        self.pending.remove(&slide.index);
+    fn forget_slide(&mut self, slide: &SlideHandle) {
         self.complete.remove(&slide.index);
     }
 
+    /// In the waiting mode, scores the held slides with the checkpoint training wrote (a
+    /// slide that fails is reported and gets no heatmap), then ends them.
     fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
-        if !self.complete.is_empty() {
+        let complete = std::mem::take(&mut self.complete);
+        if !complete.is_empty() {
             let scorer = self.load().map_err(StageError::from)?;
-            let complete = std::mem::take(&mut self.complete);
             ctx.set_progress_len(complete.len() as u64);
             let mut failed = 0;
-            for (index, slide) in complete {
+            for (slide, table) in complete.values() {
                 check_running(ctx)?;
-                let batches = self.pending.remove(&index).unwrap_or_default();
-                match self.emit_slide(ctx, &scorer, &slide, &batches) {
-                    Ok(()) => {}
+                match self.score(ctx, &scorer, slide, table.as_ref()) {
+                    Ok(rows) => ctx.emit(slide, rows)?,
                     Err(StageError::Stopped) => return Err(StageError::Stopped),
                     Err(e) => {
                         failed += 1;
-                        ctx.warn(Some(&slide), format!("no heatmap: {e}"));
+                        ctx.warn(Some(slide), format!("no heatmap: {e}"));
                     }
                 }
             }
@@ -320,12 +315,49 @@ impl Stage for HeatmapStage {
             }
             self.scorer = Some(scorer);
         }
-        let slides: Vec<SlideHandle> = std::mem::take(&mut self.seen).into_values().collect();
-        for slide in &slides {
+        for (slide, _) in complete.values() {
             ctx.end_slide(slide)?;
         }
         let n = self.out.display().to_string();
         tracing::info!(stage = %ctx.stage_name(), "heatmaps in {n} ({SCORE_PREFIX}<class> per tile)");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_mil::sparse_map::SparseMapParams;
+
+    #[test]
+    fn the_placement_comes_from_the_checkpoint_and_old_ones_need_retraining() {
+        let meta = Path::new("run/checkpoints/best.json");
+        let recorded = SparseMapParams {
+            downsample: Some(2.0),
+            ..Default::default()
+        }
+        .placement();
+        let other = SparseMapParams::default().placement();
+        assert_eq!(
+            choose_placement(Some(recorded), None, meta).unwrap(),
+            recorded
+        );
+        assert_eq!(
+            choose_placement(Some(recorded), Some(recorded), meta).unwrap(),
+            recorded
+        );
+        let err = choose_placement(Some(recorded), Some(other), meta)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("best.json") && err.contains("sparse_map"),
+            "{err}"
+        );
+        assert_eq!(choose_placement(None, Some(other), meta).unwrap(), other);
+        let err = choose_placement(None, None, meta).unwrap_err().to_string();
+        assert!(
+            err.contains("run/checkpoints/best.json") && err.contains("retrain"),
+            "{err}"
+        );
     }
 }

@@ -19,6 +19,8 @@ use crate::HeatmapError;
 
 /// Prefix of the per-class score columns.
 pub const SCORE_PREFIX: &str = "score_";
+/// Column of the tiles sharing each tile's sparse-map cell.
+pub const CELL_TILES: &str = "cell_tiles";
 
 /// The Parquet table's schema for `classes`.
 pub fn table_schema(classes: &[String]) -> SchemaRef {
@@ -30,7 +32,7 @@ pub fn table_schema(classes: &[String]) -> SchemaRef {
             false,
         ));
     }
-    fields.push(Field::new("cell_tiles", DataType::Int64, false));
+    fields.push(Field::new(CELL_TILES, DataType::Int64, false));
     Arc::new(Schema::new(fields))
 }
 

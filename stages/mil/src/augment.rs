@@ -13,6 +13,7 @@
 
 use crate::columns::{int64_values, utf8};
 use crate::error::MilError;
+use crate::sample::SPLIT;
 use crate::seeding::stream_rng;
 use crate::sparse_map::{
     check_policy_for, merge_bag, shift_to_origin, CollisionPolicy, MergeStats, COLLISIONS, MAP_I,
@@ -20,17 +21,17 @@ use crate::sparse_map::{
 };
 use crate::splits::Split;
 use arrow::array::{BooleanArray, RecordBatch};
-use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use tessera_pipeline::{
-    BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
-    StageKind, StageResult,
+    per_slide, BuildContext, Column, InputSpec, ParamIssue, PerSlide, SlideHandle, SlideOutput,
+    Stage, StageContext, StageError, StageKind, StageResult,
 };
 
 /// Parameters of the `augment` stage. Defaults reproduce the original code's augmentation
@@ -224,7 +225,7 @@ impl StageKind for AugmentParams {
             Column::exact(MAP_I, DataType::Int64),
             Column::exact(MAP_J, DataType::Int64),
             Column::exact(COLLISIONS, DataType::Int64),
-            Column::exact("split", DataType::Utf8),
+            Column::exact(SPLIT, DataType::Utf8),
         ]])
     }
 
@@ -285,11 +286,10 @@ impl StageKind for AugmentParams {
     }
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        Ok(Box::new(AugmentStage {
+        Ok(per_slide(AugmentStage {
             params: self.clone(),
             seed: ctx.seed,
             epoch: 0,
-            pending: HashMap::new(),
         }))
     }
 
@@ -309,7 +309,6 @@ struct AugmentStage {
     seed: u64,
     /// The epoch the incoming bags belong to (epochs ended so far).
     epoch: u64,
-    pending: HashMap<usize, Vec<RecordBatch>>,
 }
 
 impl AugmentStage {
@@ -323,7 +322,7 @@ impl AugmentStage {
         slide: &SlideHandle,
         batch: &RecordBatch,
     ) -> Result<Vec<RecordBatch>, MilError> {
-        let splits = utf8(batch, "split", "augmentation")?;
+        let splits = utf8(batch, SPLIT, "augmentation")?;
         let is_train: BooleanArray = splits
             .iter()
             .map(|s| Some(s.and_then(Split::parse) == Some(Split::Train)))
@@ -369,38 +368,18 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, MilEr
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-impl Stage for AugmentStage {
-    fn on_batch(
+impl PerSlide for AugmentStage {
+    fn process_slide(
         &mut self,
         _ctx: &mut StageContext,
-        _input: usize,
         slide: &SlideHandle,
-        batch: RecordBatch,
-    ) -> StageResult {
-        self.pending.entry(slide.index).or_default().push(batch);
-        Ok(())
-    }
-
-    fn on_slide_end(
-        &mut self,
-        ctx: &mut StageContext,
-        _input: usize,
-        slide: &SlideHandle,
-    ) -> StageResult {
-        let batches = self.pending.remove(&slide.index).unwrap_or_default();
-        if let Some(first) = batches.first() {
-            let batch = concat_batches(&first.schema(), &batches)?;
-            if batch.num_rows() > 0 {
-                for out in self.process(slide, &batch)? {
-                    ctx.emit(slide, out)?;
-                }
-            }
-        }
-        ctx.end_slide(slide)
-    }
-
-    fn on_slide_failed(&mut self, _ctx: &mut StageContext, slide: &SlideHandle) {
-        self.pending.remove(&slide.index);
+        table: Option<RecordBatch>,
+    ) -> StageResult<SlideOutput> {
+        let rows = match table {
+            Some(batch) => self.process(slide, &batch)?,
+            None => Vec::new(),
+        };
+        Ok(SlideOutput::Rows(rows))
     }
 
     fn on_epoch_end(&mut self, ctx: &mut StageContext, epoch: u64) -> StageResult {
@@ -596,7 +575,6 @@ mod tests {
             },
             seed: 1,
             epoch: 0,
-            pending: HashMap::new(),
         };
         let val = with_split("val");
         let out = stage.process(&slide, &val).unwrap();

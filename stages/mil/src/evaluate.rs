@@ -4,7 +4,11 @@
 
 use crate::error::MilError;
 use crate::metrics::{ClassificationMetrics, Evaluator, Metric};
-use crate::predictions::{from_batch, predictions_schema, to_batch, Prediction};
+use crate::predictions::{
+    from_batch, predictions_schema, to_batch, Prediction, LABEL_INDEX, PREDICTED, PREDICTED_INDEX,
+    PROBS,
+};
+use crate::sample::{LABEL, SPLIT};
 use crate::splits::{task_classes, Split};
 use crate::task_metrics::{task_metrics_report, task_summary};
 use arrow::datatypes::{DataType, SchemaRef};
@@ -14,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
+use tessera_pipeline::schema::SLIDE_ID;
 use tessera_pipeline::{
     BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
     StageKind, StageResult,
@@ -326,18 +331,18 @@ impl StageKind for EvaluateParams {
 
     fn input_spec(&self) -> InputSpec {
         let list = predictions_schema()
-            .field_with_name("probs")
+            .field_with_name(PROBS)
             .map(|f| f.data_type().clone());
         InputSpec::Tables(vec![vec![
-            Column::exact("slide_id", DataType::Utf8),
-            Column::exact("split", DataType::Utf8),
-            Column::exact("label", DataType::Utf8),
-            Column::exact("label_index", DataType::Int64),
-            Column::exact("predicted_index", DataType::Int64),
-            Column::exact("predicted", DataType::Utf8),
+            Column::exact(SLIDE_ID, DataType::Utf8),
+            Column::exact(SPLIT, DataType::Utf8),
+            Column::exact(LABEL, DataType::Utf8),
+            Column::exact(LABEL_INDEX, DataType::Int64),
+            Column::exact(PREDICTED_INDEX, DataType::Int64),
+            Column::exact(PREDICTED, DataType::Utf8),
             match list {
-                Ok(ty) => Column::exact("probs", ty),
-                Err(_) => Column::any("probs"),
+                Ok(ty) => Column::exact(PROBS, ty),
+                Err(_) => Column::any(PROBS),
             },
         ]])
     }

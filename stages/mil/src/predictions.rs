@@ -10,6 +10,7 @@
 
 use crate::columns::{int64_values, utf8};
 use crate::error::MilError;
+use crate::sample::{LABEL, SPLIT};
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, Int64Array, ListArray,
     StringArray,
@@ -18,23 +19,36 @@ use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, Float64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
+use tessera_pipeline::schema::SLIDE_ID;
+
+/// Columns of the predictions table (`slide_id`, `split` and `label` are the bags' own:
+/// [`SLIDE_ID`], [`SPLIT`], [`LABEL`]).
+pub const LABEL_INDEX: &str = "label_index";
+pub const PREDICTED_INDEX: &str = "predicted_index";
+pub const PREDICTED: &str = "predicted";
+pub const PROBS: &str = "probs";
+pub const TIME: &str = "time";
+pub const EVENT: &str = "event";
+pub const RISK: &str = "risk";
+pub const TARGET: &str = "target";
+pub const PREDICTED_VALUE: &str = "predicted_value";
 
 /// `slide_id: Utf8, split: Utf8, label: Utf8, label_index: Int64, predicted_index: Int64,
 /// predicted: Utf8, probs: List<Float32>` (probabilities in class order, summing to 1).
 pub fn predictions_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("slide_id", DataType::Utf8, false),
-        Field::new("split", DataType::Utf8, false),
-        Field::new("label", DataType::Utf8, false),
-        Field::new("label_index", DataType::Int64, false),
-        Field::new("predicted_index", DataType::Int64, false),
-        Field::new("predicted", DataType::Utf8, false),
-        Field::new("probs", probs_type(), false),
-        Field::new("time", DataType::Float64, true),
-        Field::new("event", DataType::Boolean, true),
-        Field::new("risk", DataType::Float64, true),
-        Field::new("target", DataType::Float64, true),
-        Field::new("predicted_value", DataType::Float64, true),
+        Field::new(SLIDE_ID, DataType::Utf8, false),
+        Field::new(SPLIT, DataType::Utf8, false),
+        Field::new(LABEL, DataType::Utf8, false),
+        Field::new(LABEL_INDEX, DataType::Int64, false),
+        Field::new(PREDICTED_INDEX, DataType::Int64, false),
+        Field::new(PREDICTED, DataType::Utf8, false),
+        Field::new(PROBS, probs_type(), false),
+        Field::new(TIME, DataType::Float64, true),
+        Field::new(EVENT, DataType::Boolean, true),
+        Field::new(RISK, DataType::Float64, true),
+        Field::new(TARGET, DataType::Float64, true),
+        Field::new(PREDICTED_VALUE, DataType::Float64, true),
     ]))
 }
 
@@ -185,22 +199,22 @@ pub fn to_batch(rows: &[Prediction]) -> Result<RecordBatch, MilError> {
 /// Reads the rows of a predictions batch (extra columns are ignored).
 pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
     const WHAT: &str = "the predictions table";
-    let slide_id = utf8(batch, "slide_id", WHAT)?;
-    let split = utf8(batch, "split", WHAT)?;
-    let label = utf8(batch, "label", WHAT)?;
-    let predicted = utf8(batch, "predicted", WHAT)?;
-    let label_index = int64_values(batch, "label_index", WHAT)?;
-    let predicted_index = int64_values(batch, "predicted_index", WHAT)?;
+    let slide_id = utf8(batch, SLIDE_ID, WHAT)?;
+    let split = utf8(batch, SPLIT, WHAT)?;
+    let label = utf8(batch, LABEL, WHAT)?;
+    let predicted = utf8(batch, PREDICTED, WHAT)?;
+    let label_index = int64_values(batch, LABEL_INDEX, WHAT)?;
+    let predicted_index = int64_values(batch, PREDICTED_INDEX, WHAT)?;
     let probs_col = batch
-        .column_by_name("probs")
+        .column_by_name(PROBS)
         .ok_or_else(|| MilError::MissingColumn {
-            column: "probs".into(),
+            column: PROBS.into(),
             purpose: WHAT,
         })?;
     let probs = probs_col
         .as_list_opt::<i32>()
         .ok_or_else(|| MilError::WrongType {
-            column: "probs".into(),
+            column: PROBS.into(),
             expected: "List<Float32>",
             found: probs_col.data_type().to_string(),
         })?;
@@ -211,13 +225,13 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
             .and_then(|c| c.as_primitive_opt::<Float64Type>().cloned())
     };
     let (time, risk, target, predicted_value) = (
-        float("time"),
-        float("risk"),
-        float("target"),
-        float("predicted_value"),
+        float(TIME),
+        float(RISK),
+        float(TARGET),
+        float(PREDICTED_VALUE),
     );
     let event = batch
-        .column_by_name("event")
+        .column_by_name(EVENT)
         .and_then(|c| c.as_boolean_opt().cloned());
     let at = |a: &Option<Float64Array>, row: usize| {
         a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))
@@ -231,10 +245,10 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
     (0..batch.num_rows())
         .map(|row| {
             for (name, col) in [
-                ("slide_id", slide_id),
-                ("split", split),
-                ("label", label),
-                ("predicted", predicted),
+                (SLIDE_ID, slide_id),
+                (SPLIT, split),
+                (LABEL, label),
+                (PREDICTED, predicted),
             ] {
                 if col.is_null(row) {
                     return Err(MilError::Null {
@@ -248,7 +262,7 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
                 values
                     .as_primitive_opt::<Float32Type>()
                     .ok_or_else(|| MilError::WrongType {
-                        column: "probs".into(),
+                        column: PROBS.into(),
                         expected: "List<Float32>",
                         found: probs_col.data_type().to_string(),
                     })?;
@@ -256,8 +270,8 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<Prediction>, MilError> {
                 slide_id: slide_id.value(row).to_string(),
                 split: split.value(row).to_string(),
                 label: label.value(row).to_string(),
-                label_index: index(label_index[row], "label_index", row)?,
-                predicted_index: index(predicted_index[row], "predicted_index", row)?,
+                label_index: index(label_index[row], LABEL_INDEX, row)?,
+                predicted_index: index(predicted_index[row], PREDICTED_INDEX, row)?,
                 predicted: predicted.value(row).to_string(),
                 probs: values.values().to_vec(),
                 task: TaskValues {

@@ -16,17 +16,17 @@ use crate::seeding::stream_rng;
 use crate::sparse_map::{infer_grid_step, GRID_STEP};
 use crate::splits::{assign_for, stratum, Split, SplitParams};
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rand::seq::SliceRandom;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE};
+use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE, TILE_SIZE, X, Y};
 use tessera_pipeline::{
-    check_running, BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext,
-    StageError, StageKind, StageResult,
+    check_running, per_slide, BuildContext, InputSpec, ParamIssue, PerSlide, SlideHandle,
+    SlideOutput, Stage, StageContext, StageError, StageKind, StageResult,
 };
 
 /// Parameters of the `sample` stage.
@@ -69,8 +69,13 @@ impl Default for SampleParams {
     }
 }
 
+/// Column added by `sample`: the slide's split (`train`, `val` or `test`).
+pub const SPLIT: &str = "split";
+/// Column added by `sample`: the slide's label (its stratum for survival and regression).
+pub const LABEL: &str = "label";
+
 /// Columns `sample` replaces.
-const REPLACED: [&str; 3] = ["split", "label", GRID_STEP];
+const REPLACED: [&str; 3] = [SPLIT, LABEL, GRID_STEP];
 
 /// Whether `sample` drops a column of `input`: the ones it replaces, and the pixels when the
 /// input carries embeddings (pixels are not needed downstream of embedding and would multiply
@@ -90,8 +95,8 @@ pub fn sample_schema(input: &Schema) -> SchemaRef {
         .filter(|f| !dropped(input, f.name()))
         .map(|f| f.as_ref().clone())
         .collect();
-    fields.push(Field::new("split", DataType::Utf8, false));
-    fields.push(Field::new("label", DataType::Utf8, false));
+    fields.push(Field::new(SPLIT, DataType::Utf8, false));
+    fields.push(Field::new(LABEL, DataType::Utf8, false));
     fields.push(Field::new(GRID_STEP, DataType::Int64, false));
     Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()))
 }
@@ -150,12 +155,11 @@ impl StageKind for SampleParams {
             Some(dir) => ctx.resolve(dir),
             None => ctx.out_dir.join(".spill"),
         });
-        Ok(Box::new(SampleStage {
+        Ok(per_slide(SampleStage {
             params: self.clone(),
             seed: ctx.seed,
             splits,
             task: ctx.task,
-            pending: HashMap::new(),
             bags: BTreeMap::new(),
             spill_dir,
         }))
@@ -196,7 +200,6 @@ struct SampleStage {
     splits: Vec<Split>,
     /// The experiment's task: the `label` column is the slide's stratum for it.
     task: tessera_pipeline::Task,
-    pending: HashMap<usize, Vec<RecordBatch>>,
     /// Complete slides, by dataset index (so epochs visit them in dataset order).
     bags: BTreeMap<usize, Bag>,
     /// Where slides' tiles are spilled to memory-mapped files (`spill_to_disk`).
@@ -238,9 +241,9 @@ impl SampleStage {
         slide: &SlideHandle,
         tiles: &RecordBatch,
     ) -> Result<i64, MilError> {
-        let xs = int64_values(tiles, "x", "the tile-grid step")?;
-        let ys = int64_values(tiles, "y", "the tile-grid step")?;
-        let tile_size = int64_values(tiles, "tile_size", "the tile-grid step")?
+        let xs = int64_values(tiles, X, "the tile-grid step")?;
+        let ys = int64_values(tiles, Y, "the tile-grid step")?;
+        let tile_size = int64_values(tiles, TILE_SIZE, "the tile-grid step")?
             .first()
             .copied()
             .unwrap_or(1);
@@ -263,26 +266,46 @@ impl SampleStage {
     }
 }
 
-impl Stage for SampleStage {
-    fn on_batch(
+/// Gathers each slide whole (the adapter holds its rows until it ends), keeps it as a [`Bag`],
+/// and ends the slides itself, every epoch, from `finish`.
+impl PerSlide for SampleStage {
+    /// Pixels next to embeddings are dropped as they arrive, never held.
+    fn gather(&mut self, _slide: &SlideHandle, batch: RecordBatch) -> StageResult<RecordBatch> {
+        Ok(kept_columns(&batch)?)
+    }
+
+    fn process_slide(
         &mut self,
-        _ctx: &mut StageContext,
-        _input: usize,
+        ctx: &mut StageContext,
         slide: &SlideHandle,
-        batch: RecordBatch,
-    ) -> StageResult {
-        let kept = kept_columns(&batch)?;
-        self.pending.entry(slide.index).or_default().push(kept);
+        table: Option<RecordBatch>,
+    ) -> StageResult<SlideOutput> {
+        self.keep_slide(ctx, slide, table)?;
+        Ok(SlideOutput::Held)
+    }
+
+    fn forget_slide(&mut self, slide: &SlideHandle) {
+        self.bags.remove(&slide.index);
+    }
+
+    /// Upstream epochs mean nothing here: this stage starts the epochs.
+    fn on_epoch_end(&mut self, _ctx: &mut StageContext, _epoch: u64) -> StageResult {
         Ok(())
     }
 
-    fn on_slide_end(
+    fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
+        self.replay_epochs(ctx)
+    }
+}
+
+impl SampleStage {
+    /// Keeps a complete slide as a bag to sample from (or warns why it is left out).
+    fn keep_slide(
         &mut self,
         ctx: &mut StageContext,
-        _input: usize,
         slide: &SlideHandle,
+        table: Option<RecordBatch>,
     ) -> StageResult {
-        let batches = self.pending.remove(&slide.index).unwrap_or_default();
         let label = match stratum(self.task, slide) {
             Some(label) => label,
             None if self.task == tessera_pipeline::Task::Classification => {
@@ -309,21 +332,13 @@ impl Stage for SampleStage {
                 slide.id
             ))
         })?;
-        let Some(first) = batches.first() else {
+        let Some(tiles) = table else {
             ctx.warn(
                 Some(slide),
                 "no tiles: the slide is left out of training and evaluation",
             );
             return Ok(());
         };
-        let tiles = concat_batches(&first.schema(), &batches)?;
-        if tiles.num_rows() == 0 {
-            ctx.warn(
-                Some(slide),
-                "no tiles: the slide is left out of training and evaluation",
-            );
-            return Ok(());
-        }
         let grid_step = Self::grid_step(ctx, slide, &tiles)?;
         let spilled = match &self.spill_dir {
             Some(dir) => Some(
@@ -357,17 +372,8 @@ impl Stage for SampleStage {
         Ok(())
     }
 
-    fn on_slide_failed(&mut self, _ctx: &mut StageContext, slide: &SlideHandle) {
-        self.pending.remove(&slide.index);
-        self.bags.remove(&slide.index);
-    }
-
-    /// Upstream epochs mean nothing here: this stage starts the epochs.
-    fn on_epoch_end(&mut self, _ctx: &mut StageContext, _epoch: u64) -> StageResult {
-        Ok(())
-    }
-
-    fn finish(&mut self, ctx: &mut StageContext) -> StageResult {
+    /// Emits the kept slides epoch after epoch (see the module docs).
+    fn replay_epochs(&mut self, ctx: &mut StageContext) -> StageResult {
         let of = |split: Split| -> Vec<usize> {
             self.bags
                 .iter()
@@ -453,7 +459,6 @@ mod tests {
             seed: 42,
             splits: vec![],
             task: Default::default(),
-            pending: HashMap::new(),
             bags: BTreeMap::new(),
             spill_dir: None,
         }

@@ -15,17 +15,18 @@
 
 use crate::columns::{embeddings_array, int64_values, read_embeddings};
 use crate::error::MilError;
+use crate::placement::{Placement, Scale};
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
-use tessera_pipeline::schema::{tile_key_columns, EMBEDDING};
+use tessera_pipeline::schema::{tile_key_columns, EMBEDDING, TILE_SIZE, X, Y};
 use tessera_pipeline::{
-    BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
-    StageResult,
+    per_slide, BuildContext, InputSpec, ParamIssue, PerSlide, SlideHandle, SlideOutput, Stage,
+    StageContext, StageError, StageKind, StageResult,
 };
 
 /// Column names added by the sparse map.
@@ -404,50 +405,52 @@ impl SparseMapParams {
         }
     }
 
+    /// The placement these parameters describe, defaults resolved.
+    pub fn placement(&self) -> Placement {
+        let scale = match self.downsample_px {
+            Some(d) => Scale::Pixels { d },
+            None => Scale::Grid {
+                d: self.downsample.unwrap_or(DEFAULT_DOWNSAMPLE),
+                step_px: self.grid_step_px,
+            },
+        };
+        Placement {
+            scale,
+            collision: self.collision,
+        }
+    }
+
     /// Cells for a bag, resolving the grid step (param, column, inference) in tile-grid mode.
     /// Returns a note when the step had to be guessed from irregular coordinates.
     pub fn place_bag(&self, batch: &RecordBatch) -> Result<PlacedBag, MilError> {
         const WHAT: &str = "the sparse map";
-        let xs = int64_values(batch, "x", WHAT)?;
-        let ys = int64_values(batch, "y", WHAT)?;
-        if let Some(d) = self.downsample_px {
-            return Ok((place(&xs, &ys, Downsample::Pixels { d }), None));
-        }
-        let d = self.downsample.unwrap_or(DEFAULT_DOWNSAMPLE);
-        let mut note = None;
-        let step = if let Some(step) = self.grid_step_px {
-            step
-        } else if batch.column_by_name(GRID_STEP).is_some() {
-            let steps = int64_values(batch, GRID_STEP, WHAT)?;
-            match steps.first() {
-                Some(&s) if s > 0 => s,
-                Some(&s) => {
-                    return Err(MilError::Invalid(format!(
-                        "column `{GRID_STEP}` is {s}, not positive"
-                    )))
+        let xs = int64_values(batch, X, WHAT)?;
+        let ys = int64_values(batch, Y, WHAT)?;
+        let placement = self.placement();
+        let measured = match placement.scale {
+            Scale::Grid { step_px: None, .. } if batch.column_by_name(GRID_STEP).is_some() => {
+                let steps = int64_values(batch, GRID_STEP, WHAT)?;
+                match steps.first() {
+                    Some(&s) if s > 0 => Some(s),
+                    Some(&s) => {
+                        return Err(MilError::Invalid(format!(
+                            "column `{GRID_STEP}` is {s}, not positive"
+                        )))
+                    }
+                    None => Some(1),
                 }
-                None => 1,
             }
-        } else {
-            let tile_size = int64_values(batch, "tile_size", WHAT)?
+            _ => None,
+        };
+        let tile_size = if placement.infers_step(measured) {
+            int64_values(batch, TILE_SIZE, WHAT)?
                 .first()
                 .copied()
-                .unwrap_or(1);
-            match infer_grid_step(&xs, &ys, tile_size) {
-                Some(g) => {
-                    if !g.regular {
-                        note = Some(format!(
-                            "tile coordinates are not on a regular grid; using the smallest distance \
-                             between tiles ({} px) as the grid step (set `grid_step_px` to override)",
-                            g.step
-                        ));
-                    }
-                    g.step
-                }
-                None => tile_size.max(1),
-            }
+                .unwrap_or(1)
+        } else {
+            1
         };
-        Ok((place(&xs, &ys, Downsample::Grid { d, step }), note))
+        Ok(placement.cells(&xs, &ys, tile_size, measured))
     }
 }
 
@@ -467,7 +470,8 @@ impl StageKind for SparseMapParams {
             .first()
             .ok_or_else(|| StageError::msg("sparse_map needs one input"))?;
         check_policy_for(input, self.collision, "sparse_map")?;
-        Ok(sparse_map_schema(input, Some(self.collision)))
+        let schema = sparse_map_schema(input, Some(self.collision));
+        Ok(Arc::new(self.placement().record_in(&schema)))
     }
 
     fn validate(&self) -> Result<(), ParamIssue> {
@@ -495,9 +499,11 @@ impl StageKind for SparseMapParams {
     }
 
     fn build(&self, _ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        Ok(Box::new(SparseMapStage {
+        Ok(per_slide(SparseMapStage {
+            placement: self.placement(),
             params: self.clone(),
-            ..Default::default()
+            warned: HashSet::new(),
+            epoch_stats: MergeStats::default(),
         }))
     }
 
@@ -511,56 +517,38 @@ impl StageKind for SparseMapParams {
     }
 }
 
-/// The running `sparse_map` stage: gathers a slide's rows, then emits its map.
-#[derive(Default)]
+/// The running `sparse_map` stage: places a slide's whole bag, then emits its map.
 struct SparseMapStage {
     params: SparseMapParams,
-    pending: HashMap<usize, Vec<RecordBatch>>,
+    /// Recorded in every map's schema, for `train` to store with the model.
+    placement: Placement,
     /// Slides already warned about (collisions are reported once per slide, not per epoch).
     warned: HashSet<usize>,
     /// Collision totals of the current epoch, logged at its end.
     epoch_stats: MergeStats,
 }
 
-impl Stage for SparseMapStage {
-    fn on_batch(
-        &mut self,
-        _ctx: &mut StageContext,
-        _input: usize,
-        slide: &SlideHandle,
-        batch: RecordBatch,
-    ) -> StageResult {
-        self.pending.entry(slide.index).or_default().push(batch);
-        Ok(())
-    }
-
-    fn on_slide_end(
+impl PerSlide for SparseMapStage {
+    fn process_slide(
         &mut self,
         ctx: &mut StageContext,
-        _input: usize,
         slide: &SlideHandle,
-    ) -> StageResult {
-        let batches = self.pending.remove(&slide.index).unwrap_or_default();
-        if let Some(first) = batches.first() {
-            let batch = concat_batches(&first.schema(), &batches)?;
-            if batch.num_rows() > 0 {
-                let (cells, note) = self.params.place_bag(&batch)?;
-                if let Some(note) = note {
-                    if self.warned.insert(slide.index) {
-                        ctx.warn(Some(slide), note);
-                    }
-                }
-                let weights = vec![1; batch.num_rows()];
-                let (map, stats) = merge_bag(&batch, &cells, &weights, self.params.collision)?;
-                self.report(ctx, slide, &stats);
-                ctx.emit(slide, map)?;
+        table: Option<RecordBatch>,
+    ) -> StageResult<SlideOutput> {
+        let Some(batch) = table else {
+            return Ok(SlideOutput::Rows(Vec::new()));
+        };
+        let (cells, note) = self.params.place_bag(&batch)?;
+        if let Some(note) = note {
+            if self.warned.insert(slide.index) {
+                ctx.warn(Some(slide), note);
             }
         }
-        ctx.end_slide(slide)
-    }
-
-    fn on_slide_failed(&mut self, _ctx: &mut StageContext, slide: &SlideHandle) {
-        self.pending.remove(&slide.index);
+        let weights = vec![1; batch.num_rows()];
+        let (map, stats) = merge_bag(&batch, &cells, &weights, self.params.collision)?;
+        self.report(ctx, slide, &stats);
+        let schema = Arc::new(self.placement.record_in(&map.schema()));
+        Ok(SlideOutput::Rows(vec![map.with_schema(schema)?]))
     }
 
     fn on_epoch_end(&mut self, ctx: &mut StageContext, epoch: u64) -> StageResult {

@@ -7,7 +7,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::sync::Arc;
-use tessera_pipeline::schema::{tile_key_fields, PIXELS, PIXELS_SIZE};
+use tessera_pipeline::schema::{tile_key_fields, PIXELS, PIXELS_SIZE, TILE_SIZE, X, Y};
 use tessera_pipeline::{StageError, StageResult};
 
 /// Pyramid level the tile was read from.
@@ -107,9 +107,9 @@ pub fn rows_of(batch: &RecordBatch) -> StageResult<Vec<TileRow>> {
                 ))
             })
     }
-    let x = column::<Int64Array>(batch, "x")?;
-    let y = column::<Int64Array>(batch, "y")?;
-    let size = column::<Int64Array>(batch, "tile_size")?;
+    let x = column::<Int64Array>(batch, X)?;
+    let y = column::<Int64Array>(batch, Y)?;
+    let size = column::<Int64Array>(batch, TILE_SIZE)?;
     let level = column::<Int32Array>(batch, LEVEL)?;
     let mpp = column::<Float64Array>(batch, MPP)?;
     let tissue = column::<Float32Array>(batch, TISSUE_FRACTION)?;

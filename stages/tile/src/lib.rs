@@ -25,9 +25,9 @@ pub mod pool;
 pub mod reader;
 pub mod resample;
 pub mod resolution;
-pub mod stage;
 pub mod thumbnail;
 pub mod tiff_dir;
+pub mod tile;
 pub mod tissue;
 pub mod turbo;
 
@@ -35,7 +35,7 @@ pub use error::{TileError, TileResult};
 pub use library::{openslide_reads_dicom, openslide_version};
 pub use reader::{LevelInfo, Overview, ReaderMode, Rect, SlideReader};
 pub use resolution::{Target, TileGeometry};
-pub use stage::{TileParams, TileStage};
+pub use tile::{TileParams, TileStage};
 pub use tissue::{Mask, TissueParams};
 
 #[cfg(test)]

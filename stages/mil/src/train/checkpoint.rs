@@ -15,6 +15,7 @@ use super::finetune::EmbedderConfig;
 use super::optim::{Adam, AdamConfig};
 use super::record::{BestRecord, EpochRecord};
 use crate::models::ModelConfig;
+use crate::placement::Placement;
 
 /// The JSON part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +39,11 @@ pub struct CheckpointMeta {
     /// weights file under `embedder.`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedder: Option<EmbedderConfig>,
+    /// Where the training bags' tiles were placed on the sparse map (spatial models fed by a
+    /// `sparse_map` stage), so that heatmaps place new tiles the same way. Checkpoints written
+    /// before it was recorded lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
 }
 
 /// Current [`CheckpointMeta::format`].

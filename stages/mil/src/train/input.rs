@@ -6,6 +6,8 @@ use arrow::record_batch::RecordBatch;
 use super::error::TrainError;
 use crate::columns::{int64_values, read_embeddings, read_pixels, utf8, TilePixels};
 use crate::models::{Bag, Split};
+use crate::sample::{LABEL, SPLIT};
+use crate::sparse_map::{MAP_I, MAP_J};
 use tessera_pipeline::schema::{EMBEDDING, PIXELS};
 
 /// The rows of one slide received so far in the current epoch.
@@ -40,8 +42,8 @@ impl BagRows {
             self.append_embeddings(slide, batch)?;
         }
         if spatial {
-            let i = int64_values(batch, "map_i", "the sparse CNN's map positions")?;
-            let j = int64_values(batch, "map_j", "the sparse CNN's map positions")?;
+            let i = int64_values(batch, MAP_I, "the sparse CNN's map positions")?;
+            let j = int64_values(batch, MAP_J, "the sparse CNN's map positions")?;
             self.positions
                 .extend(i.into_iter().zip(j).map(|(i, j)| [i, j]));
         }
@@ -50,10 +52,10 @@ impl BagRows {
             Ok((!col.is_null(0)).then(|| col.value(0).to_string()))
         };
         if self.split.is_none() {
-            self.split = first("split")?;
+            self.split = first(SPLIT)?;
         }
         if self.label.is_none() {
-            self.label = first("label")?;
+            self.label = first(LABEL)?;
         }
         Ok(())
     }

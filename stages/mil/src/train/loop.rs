@@ -23,6 +23,7 @@ use crate::models::{
     build_model, AuxiliaryLoss, Bag, BagBatch, MilModel, ModelConfig, ParameterCounts, Split,
     TrainOutput,
 };
+use crate::placement::Placement;
 use crate::seeding::stream_rng;
 
 /// How to train (everything but the architecture).
@@ -108,6 +109,8 @@ pub struct Trainer {
     embedder: Option<FinetuneEmbedder>,
     /// What the outputs are trained for (classification unless [`Trainer::with_objective`]).
     objective: Objective,
+    /// The sparse-map placement of the bags, stored in the checkpoints.
+    placement: Option<Placement>,
 }
 
 impl Trainer {
@@ -182,6 +185,7 @@ impl Trainer {
             resumed_best: None,
             embedder,
             objective: Objective::Classification,
+            placement: None,
         })
     }
 
@@ -220,6 +224,12 @@ impl Trainer {
     /// What the outputs are trained for.
     pub fn objective(&self) -> &Objective {
         &self.objective
+    }
+
+    /// Records in the checkpoints where the bags' tiles were placed on the sparse map.
+    pub fn with_placement(mut self, placement: Option<Placement>) -> Self {
+        self.placement = placement;
+        self
     }
 
     /// Saves `last` (every epoch) and `best` (when it improves) checkpoints into `dir`.
@@ -646,6 +656,7 @@ impl Trainer {
             best: self.best.clone(),
             epochs_since_best: self.epochs_since_best,
             embedder: self.embedder_config().cloned(),
+            placement: self.placement,
         };
         if improved {
             checkpoint::save(dir, "best", &self.vars, &self.optimizer, &meta)?;

@@ -40,7 +40,10 @@ use crate::columns::{require_instances, InstanceColumn};
 use crate::models::{
     Bag, ClamDsmilOptions, GlobalPool, ModelConfig, Pooling, Split, Standardization,
 };
+use crate::placement::Placement;
 use crate::predictions::{predictions_schema, to_batch, Prediction};
+use crate::sample::{LABEL, SPLIT};
+use crate::sparse_map::{MAP_I, MAP_J};
 use epoch_bags::EpochBags;
 use epochs::{write_log, TrainConfig, Trainer};
 use error::TrainError;
@@ -50,8 +53,9 @@ use objective::{Objective, ObjectiveConfig, RegressionLoss, SurvivalLoss};
 use optim::AdamConfig;
 use record::Monitor;
 use schedule::LrSchedule;
-use tessera_embed::embed_stage::RANDOM_WEIGHTS;
+use tessera_embed::embed::RANDOM_WEIGHTS;
 use tessera_embed::{Architecture, WeightsSource, IMAGENET_MEAN, IMAGENET_STD};
+use tessera_pipeline::schema::SLIDE_ID;
 use tessera_pipeline::{SlideTarget, Task};
 
 /// Parameters of the `train` stage.
@@ -418,13 +422,13 @@ impl StageKind for TrainParams {
         // The instances (embeddings, or pixels with finetune_embedder) are checked by
         // `output_schema`.
         let mut columns = vec![
-            Column::exact("slide_id", DataType::Utf8),
-            Column::exact("split", DataType::Utf8),
-            Column::exact("label", DataType::Utf8),
+            Column::exact(SLIDE_ID, DataType::Utf8),
+            Column::exact(SPLIT, DataType::Utf8),
+            Column::exact(LABEL, DataType::Utf8),
         ];
         if self.pooling.is_spatial() {
-            columns.push(Column::exact("map_i", DataType::Int64));
-            columns.push(Column::exact("map_j", DataType::Int64));
+            columns.push(Column::exact(MAP_I, DataType::Int64));
+            columns.push(Column::exact(MAP_J, DataType::Int64));
         }
         InputSpec::Tables(vec![columns])
     }
@@ -579,6 +583,7 @@ impl StageKind for TrainParams {
             last_bags: Vec::new(),
             seen: BTreeMap::new(),
             epochs_received: 0,
+            placement: None,
         }))
     }
 
@@ -665,6 +670,9 @@ struct TrainStage {
     /// Every slide received, to end each exactly once.
     seen: BTreeMap<usize, SlideHandle>,
     epochs_received: u64,
+    /// Where the upstream `sparse_map` placed the tiles (from the bags' schema metadata),
+    /// stored in the checkpoints of spatial models for the heatmap.
+    placement: Option<Placement>,
 }
 
 impl TrainStage {
@@ -706,8 +714,10 @@ impl TrainStage {
                     Trainer::new_finetuning(model, config, classes, self.device.clone(), setup)?
                 }
             };
+            let placement = self.placement.filter(|_| self.params.pooling.is_spatial());
             let mut trainer = trainer
                 .with_objective(objective)
+                .with_placement(placement)
                 .with_checkpoints(ctx.out_dir().join("checkpoints"));
             if let Some(path) = &self.resume {
                 let meta = trainer.resume(path)?;
@@ -842,6 +852,9 @@ impl Stage for TrainStage {
         self.seen
             .entry(slide.index)
             .or_insert_with(|| slide.clone());
+        if self.placement.is_none() {
+            self.placement = Placement::from_schema(&batch.schema())?;
+        }
         let spatial = self.params.pooling.is_spatial();
         self.rows
             .entry(slide.index)

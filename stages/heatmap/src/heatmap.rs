@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use arrow::datatypes::{DataType, SchemaRef};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tessera_mil::predictions::PREDICTED_INDEX;
 use tessera_mil::sparse_map::SparseMapParams;
-use tessera_pipeline::schema::tile_key_columns;
+use tessera_pipeline::schema::{tile_key_columns, EMBEDDING, SLIDE_ID};
 use tessera_pipeline::{
-    BuildContext, Column, InputSpec, ParamIssue, Stage, StageKind, StageResult,
+    per_slide, BuildContext, Column, InputSpec, ParamIssue, Stage, StageKind, StageResult,
 };
 
 use crate::stage::HeatmapStage;
@@ -35,9 +36,10 @@ pub struct HeatmapParams {
     /// takes a second input, the experiment's `train` (or `evaluate`) stage, waits for training
     /// to finish and uses the best checkpoint it wrote (`OUT/checkpoints/best`).
     pub checkpoint: Option<PathBuf>,
-    /// SparseConvMIL only: where tiles land on the sparse map. Default: the settings of the
-    /// `sparse_map` stage that fed training, read from the `experiment.yaml` of the
-    /// checkpoint's run (they must match what the model was trained on).
+    /// SparseConvMIL only: where tiles land on the sparse map. The checkpoint records the
+    /// placement its training used, and that is what heatmaps use; this parameter is for
+    /// checkpoints written before that record (give the settings of the `sparse_map` stage
+    /// the model was trained with) and must otherwise agree with the checkpoint.
     pub sparse_map: Option<SparseMapParams>,
     /// Heatmap PNGs and top-k strips for the `predicted` class (default) or `all` classes.
     pub draw: DrawClasses,
@@ -83,15 +85,15 @@ impl StageKind for HeatmapParams {
 
     fn input_spec(&self) -> InputSpec {
         let mut embeddings = tile_key_columns();
-        embeddings.push(Column::embedding("embedding"));
+        embeddings.push(Column::embedding(EMBEDDING));
         if self.checkpoint.is_some() {
             InputSpec::Tables(vec![embeddings])
         } else {
             InputSpec::Tables(vec![
                 embeddings,
                 vec![
-                    Column::exact("slide_id", DataType::Utf8),
-                    Column::exact("predicted_index", DataType::Int64),
+                    Column::exact(SLIDE_ID, DataType::Utf8),
+                    Column::exact(PREDICTED_INDEX, DataType::Int64),
                 ],
             ])
         }
@@ -127,7 +129,7 @@ impl StageKind for HeatmapParams {
     }
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
-        Ok(Box::new(HeatmapStage::new(self.clone(), ctx)?))
+        Ok(per_slide(HeatmapStage::new(self.clone(), ctx)?))
     }
 
     fn cacheable(&self) -> bool {

@@ -9,8 +9,8 @@
 //! the centres minus half of it, as slideflow computes them.
 
 use crate::error::FeaturesResult;
+use crate::features::{features_err, files_salt, slide_file};
 use crate::h5_features::emit_rows;
-use crate::parquet_import::{features_err, files_salt, slide_file};
 use arrow::datatypes::SchemaRef;
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Tensor};
@@ -53,7 +53,7 @@ pub struct Bag {
 impl SlideflowParams {
     /// The `.pt` pattern resolved against `base_dir` (a folder `F` is `F/{slide_id}.pt`).
     pub fn pattern(&self, base_dir: &Path) -> String {
-        crate::parquet_import::per_slide_pattern(&self.path, base_dir, "pt")
+        crate::features::per_slide_pattern(&self.path, base_dir, "pt")
     }
 
     /// `tile_um`: the parameter, else `bags_config.json` next to the bags.
@@ -326,14 +326,14 @@ impl StageKind for SlideflowParams {
 impl SlideflowParams {
     /// The embedding width of the first readable bag.
     fn width(&self, pattern: &str) -> StageResult<usize> {
-        let files = crate::parquet_import::Layout::Pattern(pattern.to_string())
+        let files = crate::features::Layout::Pattern(pattern.to_string())
             .files()
             .map_err(|e| StageError::other("listing the slideflow bags", e))?;
         let bags: Vec<PathBuf> = files
             .into_iter()
             .filter(|f| !f.to_string_lossy().ends_with(".index.npz"))
             .collect();
-        match crate::parquet_import::first_readable(&bags, |f| read_pt_matrix(f).map(|m| m.1)) {
+        match crate::features::first_readable(&bags, |f| read_pt_matrix(f).map(|m| m.1)) {
             Some(w) => w.map_err(|e| StageError::other("reading the bags' width", e)),
             None => Err(StageError::msg(format!(
                 "slideflow_features: no bag matches `{pattern}`"

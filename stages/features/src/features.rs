@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use tessera_pipeline::schema::{embeddings_schema, EMBEDDING};
+use tessera_pipeline::schema::{embeddings_schema, EMBEDDING, SLIDE_ID, TILE_SIZE, X, Y};
 use tessera_pipeline::{
     BuildContext, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError, StageKind,
     StageResult,
@@ -183,7 +183,7 @@ pub fn probe_schema(path: &Path) -> FeaturesResult<SchemaRef> {
             )
         })
     };
-    let id = field("slide_id")?;
+    let id = field(SLIDE_ID)?;
     if !matches!(
         id.data_type(),
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
@@ -193,7 +193,7 @@ pub fn probe_schema(path: &Path) -> FeaturesResult<SchemaRef> {
             format!("column `slide_id` is {}, expected a string", id.data_type()),
         ));
     }
-    for name in ["x", "y", "tile_size"] {
+    for name in [X, Y, TILE_SIZE] {
         let f = field(name)?;
         if !f.data_type().is_integer() {
             return Err(features_err(

@@ -18,7 +18,7 @@ use arrow::record_batch::RecordBatch;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE};
+use tessera_pipeline::schema::{tile_key_columns, PIXELS, PIXELS_SIZE, X, Y};
 use tessera_pipeline::{
     BuildContext, Column, InputSpec, ParamIssue, SlideHandle, Stage, StageContext, StageError,
     StageKind, StageResult, TILES,
@@ -528,7 +528,7 @@ pub fn embed_batch(
             .ok()
             .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
     };
-    let (xs, ys) = (coord("x"), coord("y"));
+    let (xs, ys) = (coord(X), coord(Y));
     let at = |row: usize| match (&xs, &ys) {
         (Some(x), Some(y)) => format!("tile at (x={}, y={})", x.value(row), y.value(row)),
         _ => format!("row {row}"),
