@@ -14,7 +14,7 @@ pub(crate) const MISSING: &str = "compute bf16 on the CPU needs AVX512-BF16 (vdp
 
 /// Proof that this CPU runs AVX-512F and AVX512-BF16: only [`Avx512Bf16::detect`] makes one.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx512Bf16(Avx512);
+pub(crate) struct Avx512Bf16(#[allow(dead_code)] Avx512);
 
 impl Avx512Bf16 {
     /// `Some` where the running CPU has AVX-512F, -BW, -VL and AVX512-BF16 (checked at run
@@ -30,11 +30,6 @@ impl Avx512Bf16 {
         }
         let _ = f32_tile;
         None
-    }
-
-    /// The f32 tile's token (this CPU has AVX-512F too).
-    pub(crate) fn f32(self) -> Avx512 {
-        self.0
     }
 }
 
@@ -96,16 +91,6 @@ impl PackedBf16 {
         assert_eq!(w.len(), k * n, "a {n} x {k} matrix");
         Self::pack(k, n, |p, j| w[j * k + p])
     }
-
-    /// Rows (the reduction length).
-    pub(crate) fn k(&self) -> usize {
-        self.k
-    }
-
-    /// Columns (outputs).
-    pub(crate) fn n(&self) -> usize {
-        self.n
-    }
 }
 
 /// The activation rows of one tile rounded to bf16: per K segment, [`MR`] rows of `lenp`
@@ -161,6 +146,7 @@ pub(crate) fn tile(cpu: Avx512Bf16, a: &BfRows, b: &PackedBf16, k0: usize, mut o
     let kp = b.k.div_ceil(2) * 2;
     let panel = &b.data[(o.col0 / NR) * kp * NR + k0 * NR..];
     assert!(panel.len() >= a.segs * a.lenp * NR, "K segments overrun B");
+    let _ = cpu;
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `cpu` proves AVX-512F and AVX512-BF16. `a.data` holds `segs * MR * lenp` values;
     // the kernel reads `segs * lenp / 2` pairs of `NR` pairs from `panel` (asserted above);
