@@ -30,7 +30,7 @@ coords=$(find target/tessera-bench/cache-tiles -name '*.parquet' | head -n 1)
 exp=(examples/big-slide/tile-embed.yaml)
 torch_args=()
 if [ "$precision" = bf16 ]; then
-    exp+=(--set stages.embed.params.compute=bf16)
+    exp+=(--set embed.compute=bf16)
     torch_args=(--bf16)
 fi
 echo "tiles: $(python3 -c "import pyarrow.parquet as pq; print(pq.read_metadata('$coords').num_rows)"), threads $threads, precision $precision"

@@ -136,9 +136,9 @@ impl BfRows {
 ///
 /// Panics when these, or the bounds of `out` and the epilogue, do not hold.
 pub(crate) fn tile(cpu: Avx512Bf16, a: &BfRows, b: &PackedBf16, k0: usize, mut o: TileOut<'_>) {
-    assert!(k0 % 2 == 0, "K block starts mid-pair");
+    assert!(k0.is_multiple_of(2), "K block starts mid-pair");
     assert!(
-        a.len % 2 == 0 || (a.segs == 1 && k0 + a.len == b.k),
+        a.len.is_multiple_of(2) || (a.segs == 1 && k0 + a.len == b.k),
         "odd K segments other than the last of B"
     );
     assert!(k0 + a.segs * a.len <= b.k, "K segments overrun B");

@@ -113,7 +113,7 @@ impl Direct {
             .collect();
         let kdim = k * k * c_in;
         let bf16 = bf16
-            .filter(|_| len % 2 == 0)
+            .filter(|_| len.is_multiple_of(2))
             .map(|cpu| (cpu, PackedBf16::new(kdim, c_out, weight)));
         Direct {
             cpu,
