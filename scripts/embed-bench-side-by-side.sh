@@ -10,14 +10,15 @@
 # Env: BATCH (32), BATCHES (timed batches per model, 3), BIG_BATCHES (for ViT-L/H, 2),
 # THREADS (2: rayon and PyTorch), PEAK_GFLOPS (the f32 FMA peak of THREADS cores; default 230
 # = 2 cores x 32 FLOP/cycle x 3.6 GHz, a Zen 4 core issuing one 512-bit FMA per cycle; set it
-# for another CPU). Needs python3 with torch, torchvision and timm.
+# for another CPU), COMPUTE (f32; bf16 runs tessera's AVX512-BF16 tile and PyTorch under
+# bf16 autocast). Needs python3 with torch, torchvision and timm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=("$@")
 [ ${#rows[@]} -eq 0 ] && rows=(resnet-18 resnet-50 vit-s uni virchow2)
 export EMBED_BENCH_TORCH=1 EMBED_BENCH_BATCH="${BATCH:-32}"
 export RAYON_NUM_THREADS="${THREADS:-2}" TORCH_THREADS="${THREADS:-2}"
-export EMBED_BENCH_PEAK_GFLOPS="${PEAK_GFLOPS:-230}"
+export EMBED_BENCH_PEAK_GFLOPS="${PEAK_GFLOPS:-230}" EMBED_BENCH_COMPUTE="${COMPUTE:-f32}"
 cargo bench -p tessera-embed --bench embed --no-run 2>/dev/null
 echo "load before: $(uptime)"
 for row in "${rows[@]}"; do

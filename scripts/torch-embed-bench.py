@@ -7,7 +7,8 @@ convolutions). Prints the same best (median) img/s of single timed batches, forw
 
 On the CPU, as a worker of the Rust bench (`EMBED_BENCH_TORCH=1`), for one model: the same
 architecture as tessera's row (timm for the ViTs, as the presets' model cards build them),
-random weights, inference mode, f32, `TORCH_THREADS` threads (default 2); prints one JSON line
+random weights, inference mode, f32 (bf16 autocast under `EMBED_BENCH_COMPUTE=bf16`),
+`TORCH_THREADS` threads (default 2); prints one JSON line
 `{"best": img/s, "median": img/s, "gflop": per image}` (FLOPs of convolutions, matmuls and
 attention as PyTorch's FlopCounterMode counts them: 2 per multiply-add).
 
@@ -48,7 +49,10 @@ def bench_cpu(name, batch, runs):
     x = torch.rand(batch, 3, 224, 224)
     if name.startswith("resnet"):
         x = x.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    # The Rust bench's `EMBED_BENCH_COMPUTE=bf16` (inherited): bf16 autocast, oneDNN's
+    # AVX512-BF16 kernels where the CPU has them.
+    bf16 = os.environ.get("EMBED_BENCH_COMPUTE") == "bf16"
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         from torch.utils.flop_counter import FlopCounterMode
         counter = FlopCounterMode(display=False)
         with counter:

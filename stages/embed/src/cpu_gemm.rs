@@ -120,6 +120,26 @@ pub(crate) struct TileOut<'a> {
     pub epilogue: Option<Epilogue<'a>>,
 }
 
+/// Checks that the tile at `o` (of a matrix with `n` columns) lies inside `o.out` and its
+/// epilogue's vectors, and returns its rows and columns: the bounds the unchecked kernels of
+/// both precisions rely on.
+pub(crate) fn check_out(o: &TileOut<'_>, n: usize) -> (usize, usize) {
+    assert!(o.col0 < n && o.rows >= 1, "empty tile");
+    let w = NR.min(n - o.col0);
+    let rows = o.rows.min(MR);
+    let end = (o.row0 + rows - 1) * o.ldc + o.col0 + w;
+    assert!(end <= o.out.len(), "tile outside the output");
+    if let Some(ep) = &o.epilogue {
+        assert!(ep.bias.is_none_or(|b| b.len() >= o.col0 + w), "short bias");
+        assert!(
+            ep.scale.is_none_or(|s| s.len() >= o.col0 + w),
+            "short scale"
+        );
+        assert!(ep.residual.is_none_or(|r| r.len() >= end), "short residual");
+    }
+    (rows, w)
+}
+
 /// `out[tile] (+)= Σ_s Σ_p a[s][i][p] * B[k0 + s * len + p][cols]` for the tile's rows `i`:
 /// `a` holds, per K segment `s`, one slice per tile row (at least `len` long; rows past
 /// `rows` are read but not stored, so any slice will do there).
@@ -139,19 +159,7 @@ pub(crate) fn tile(
         a.iter().flatten().all(|row| row.len() >= len),
         "short A row"
     );
-    assert!(o.col0 < b.n && o.rows >= 1, "empty tile");
-    let w = NR.min(b.n - o.col0);
-    let rows = o.rows.min(MR);
-    let end = (o.row0 + rows - 1) * o.ldc + o.col0 + w;
-    assert!(end <= o.out.len(), "tile outside the output");
-    if let Some(ep) = &o.epilogue {
-        assert!(ep.bias.is_none_or(|b| b.len() >= o.col0 + w), "short bias");
-        assert!(
-            ep.scale.is_none_or(|s| s.len() >= o.col0 + w),
-            "short scale"
-        );
-        assert!(ep.residual.is_none_or(|r| r.len() >= end), "short residual");
-    }
+    let (rows, w) = check_out(&o, b.n);
     let panel = &b.data[(o.col0 / NR) * b.k * NR + k0 * NR..];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `Avx512` exists only where AVX-512F was detected. The asserts above bound every
@@ -166,7 +174,7 @@ pub(crate) fn tile(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::{TileOut, MR, NR};
     use std::arch::x86_64::*;
 
@@ -242,9 +250,17 @@ mod avx512 {
 
     /// Adds the epilogue to the accumulators and writes them (kept out of line: indexing the
     /// accumulators by a run-time row count inside `tile` would spill them).
+    ///
+    /// SAFETY (caller): AVX-512F is available; [`super::check_out`] accepted `o` with these
+    /// `rows` and `w`.
     #[inline(never)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn store(acc: &[[__m512; 4]; MR], o: &mut TileOut<'_>, rows: usize, w: usize) {
+    pub(crate) unsafe fn store(
+        acc: &[[__m512; 4]; MR],
+        o: &mut TileOut<'_>,
+        rows: usize,
+        w: usize,
+    ) {
         let masks = [mask(w, 0), mask(w, 1), mask(w, 2), mask(w, 3)];
         let base = o.out.as_mut_ptr();
         for (i, row) in acc.iter().enumerate().take(rows) {

@@ -66,8 +66,10 @@ impl Architecture {
 
 /// Everything that defines an embedder.
 /// The numbers an embedder computes in. `f16`/`bf16` put a GPU's tensor cores to work and
-/// halve its memory traffic, at about three significant digits per value; the CPU path
-/// computes in f32 only. Embeddings come out as f32 either way.
+/// halve its memory traffic, at about three significant digits per value. On the CPU, `bf16`
+/// rounds the operands of the convolutions' and linear layers' products to bf16 (sums stay
+/// f32) where the CPU has AVX512-BF16, about twice the multiply rate; `f16` is GPU only.
+/// Embeddings come out as f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
@@ -112,7 +114,7 @@ pub struct EmbedderSpec {
     pub preprocess: Preprocess,
     /// ViTs only.
     pub pooling: VitPooling,
-    /// What the network computes in (GPU only for anything but f32).
+    /// What the network computes in (f16 on a GPU only; bf16 on a GPU or an AVX512-BF16 CPU).
     pub compute: ComputeDtype,
     /// A named foundation model: replaces `arch` (its architecture and weights naming; the
     /// preprocessing and pooling above are used as given).
@@ -273,16 +275,26 @@ fn weights_error_for(weights: &WeightsSource, what: &str, e: candle_core::Error)
 /// of ResNets, resizes ViT position embeddings to the input size.
 pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dyn TileEmbedder>> {
     let preprocess = spec.preprocess.clone();
-    let dtype = spec.compute.dtype();
+    // On the CPU, bf16 is the AVX512-BF16 tile's: candle's model stays f32 (patch embedding,
+    // norms, pooling) and the tile rounds the operands of its products.
+    let cpu_bf16 = device.is_cpu() && spec.compute == ComputeDtype::Bf16;
+    let dtype = match cpu_bf16 {
+        true => DType::F32,
+        false => spec.compute.dtype(),
+    };
     if dtype != DType::F32 && device.is_cpu() {
         return Err(EmbedError::Device {
             device: "cpu".into(),
             message: format!(
-                "compute {} runs on a GPU only: use `compute: f32` on the CPU",
+                "compute {} runs on a GPU only (the CPU computes in f32, or bf16 where it has AVX512-BF16)",
                 spec.compute.name()
             ),
         });
     }
+    let bf16_unsupported = |e: candle_core::Error| EmbedError::Device {
+        device: "cpu".into(),
+        message: e.to_string(),
+    };
     let depth = match spec.arch {
         _ if spec.preset.is_some() => None,
         Architecture::Resnet18 => Some(ResNetDepth::R18),
@@ -297,7 +309,7 @@ pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dy
             .and_then(|m| m.to_dtype(dtype))
             .map_err(EmbedError::Candle)?;
         let cpu = if device.is_cpu() {
-            Some(CpuResNet::new(&model)?)
+            Some(CpuResNet::with_bf16(&model, cpu_bf16).map_err(bf16_unsupported)?)
         } else {
             None
         };
@@ -332,7 +344,7 @@ pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dy
         }
     };
     let cpu = if device.is_cpu() {
-        CpuVit::new(&model)?
+        CpuVit::with_bf16(&model, cpu_bf16).map_err(bf16_unsupported)?
     } else {
         None
     };

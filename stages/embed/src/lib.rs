@@ -8,6 +8,7 @@
 
 pub mod columns;
 mod cpu_gemm;
+mod cpu_gemm_bf16;
 pub mod embed;
 pub mod embedder;
 pub mod error;

@@ -8,6 +8,7 @@
 //! (skipped for 1x1 stride-1 convolutions) and a `gemm` crate call per chunk.
 
 use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB, TileOut, MR, NR};
+use crate::cpu_gemm_bf16::{self, Avx512Bf16, BfRows, PackedBf16};
 use crate::resnet::{ConvBn, ResNet};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
@@ -62,6 +63,9 @@ struct Direct {
     merge_kx: bool,
     /// What an out-of-image position (or a row past the chunk) reads.
     zeros: Vec<f32>,
+    /// With `compute: bf16`, the weights in bf16 for the bf16 tile (which then replaces the
+    /// f32 one); `None` for segments of odd length (the stem's 21), which stay f32.
+    bf16: Option<(Avx512Bf16, PackedBf16)>,
 }
 
 struct KBlock {
@@ -74,7 +78,14 @@ struct KBlock {
 }
 
 impl Direct {
-    fn new(cpu: Avx512, k: usize, c_in: usize, c_out: usize, weight: &[f32]) -> Self {
+    fn new(
+        cpu: Avx512,
+        bf16: Option<Avx512Bf16>,
+        k: usize,
+        c_in: usize,
+        c_out: usize,
+        weight: &[f32],
+    ) -> Self {
         let merge_kx = k > 1 && c_in < 16;
         let (segs, len): (Vec<_>, usize) = if merge_kx {
             ((0..k).map(|ky| (ky, 0, 0)).collect(), k * c_in)
@@ -100,18 +111,23 @@ impl Direct {
                 k0: i * per_block * len,
             })
             .collect();
+        let kdim = k * k * c_in;
+        let bf16 = bf16
+            .filter(|_| len.is_multiple_of(2))
+            .map(|cpu| (cpu, PackedBf16::new(kdim, c_out, weight)));
         Direct {
             cpu,
-            packed: PackedB::new(k * k * c_in, c_out, weight),
+            packed: PackedB::new(kdim, c_out, weight),
             blocks,
             merge_kx,
             zeros: vec![0.0; len],
+            bf16,
         }
     }
 }
 
 impl Conv {
-    fn from_folded(unit: &ConvBn) -> Result<Self> {
+    fn from_folded(unit: &ConvBn, bf16: Option<Avx512Bf16>) -> Result<Self> {
         let ConvBn::Folded(conv) = unit else {
             candle_core::bail!("the CPU path needs batch-norm folded first")
         };
@@ -131,7 +147,7 @@ impl Conv {
             Some(b) => b.to_vec1::<f32>()?,
             None => vec![0.0; c_out],
         };
-        let direct = Avx512::detect().map(|cpu| Direct::new(cpu, kh, c_in, c_out, &weight));
+        let direct = Avx512::detect().map(|cpu| Direct::new(cpu, bf16, kh, c_in, c_out, &weight));
         Ok(Conv {
             k: kh,
             stride: cfg.stride,
@@ -187,6 +203,7 @@ impl Conv {
                 let m = dst.len() / n;
                 let res = residual.map(|r| &r.data[r0 * n..(r0 + m) * n]);
                 let mut a: Vec<[&[f32]; MR]> = Vec::new();
+                let mut a_bf16 = BfRows::default();
                 for j0 in (0..n).step_by(N_BLOCK) {
                     for (bi, block) in d.blocks.iter().enumerate() {
                         for i0 in (0..m).step_by(MR) {
@@ -197,6 +214,9 @@ impl Conv {
                                     run(r, seg, block.len)
                                 })
                             }));
+                            if let Some((cpu, _)) = &d.bf16 {
+                                a_bf16.fill(*cpu, &a, block.len);
+                            }
                             for col0 in (j0..n.min(j0 + N_BLOCK)).step_by(NR) {
                                 let epilogue = (bi == last).then_some(Epilogue {
                                     bias: Some(&self.bias),
@@ -213,7 +233,14 @@ impl Conv {
                                     accumulate: bi > 0,
                                     epilogue,
                                 };
-                                cpu_gemm::tile(d.cpu, &a, block.len, &d.packed, block.k0, o);
+                                match &d.bf16 {
+                                    Some((cpu, packed)) => {
+                                        cpu_gemm_bf16::tile(*cpu, &a_bf16, packed, block.k0, o)
+                                    }
+                                    None => {
+                                        cpu_gemm::tile(d.cpu, &a, block.len, &d.packed, block.k0, o)
+                                    }
+                                }
                             }
                         }
                     }
@@ -399,25 +426,37 @@ pub struct CpuResNet {
 }
 
 impl CpuResNet {
-    /// Takes the weights of a ResNet whose batch-norm is folded ([`ResNet::fold_batch_norm`]).
+    /// Takes the weights of a ResNet whose batch-norm is folded ([`ResNet::fold_batch_norm`]),
+    /// to compute in f32.
     pub fn new(folded: &ResNet) -> Result<Self> {
+        Self::with_bf16(folded, false)
+    }
+
+    /// As [`CpuResNet::new`], with `bf16` products (f32 sums) in every convolution whose K
+    /// segments have even length (all but the stem): `compute: bf16`. An error where the CPU
+    /// lacks AVX512-BF16 (or AVX-512F).
+    pub fn with_bf16(folded: &ResNet, bf16: bool) -> Result<Self> {
+        let bf16 = match bf16 {
+            false => None,
+            true => Some(
+                Avx512Bf16::detect()
+                    .ok_or_else(|| candle_core::Error::Msg(crate::cpu_gemm_bf16::MISSING.into()))?,
+            ),
+        };
+        let conv = |c: &ConvBn| Conv::from_folded(c, bf16);
         let blocks = folded
             .layers
             .iter()
             .flatten()
             .map(|b| {
                 Ok(Block {
-                    convs: b
-                        .convs
-                        .iter()
-                        .map(Conv::from_folded)
-                        .collect::<Result<_>>()?,
-                    downsample: b.downsample.as_ref().map(Conv::from_folded).transpose()?,
+                    convs: b.convs.iter().map(conv).collect::<Result<_>>()?,
+                    downsample: b.downsample.as_ref().map(conv).transpose()?,
                 })
             })
             .collect::<Result<_>>()?;
         Ok(CpuResNet {
-            stem: Conv::from_folded(&folded.stem)?,
+            stem: conv(&folded.stem)?,
             blocks,
             dim: folded.dim(),
         })

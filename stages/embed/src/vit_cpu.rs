@@ -9,6 +9,7 @@
 //! ([`Vit::input_tokens`], [`Vit::pool`]).
 
 use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB};
+use crate::cpu_gemm_bf16::{self, Avx512Bf16, PackedBf16};
 use crate::vit::{Block, Mlp, Vit};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{LayerNorm, Linear};
@@ -23,15 +24,18 @@ const K_BLOCK: usize = 512;
 /// A linear layer's weight packed for the tile, and its bias.
 struct Lin {
     w: PackedB,
+    /// With `compute: bf16`, the weight in bf16 for the bf16 tile, used instead of `w`.
+    w_bf16: Option<(Avx512Bf16, PackedBf16)>,
     bias: Option<Vec<f32>>,
 }
 
 impl Lin {
-    fn new(l: &Linear) -> Result<Self> {
+    fn new(l: &Linear, bf16: Option<Avx512Bf16>) -> Result<Self> {
         let (n, k) = l.weight().dims2()?;
         let w = l.weight().flatten_all()?.to_vec1::<f32>()?;
         Ok(Lin {
             w: PackedB::from_transposed(n, k, &w),
+            w_bf16: bf16.map(|cpu| (cpu, PackedBf16::from_transposed(n, k, &w))),
             bias: l.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
         })
     }
@@ -104,6 +108,20 @@ pub struct CpuVit {
 impl CpuVit {
     /// `None` where AVX-512 does not run or the model is not f32 on the CPU.
     pub fn new(vit: &Vit) -> Result<Option<Self>> {
+        Self::with_bf16(vit, false)
+    }
+
+    /// As [`CpuVit::new`], with `bf16` products (f32 sums) in every linear layer
+    /// (`compute: bf16`; attention's two products stay f32). An error where the CPU lacks
+    /// AVX512-BF16.
+    pub fn with_bf16(vit: &Vit, bf16: bool) -> Result<Option<Self>> {
+        let bf16 = match bf16 {
+            false => None,
+            true => Some(
+                Avx512Bf16::detect()
+                    .ok_or_else(|| candle_core::Error::Msg(crate::cpu_gemm_bf16::MISSING.into()))?,
+            ),
+        };
         let Some(cpu) = Avx512::detect() else {
             return Ok(None);
         };
@@ -116,7 +134,7 @@ impl CpuVit {
         let blocks = vit
             .blocks
             .iter()
-            .map(CpuBlock::new)
+            .map(|b| CpuBlock::new(b, bf16))
             .collect::<Result<_>>()?;
         Ok(Some(CpuVit { cpu, blocks }))
     }
@@ -136,27 +154,27 @@ impl CpuVit {
 }
 
 impl CpuBlock {
-    fn new(b: &Block) -> Result<Self> {
+    fn new(b: &Block, bf16: Option<Avx512Bf16>) -> Result<Self> {
         let gamma = |g: &Option<Tensor>| g.as_ref().map(|g| g.to_vec1::<f32>()).transpose();
         Ok(CpuBlock {
             norm1: Norm::new(&b.norm1)?,
-            qkv: Lin::new(&b.qkv)?,
-            proj: Lin::new(&b.proj)?,
+            qkv: Lin::new(&b.qkv, bf16)?,
+            proj: Lin::new(&b.proj, bf16)?,
             ls1: gamma(&b.ls1)?,
             norm2: Norm::new(&b.norm2)?,
             mlp: match &b.mlp {
                 Mlp::Gelu { fc1, fc2 } => CpuMlp::Gelu {
-                    fc1: Lin::new(fc1)?,
-                    fc2: Lin::new(fc2)?,
+                    fc1: Lin::new(fc1, bf16)?,
+                    fc2: Lin::new(fc2, bf16)?,
                 },
                 Mlp::Packed { fc1, fc2 } => CpuMlp::Packed {
-                    fc1: Lin::new(fc1)?,
-                    fc2: Lin::new(fc2)?,
+                    fc1: Lin::new(fc1, bf16)?,
+                    fc2: Lin::new(fc2, bf16)?,
                 },
                 Mlp::Split { fc1_g, fc1_x, fc2 } => CpuMlp::Split {
-                    fc1_g: Lin::new(fc1_g)?,
-                    fc1_x: Lin::new(fc1_x)?,
-                    fc2: Lin::new(fc2)?,
+                    fc1_g: Lin::new(fc1_g, bf16)?,
+                    fc1_x: Lin::new(fc1_x, bf16)?,
+                    fc2: Lin::new(fc2, bf16)?,
                 },
             },
             ls2: gamma(&b.ls2)?,
@@ -367,17 +385,11 @@ fn linear(
                 residual: residual.map(|r| &r[r0 * n..(r0 + m) * n]),
                 relu: false,
             };
-            cpu_gemm::gemm(
-                cpu,
-                &a[r0 * k..(r0 + m) * k],
-                k,
-                m,
-                &lin.w,
-                dst,
-                n,
-                ep,
-                K_BLOCK,
-            );
+            let a = &a[r0 * k..(r0 + m) * k];
+            match &lin.w_bf16 {
+                Some((cpu, w)) => cpu_gemm_bf16::gemm(*cpu, a, k, m, w, dst, n, ep, K_BLOCK),
+                None => cpu_gemm::gemm(cpu, a, k, m, &lin.w, dst, n, ep, K_BLOCK),
+            }
             if let Some(post) = post {
                 post(dst);
             }
