@@ -151,10 +151,9 @@ impl StageKind for SampleParams {
 
     fn build(&self, ctx: &BuildContext) -> StageResult<Box<dyn Stage>> {
         let splits = assign_for(ctx.task, &ctx.slides, ctx.seed, &self.splits)?;
-        let spill_dir = self.spill_to_disk.then(|| match &self.spill_dir {
-            Some(dir) => ctx.resolve(dir),
-            None => ctx.out_dir.join(".spill"),
-        });
+        let spill_dir = self
+            .spill_to_disk
+            .then(|| crate::spill::spill_folder(ctx, self.spill_dir.as_deref()));
         Ok(per_slide(SampleStage {
             params: self.clone(),
             seed: ctx.seed,

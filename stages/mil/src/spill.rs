@@ -53,6 +53,18 @@ impl Spilled {
     }
 }
 
+/// Where a stage's spill files go: the folder its `spill_dir` parameter names (relative to the
+/// experiment), or `OUT/.spill`. One rule for `sample` and `train`, so both spill side by side.
+pub fn spill_folder(
+    ctx: &tessera_pipeline::BuildContext,
+    configured: Option<&Path>,
+) -> std::path::PathBuf {
+    match configured {
+        Some(dir) => ctx.resolve(dir),
+        None => ctx.out_dir.join(".spill"),
+    }
+}
+
 /// Writes `batch` to `path`, maps it, removes the file and returns the batch read zero-copy
 /// from the mapping.
 pub fn spill(batch: &RecordBatch, path: &Path) -> Result<RecordBatch, SpillError> {

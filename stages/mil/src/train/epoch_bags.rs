@@ -81,11 +81,9 @@ impl EpochBags {
             self.entries.push(Entry::InMemory(bag));
             return Ok(());
         }
-        if self.spill.is_none() {
-            self.spill = Some(SpillFile::create(&self.spill_dir)?);
-        }
-        let Some(spill) = self.spill.as_mut() else {
-            unreachable!("the spill file was just created")
+        let spill = match &mut self.spill {
+            Some(spill) => spill,
+            None => self.spill.insert(SpillFile::create(&self.spill_dir)?),
         };
         let offset = spill.append(bag.embeddings.as_bytes())?;
         let len = bag.embeddings.len();

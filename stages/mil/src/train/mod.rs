@@ -575,10 +575,7 @@ impl StageKind for TrainParams {
             rows: HashMap::new(),
             epoch_bags: EpochBags::new(
                 self.bag_memory_mb.saturating_mul(1 << 20),
-                match &self.spill_dir {
-                    Some(dir) => ctx.resolve(dir),
-                    None => ctx.out_dir.join(".spill"),
-                },
+                crate::spill::spill_folder(ctx, self.spill_dir.as_deref()),
             ),
             last_bags: Vec::new(),
             seen: BTreeMap::new(),
