@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p tessera-embed --bench embed` (env `EMBED_BENCH_BATCHES`, default 5;
 //! each batch is timed alone and the best and median are printed; `EMBED_BENCH_BATCH` sets
-//! the batch size). On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-embed
+//! the batch size; `EMBED_BENCH_ROUNDS`, default 3, the paired tessera/PyTorch rounds). On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-embed
 //! --features cuda --bench embed` (the PyTorch column is then the CPU figure, for scale);
 //! `EMBED_BENCH_COMPUTE=f16` (or `bf16`) computes in half precision there.
 //!
@@ -54,6 +54,23 @@ fn torch_cpu(model: &str, batch: usize, runs: usize) -> Option<(f64, f64, f64)> 
 }
 use tessera_pipeline::DeviceSpec;
 
+/// The best of the rounds' best rates and the median of their medians.
+fn best_and_median(rounds: &[(f64, f64)]) -> (f64, f64) {
+    let best = rounds.iter().map(|r| r.0).fold(0.0, f64::max);
+    let mut meds: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+    meds.sort_by(f64::total_cmp);
+    (best, meds.get(meds.len() / 2).copied().unwrap_or(0.0))
+}
+
+/// An img/s figure with two significant decimals below 10 (ViT-L/H run at ~1 img/s here).
+fn img_s(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn main() {
     let batches: usize = std::env::var("EMBED_BENCH_BATCHES")
         .ok()
@@ -76,6 +93,11 @@ fn main() {
         std::env::var("EMBED_BENCH_COMPUTE").unwrap_or_else(|_| "f32".into()),
     ))
     .expect("EMBED_BENCH_COMPUTE: f32, f16 or bf16");
+    let rounds: usize = std::env::var("EMBED_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     println!("Device {device_spec}, batch {batch}, 224 px, compute {compute:?}.\n");
     let px = 224;
     let tiles: Vec<Vec<u8>> = (0..batch)
@@ -109,7 +131,7 @@ fn main() {
             "virchow2",
         ),
     ];
-    println!("| model | tessera img/s, embed incl. preprocessing: best (median) | forward only: best (median) | PyTorch img/s, forward: best (median) | forward / PyTorch | GFLOP/img | tessera GFLOP/s | PyTorch GFLOP/s |");
+    println!("| model | tessera img/s, embed incl. preprocessing: best (median) | forward only: best (median) | PyTorch img/s, forward: best (median) | forward / PyTorch: median of paired rounds (range) | GFLOP/img | tessera GFLOP/s | PyTorch GFLOP/s |");
     println!("|---|---|---|---|---|---|---|---|");
     for (name, arch, preset, torch_model) in cases {
         if only
@@ -147,19 +169,35 @@ fn main() {
             secs.sort_by(f64::total_cmp);
             (batch as f64 / secs[0], batch as f64 / secs[secs.len() / 2])
         };
-        let (fwd, fwd_med) = time_batches(&|| {
-            model.forward(&input).expect("forward");
-            sync();
-        });
         let (full, full_med) = time_batches(&|| {
             model.embed(&refs, px).expect("embed");
             sync();
         });
-        let measured = if same_run_torch {
-            torch_cpu(torch_model, batch, batches)
-        } else {
-            None
-        };
+        // Paired rounds: tessera's batches, then PyTorch's, `rounds` times. This machine's
+        // clock drifts by tens of percent within minutes (other tenants), so a ratio is only
+        // taken between the two halves of one round, and the median over rounds is printed.
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        let mut gflop = None;
+        for _ in 0..if same_run_torch { rounds } else { 1 } {
+            ours.push(time_batches(&|| {
+                model.forward(&input).expect("forward");
+                sync();
+            }));
+            if same_run_torch {
+                if let Some((best, med, g)) = torch_cpu(torch_model, batch, batches) {
+                    theirs.push((best, med));
+                    gflop = Some(g);
+                }
+            }
+        }
+        let (fwd, fwd_med) = best_and_median(&ours);
+        let measured = gflop.map(|g| {
+            let (best, med) = best_and_median(&theirs);
+            let mut ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(o, t)| o.0 / t.0).collect();
+            ratios.sort_by(f64::total_cmp);
+            (best, med, g, ratios)
+        });
         let rate = |img_s: f64, gflop: f64| {
             let g = img_s * gflop;
             match peak {
@@ -168,14 +206,25 @@ fn main() {
             }
         };
         let row = match measured {
-            Some((best, med, gflop)) => format!(
-                "{best:.1} ({med:.1}) | {:.2}x | {gflop:.2} | {} | {}",
-                fwd / best,
+            Some((best, med, gflop, ratios)) => format!(
+                "{} ({}) | {:.2}x ({:.2}-{:.2}, {} rounds) | {gflop:.2} | {} | {}",
+                img_s(best),
+                img_s(med),
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1],
+                ratios.len(),
                 rate(fwd, gflop),
                 rate(best, gflop)
             ),
             None => "not measured (EMBED_BENCH_TORCH=1) | | | | ".into(),
         };
-        println!("| {name} | {full:.1} ({full_med:.1}) | {fwd:.1} ({fwd_med:.1}) | {row} |");
+        println!(
+            "| {name} | {} ({}) | {} ({}) | {row} |",
+            img_s(full),
+            img_s(full_med),
+            img_s(fwd),
+            img_s(fwd_med)
+        );
     }
 }
