@@ -625,7 +625,7 @@ mod tests {
         let b = bag(Split::Val, 10);
         let out = s.draw(&b, 0).unwrap();
         let declared = SampleParams::default()
-            .output_schema(&[b.tiles.schema.clone()])
+            .output_schema(std::slice::from_ref(&b.tiles.schema))
             .unwrap();
         assert_eq!(out.schema().fields(), declared.fields());
         let split = out.column_by_name("split").unwrap().as_string::<i32>();
