@@ -48,6 +48,7 @@ pub mod placement;
 pub mod predictions;
 pub mod sample;
 pub mod seeding;
+pub mod slab;
 pub mod sparse_map;
 pub mod spill;
 pub mod splits;

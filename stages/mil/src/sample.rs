@@ -3,7 +3,10 @@
 //! until training closes its inputs or `epochs` is reached. See the crate docs for the contract.
 //!
 //! Memory: every slide's embeddings stay in memory as Arrow arrays for the whole training
-//! (N tiles x D floats; pixels columns are dropped on arrival). Fed tiles without embeddings
+//! (N tiles x D floats; pixels columns are dropped on arrival), packed back to back into large
+//! shared allocations ([`crate::slab`]) so that they cost their bytes and no allocator
+//! rounding; columns holding one value for the whole slide (`slide_id`, usually `tile_size`)
+//! are kept once per slide and repeated when a bag is drawn. Fed tiles without embeddings
 //! (end-to-end training, `train.finetune_embedder`), it keeps the pixels instead: N tiles x
 //! side^2 x 3 bytes per slide (about 150 KB per 224 px tile), practical for small datasets.
 //! With `spill_to_disk`, each slide's table lives in a memory-mapped file instead (see
@@ -15,8 +18,11 @@ use crate::error::MilError;
 use crate::seeding::stream_rng;
 use crate::sparse_map::{infer_grid_step, GRID_STEP};
 use crate::splits::{assign_for, stratum, Split, SplitParams};
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
-use arrow::compute::take_record_batch;
+use arrow::array::{
+    Array, ArrayRef, Int64Array, RecordBatch, RecordBatchOptions, StringArray, UInt32Array,
+};
+use arrow::compute::kernels::cmp::eq;
+use arrow::compute::{take, take_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rand::seq::SliceRandom;
 use schemars::JsonSchema;
@@ -161,6 +167,7 @@ impl StageKind for SampleParams {
             task: ctx.task,
             bags: BTreeMap::new(),
             spill_dir,
+            slab: Default::default(),
         }))
     }
 
@@ -180,10 +187,98 @@ impl StageKind for SampleParams {
     }
 }
 
+/// A slide's tiles as `sample` keeps them: the columns that vary from tile to tile, and once
+/// each the ones that hold one value for the whole slide (`slide_id`, usually `tile_size`;
+/// 5% of the table at 128-d embeddings), repeated again when a bag is drawn.
+struct SlideTiles {
+    /// The kept columns, in order.
+    schema: SchemaRef,
+    /// The columns that vary (or that cannot be compared cheaply), in schema order.
+    varying: RecordBatch,
+    /// `(position in schema, one-row array)` of the columns holding one value.
+    constants: Vec<(usize, ArrayRef)>,
+}
+
+impl SlideTiles {
+    /// Splits `table` into its varying and its constant columns. A column is constant when it
+    /// is of a primitive, boolean or string type, has no nulls, and all its rows are equal;
+    /// tables of fewer than two rows are kept whole.
+    fn new(table: RecordBatch) -> Result<SlideTiles, MilError> {
+        let schema = table.schema();
+        let mut constants = Vec::new();
+        if table.num_rows() >= 2 {
+            for (i, col) in table.columns().iter().enumerate() {
+                if is_constant(col)? {
+                    // A copy of the first row, not a slice that would keep the whole column.
+                    constants.push((i, take(col, &UInt32Array::from(vec![0u32]), None)?));
+                }
+            }
+        }
+        let keep: Vec<usize> = (0..schema.fields().len())
+            .filter(|i| !constants.iter().any(|(p, _)| p == i))
+            .collect();
+        let varying = RecordBatch::try_new_with_options(
+            Arc::new(schema.project(&keep)?),
+            keep.iter().map(|&i| table.column(i).clone()).collect(),
+            &RecordBatchOptions::new().with_row_count(Some(table.num_rows())),
+        )?;
+        Ok(SlideTiles {
+            schema,
+            varying,
+            constants,
+        })
+    }
+
+    fn num_rows(&self) -> usize {
+        self.varying.num_rows()
+    }
+
+    /// The kept columns at `rows`, in schema order (the same arrays as taking them from the
+    /// whole table).
+    fn take(&self, rows: &[u32]) -> Result<Vec<ArrayRef>, MilError> {
+        let indices = UInt32Array::from(rows.to_vec());
+        let taken = take_record_batch(&self.varying, &indices)?;
+        let mut varying = taken.columns().iter();
+        let zeros = UInt32Array::from(vec![0u32; rows.len()]);
+        let mut columns = Vec::with_capacity(self.schema.fields().len());
+        for i in 0..self.schema.fields().len() {
+            match self.constants.iter().find(|(p, _)| *p == i) {
+                Some((_, one)) => columns.push(take(one, &zeros, None)?),
+                None => columns.push(
+                    varying
+                        .next()
+                        .ok_or_else(|| {
+                            arrow::error::ArrowError::SchemaError(
+                                "sample: fewer varying columns than the schema holds".into(),
+                            )
+                        })?
+                        .clone(),
+                ),
+            }
+        }
+        Ok(columns)
+    }
+}
+
+/// Whether every row of `col` holds the same value (no nulls; primitive, boolean and string
+/// columns only: the instance columns are never constant and are not compared).
+fn is_constant(col: &ArrayRef) -> Result<bool, MilError> {
+    let comparable = col.data_type().is_primitive()
+        || matches!(
+            col.data_type(),
+            DataType::Boolean | DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        );
+    if !comparable || col.is_empty() || col.null_count() > 0 {
+        return Ok(false);
+    }
+    let first = arrow::array::Scalar::new(col.slice(0, 1));
+    Ok(eq(col, &first)?.true_count() == col.len())
+}
+
 /// A slide's tiles, ready to be sampled.
 struct Bag {
     slide: SlideHandle,
-    tiles: RecordBatch,
+    tiles: SlideTiles,
     /// The spill mapping `tiles` reads from (`spill_to_disk`).
     spilled: Option<crate::spill::Spilled>,
     split: Split,
@@ -203,6 +298,8 @@ struct SampleStage {
     bags: BTreeMap<usize, Bag>,
     /// Where slides' tiles are spilled to memory-mapped files (`spill_to_disk`).
     spill_dir: Option<std::path::PathBuf>,
+    /// Where slides' tiles are packed in memory (without `spill_to_disk`).
+    slab: crate::slab::Slab,
 }
 
 impl SampleStage {
@@ -222,12 +319,11 @@ impl SampleStage {
         let mut rng = stream_rng(self.seed, "sample", epoch_part, &bag.slide.id);
         let rows = draw_rows(bag.tiles.num_rows(), self.tiles_for(bag.split), &mut rng);
         let n = rows.len();
-        let taken = take_record_batch(&bag.tiles, &UInt32Array::from(rows))?;
+        let mut columns = bag.tiles.take(&rows)?;
         if let Some(spilled) = &bag.spilled {
             spilled.release_pages();
         }
-        let schema = sample_schema(&bag.tiles.schema());
-        let mut columns: Vec<ArrayRef> = taken.columns().to_vec();
+        let schema = sample_schema(&bag.tiles.schema);
         columns.push(Arc::new(StringArray::from(vec![bag.split.as_str(); n])));
         columns.push(Arc::new(StringArray::from(vec![bag.label.as_str(); n])));
         columns.push(Arc::new(Int64Array::from(vec![bag.grid_step; n])));
@@ -339,23 +435,24 @@ impl SampleStage {
             return Ok(());
         };
         let grid_step = Self::grid_step(ctx, slide, &tiles)?;
+        let mut tiles = SlideTiles::new(tiles)?;
         let spilled = match &self.spill_dir {
             Some(dir) => Some(
                 crate::spill::spill_mapped(
-                    &tiles,
+                    &tiles.varying,
                     &dir.join(format!("{}-{}.arrow", std::process::id(), slide.index)),
                 )
                 .map_err(MilError::from)?,
             ),
             None => None,
         };
-        let tiles = match &spilled {
+        tiles.varying = match &spilled {
             Some(s) => {
                 // Mapping the file back touched its pages; draws page in only what they read.
                 s.release_pages();
                 s.batch.clone()
             }
-            None => tiles,
+            None => self.slab.pack_batch(&tiles.varying)?,
         };
         self.bags.insert(
             slide.index,
@@ -460,6 +557,7 @@ mod tests {
             task: Default::default(),
             bags: BTreeMap::new(),
             spill_dir: None,
+            slab: Default::default(),
         }
     }
 
@@ -467,7 +565,7 @@ mod tests {
         let coords: Vec<(i64, i64)> = (0..n as i64).map(|k| (k * 256, 0)).collect();
         Bag {
             slide: handle("s1", Some(split)),
-            tiles: tile_bag(&coords, 256),
+            tiles: SlideTiles::new(tile_bag(&coords, 256)).unwrap(),
             spilled: None,
             split,
             label: "tumor".into(),
@@ -527,7 +625,7 @@ mod tests {
         let b = bag(Split::Val, 10);
         let out = s.draw(&b, 0).unwrap();
         let declared = SampleParams::default()
-            .output_schema(&[b.tiles.schema()])
+            .output_schema(std::slice::from_ref(&b.tiles.schema))
             .unwrap();
         assert_eq!(out.schema().fields(), declared.fields());
         let split = out.column_by_name("split").unwrap().as_string::<i32>();
@@ -585,6 +683,100 @@ mod tests {
                 && err.contains("finetune_embedder"),
             "{err}"
         );
+    }
+
+    /// The bag `draw` made before per-slide constants were folded: the drawn rows of the whole
+    /// table, then split, label and grid step.
+    fn reference_draw(
+        s: &SampleStage,
+        table: &RecordBatch,
+        split: Split,
+        epoch: u64,
+    ) -> RecordBatch {
+        let epoch_part = (split == Split::Train).then_some(epoch);
+        let mut rng = stream_rng(s.seed, "sample", epoch_part, "s1");
+        let rows = draw_rows(table.num_rows(), s.tiles_for(split), &mut rng);
+        let n = rows.len();
+        let taken = take_record_batch(table, &UInt32Array::from(rows)).unwrap();
+        let mut columns = taken.columns().to_vec();
+        columns.push(Arc::new(StringArray::from(vec![split.as_str(); n])));
+        columns.push(Arc::new(StringArray::from(vec!["tumor"; n])));
+        columns.push(Arc::new(Int64Array::from(vec![256i64; n])));
+        RecordBatch::try_new(sample_schema(&table.schema()), columns).unwrap()
+    }
+
+    #[test]
+    fn per_slide_constants_are_kept_once_and_bags_are_unchanged() {
+        let coords: Vec<(i64, i64)> = (0..40i64).map(|k| (k * 256, (k % 3) * 256)).collect();
+        let table = tile_bag(&coords, 256);
+        let tiles = SlideTiles::new(table.clone()).unwrap();
+        let varying = tiles.varying.schema();
+        let names: Vec<&str> = varying.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            ["x", "y", "embedding"],
+            "slide_id and tile_size are per slide"
+        );
+        assert!(tiles.constants.iter().all(|(_, one)| one.len() == 1));
+        let mut s = stage(7);
+        let mut packed = SlideTiles::new(table.clone()).unwrap();
+        packed.varying = s.slab.pack_batch(&packed.varying).unwrap();
+        for (split, epoch) in [(Split::Train, 0), (Split::Train, 3), (Split::Test, 1)] {
+            let b = Bag {
+                tiles: SlideTiles::new(table.clone()).unwrap(),
+                ..bag(split, 0)
+            };
+            let want = reference_draw(&s, &table, split, epoch);
+            assert_eq!(s.draw(&b, epoch).unwrap(), want);
+            let b = Bag {
+                tiles: SlideTiles {
+                    schema: packed.schema.clone(),
+                    varying: packed.varying.clone(),
+                    constants: packed.constants.clone(),
+                },
+                ..bag(split, 0)
+            };
+            let got = s.draw(&b, epoch).unwrap();
+            assert_eq!(got, want);
+            for (g, w) in got.columns().iter().zip(want.columns()) {
+                assert_eq!(g.to_data(), w.to_data(), "same buffers, same null bitmaps");
+            }
+        }
+    }
+
+    #[test]
+    fn columns_that_vary_or_hold_nulls_are_kept_per_tile() {
+        let coords: Vec<(i64, i64)> = (0..6i64).map(|k| (k * 256, 0)).collect();
+        let table = tile_bag(&coords, 256);
+        let mut columns = table.columns().to_vec();
+        // tile_size varies within the slide; slide_id has a null.
+        columns[3] = Arc::new(Int64Array::from(vec![256, 256, 512, 256, 256, 256]));
+        columns[0] = Arc::new(StringArray::from(vec![
+            Some("s"),
+            None,
+            Some("s"),
+            Some("s"),
+            Some("s"),
+            Some("s"),
+        ]));
+        let mut fields: Vec<Field> = table
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields[0] = fields[0].clone().with_nullable(true);
+        let table = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let tiles = SlideTiles::new(table.clone()).unwrap();
+        let folded: Vec<usize> = tiles.constants.iter().map(|(p, _)| *p).collect();
+        assert_eq!(folded, [2], "only y, 0 on every tile");
+        let rows = [1u32, 2, 5];
+        let want = take_record_batch(&table, &UInt32Array::from(rows.to_vec())).unwrap();
+        assert_eq!(tiles.take(&rows).unwrap(), want.columns());
+        // One tile: nothing to fold.
+        let one = SlideTiles::new(table.slice(0, 1)).unwrap();
+        assert!(one.constants.is_empty());
+        assert_eq!(one.take(&[0]).unwrap(), table.slice(0, 1).columns());
     }
 
     #[test]
