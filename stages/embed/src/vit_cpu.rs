@@ -15,6 +15,31 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{LayerNorm, Linear};
 use rayon::prelude::*;
 
+/// Defines `$name(cpu, args)`, which runs the safe scalar loops of `$scalar` compiled with
+/// AVX-512F enabled (in `$inner`, so that LLVM vectorises them 16 lanes wide) where the
+/// `Avx512` token proves the CPU has it, and as plain code off x86-64.
+macro_rules! avx512_loops {
+    ($(#[$doc:meta])* fn $name:ident / $inner:ident ($($arg:ident: $ty:ty),*) => $scalar:ident) => {
+        $(#[$doc])*
+        fn $name(cpu: Avx512, $($arg: $ty),*) {
+            let _ = cpu;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
+            unsafe {
+                $inner($($arg),*)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            $scalar($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $inner($($arg: $ty),*) {
+            $scalar($($arg),*)
+        }
+    };
+}
+
 /// Rows (tokens) per parallel chunk of a linear layer.
 const ROWS: usize = 16 * cpu_gemm::MR;
 
@@ -91,23 +116,10 @@ impl Norm {
     }
 }
 
+avx512_loops! {
 /// One row of [`Norm::forward`] (sums over 16 lanes, so it vectorises: a sequential sum is
 /// latency-bound on one add at a time).
-fn layer_norm_row(cpu: Avx512, v: &[f32], o: &mut [f32], norm: &Norm) {
-    let _ = cpu;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
-    unsafe {
-        layer_norm_avx512(v, o, norm)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    layer_norm_scalar(v, o, norm)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn layer_norm_avx512(v: &[f32], o: &mut [f32], norm: &Norm) {
-    layer_norm_scalar(v, o, norm)
+fn layer_norm_row / layer_norm_avx512(v: &[f32], o: &mut [f32], norm: &Norm) => layer_norm_scalar
 }
 
 /// The loops [`layer_norm_avx512`] compiles with AVX-512.
@@ -341,40 +353,15 @@ struct Scratch {
     gated: Vec<f32>,
 }
 
+avx512_loops! {
 /// `out = silu(gate) * val` (SwiGLU's product), vectorised.
-fn silu_times(cpu: Avx512, gate: &[f32], val: &[f32], out: &mut [f32]) {
-    let _ = cpu;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
-    unsafe {
-        silu_times_avx512(gate, val, out)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    silu_times_scalar(gate, val, out)
+fn silu_times / silu_times_avx512(gate: &[f32], val: &[f32], out: &mut [f32]) => silu_times_scalar
 }
 
+avx512_loops! {
 /// `gate = silu(gate) * val` in place, vectorised.
-fn silu_times_in_place(cpu: Avx512, gate: &mut [f32], val: &[f32]) {
-    let _ = cpu;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
-    unsafe {
-        silu_times_in_place_avx512(gate, val)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    silu_times_in_place_scalar(gate, val)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_times_avx512(gate: &[f32], val: &[f32], out: &mut [f32]) {
-    silu_times_scalar(gate, val, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_times_in_place_avx512(gate: &mut [f32], val: &[f32]) {
-    silu_times_in_place_scalar(gate, val)
+fn silu_times_in_place / silu_times_in_place_avx512(gate: &mut [f32], val: &[f32])
+    => silu_times_in_place_scalar
 }
 
 #[inline(always)]
@@ -400,23 +387,10 @@ fn silu(v: f32) -> f32 {
     v * sigmoid
 }
 
+avx512_loops! {
 /// Row-wise `softmax(scale * row)` in place (rows of `n`), 16 lanes at a time: scalar `expf`
 /// and the loops around it were a tenth of ViT-S's time.
-fn softmax_rows(cpu: Avx512, xs: &mut [f32], n: usize, scale: f32) {
-    let _ = cpu;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
-    unsafe {
-        softmax_avx512(xs, n, scale)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    softmax_scalar(xs, n, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512(xs: &mut [f32], n: usize, scale: f32) {
-    softmax_scalar(xs, n, scale)
+fn softmax_rows / softmax_avx512(xs: &mut [f32], n: usize, scale: f32) => softmax_scalar
 }
 
 /// The loops [`softmax_avx512`] compiles with AVX-512: reductions over 16 independent lanes
@@ -476,23 +450,10 @@ fn exp_le0(x: f32) -> f32 {
     e * f32::from_bits((k + 8_388_735.0).to_bits() << 23)
 }
 
+avx512_loops! {
 /// Exact (erf) GELU in place, `x / 2 * (1 + erf(x / √2))`, 16 lanes at a time: a scalar
 /// libm erf per element cost a sixth of ViT-S's time.
-fn gelu_erf(cpu: Avx512, xs: &mut [f32]) {
-    let _ = cpu;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `cpu` proves AVX-512F is available; the body is safe scalar code.
-    unsafe {
-        gelu_avx512(xs)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    gelu_scalar(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_avx512(xs: &mut [f32]) {
-    gelu_scalar(xs)
+fn gelu_erf / gelu_avx512(xs: &mut [f32]) => gelu_scalar
 }
 
 /// The loop [`gelu_avx512`] compiles with AVX-512 (branch-free, so it vectorises).
