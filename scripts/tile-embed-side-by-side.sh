@@ -10,7 +10,10 @@
 #   scripts/tile-embed-side-by-side.sh          # REPS=3 THREADS=2 PRECISION=f32
 #
 # PRECISION=bf16 runs tessera with `compute: bf16` (CPUs with AVX512-BF16) and PyTorch under
-# `torch.autocast("cpu", torch.bfloat16)`. Needs `pip install torch torchvision openslide-python
+# `torch.autocast("cpu", torch.bfloat16)`; TORCH_PRECISION (default PRECISION) sets PyTorch's
+# side alone, e.g. `PRECISION=bf16 TORCH_PRECISION=f32` (tessera bf16 against PyTorch f32,
+# what a user choosing the faster of each gets: PyTorch's bf16 autocast on the CPU is slower
+# than its f32 here). Needs `pip install torch torchvision openslide-python
 # openslide-bin pyarrow`, and the slide (built here with ../shared/data/make_big_slide.sh when
 # missing; needs vips).
 set -euo pipefail
@@ -18,6 +21,7 @@ cd "$(dirname "$0")/.."
 reps="${REPS:-3}"
 threads="${THREADS:-2}"
 precision="${PRECISION:-f32}"
+torch_precision="${TORCH_PRECISION:-$precision}"
 slide=target/tessera-bench/big.tif
 [ -f "$slide" ] || ../shared/data/make_big_slide.sh "$slide"
 cargo build -q --release -p tessera
@@ -29,11 +33,9 @@ coords=$(find target/tessera-bench/cache-tiles -name '*.parquet' | head -n 1)
 [ -n "$coords" ] || { echo "no tile table under target/tessera-bench/cache-tiles" >&2; exit 1; }
 exp=(examples/big-slide/tile-embed.yaml)
 torch_args=()
-if [ "$precision" = bf16 ]; then
-    exp+=(--set embed.compute=bf16)
-    torch_args=(--bf16)
-fi
-echo "tiles: $(python3 -c "import pyarrow.parquet as pq; print(pq.read_metadata('$coords').num_rows)"), threads $threads, precision $precision"
+[ "$precision" = bf16 ] && exp+=(--set embed.compute=bf16)
+[ "$torch_precision" = bf16 ] && torch_args=(--bf16)
+echo "tiles: $(python3 -c "import pyarrow.parquet as pq; print(pq.read_metadata('$coords').num_rows)"), threads $threads, precision: tessera $precision, PyTorch $torch_precision"
 echo "load before: $(uptime)"
 t_all=(); p_all=()
 for rep in $(seq "$reps"); do
