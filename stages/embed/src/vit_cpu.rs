@@ -276,19 +276,12 @@ impl CpuBlock {
         std::mem::swap(x, &mut s.next);
         self.norm2.forward(cpu, x, &mut s.h);
         let ls2 = self.ls2.as_deref();
-        match &self.mlp {
+        // The MLP up to its second layer, which every variant ends with.
+        let (fc2, act) = match &self.mlp {
             CpuMlp::Gelu { fc1, fc2 } => {
                 let gelu = |xs: &mut [f32]| gelu_erf(cpu, xs);
                 linear(cpu, &s.h, fc1, None, None, Some(&gelu), &mut s.hidden);
-                linear(
-                    cpu,
-                    &s.hidden,
-                    fc2,
-                    ls2,
-                    Some(x.as_slice()),
-                    None,
-                    &mut s.next,
-                );
+                (fc2, &s.hidden)
             }
             CpuMlp::Packed { fc1, fc2 } => {
                 linear(cpu, &s.h, fc1, None, None, None, &mut s.hidden);
@@ -303,15 +296,7 @@ impl CpuBlock {
                             silu_times(cpu, gate, val, g);
                         }
                     });
-                linear(
-                    cpu,
-                    &s.gated,
-                    fc2,
-                    ls2,
-                    Some(x.as_slice()),
-                    None,
-                    &mut s.next,
-                );
+                (fc2, &s.gated)
             }
             CpuMlp::Split { fc1_g, fc1_x, fc2 } => {
                 linear(cpu, &s.h, fc1_g, None, None, None, &mut s.hidden);
@@ -320,17 +305,10 @@ impl CpuBlock {
                     .par_chunks_mut(4096)
                     .zip(s.gated.par_chunks(4096))
                     .for_each(|(g, v)| silu_times_in_place(cpu, g, v));
-                linear(
-                    cpu,
-                    &s.hidden,
-                    fc2,
-                    ls2,
-                    Some(x.as_slice()),
-                    None,
-                    &mut s.next,
-                );
+                (fc2, &s.hidden)
             }
-        }
+        };
+        linear(cpu, act, fc2, ls2, Some(x.as_slice()), None, &mut s.next);
         std::mem::swap(x, &mut s.next);
     }
 }
