@@ -9,8 +9,7 @@
 #   scripts/embed-bench-side-by-side.sh [ROW ...]   # rows: resnet-18 resnet-50 vit-s uni virchow2
 #
 # Env: BATCH (32), BATCHES (timed batches per model and round, 3), BIG_BATCHES (for ViT-L/H,
-# 1), ROUNDS (3),
-# THREADS (2: rayon and PyTorch), PEAK_GFLOPS (the f32 FMA peak of THREADS cores; default 230
+# 1), ROUNDS (paired rounds per row, 3), THREADS (2: rayon and PyTorch), PEAK_GFLOPS (the f32 FMA peak of THREADS cores; default 230
 # = 2 cores x 32 FLOP/cycle x 3.6 GHz, a Zen 4 core issuing one 512-bit FMA per cycle; set it
 # for another CPU), COMPUTE (f32; bf16 runs tessera's AVX512-BF16 tile and PyTorch under
 # bf16 autocast). Needs python3 with torch, torchvision and timm.

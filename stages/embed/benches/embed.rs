@@ -3,9 +3,10 @@
 //!
 //! `cargo bench -p tessera-embed --bench embed` (env `EMBED_BENCH_BATCHES`, default 5;
 //! each batch is timed alone and the best and median are printed; `EMBED_BENCH_BATCH` sets
-//! the batch size; `EMBED_BENCH_ROUNDS`, default 3, the paired tessera/PyTorch rounds). On a GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-embed
-//! --features cuda --bench embed` (the PyTorch column is then the CPU figure, for scale);
-//! `EMBED_BENCH_COMPUTE=f16` (or `bf16`) computes in half precision there.
+//! the batch size; `EMBED_BENCH_ROUNDS`, default 3, the paired tessera/PyTorch rounds). On a
+//! GPU: `TESSERA_BENCH_DEVICE=cuda cargo bench -p tessera-embed --features cuda --bench embed`
+//! (the PyTorch column is then the CPU figure, for scale); `EMBED_BENCH_COMPUTE=f16` (or
+//! `bf16`) computes in half precision there.
 //!
 //! Rows: ResNet-18/50, DINOv2 ViT-S/14, and two foundation-model presets, UNI (ViT-L/16) and
 //! Virchow2 (ViT-H/14, SwiGLU, registers). With `EMBED_BENCH_TORCH=1` (CPU), PyTorch is

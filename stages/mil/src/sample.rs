@@ -190,6 +190,7 @@ impl StageKind for SampleParams {
 /// A slide's tiles as `sample` keeps them: the columns that vary from tile to tile, and once
 /// each the ones that hold one value for the whole slide (`slide_id`, usually `tile_size`;
 /// 5% of the table at 128-d embeddings), repeated again when a bag is drawn.
+#[derive(Clone)]
 struct SlideTiles {
     /// The kept columns, in order.
     schema: SchemaRef,
@@ -729,11 +730,7 @@ mod tests {
             let want = reference_draw(&s, &table, split, epoch);
             assert_eq!(s.draw(&b, epoch).unwrap(), want);
             let b = Bag {
-                tiles: SlideTiles {
-                    schema: packed.schema.clone(),
-                    varying: packed.varying.clone(),
-                    constants: packed.constants.clone(),
-                },
+                tiles: packed.clone(),
                 ..bag(split, 0)
             };
             let got = s.draw(&b, epoch).unwrap();

@@ -119,14 +119,11 @@ impl Slab {
             let chunk = Arc::new(Chunk::new(len));
             return Self::write(chunk, 0, bytes);
         }
-        let start = match &self.current {
-            Some((_, used)) => used.div_ceil(ALIGN) * ALIGN,
-            None => usize::MAX,
-        };
-        let (chunk, start) = match &self.current {
-            Some((chunk, _)) if start + len <= chunk.layout.size() => (chunk.clone(), start),
-            _ => (Arc::new(Chunk::new(self.chunk_bytes)), 0),
-        };
+        let fits = self.current.as_ref().and_then(|(chunk, used)| {
+            let start = used.next_multiple_of(ALIGN);
+            (start + len <= chunk.layout.size()).then(|| (chunk.clone(), start))
+        });
+        let (chunk, start) = fits.unwrap_or_else(|| (Arc::new(Chunk::new(self.chunk_bytes)), 0));
         self.current = Some((chunk.clone(), start + len));
         Self::write(chunk, start, bytes)
     }
