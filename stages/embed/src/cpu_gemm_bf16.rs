@@ -7,6 +7,7 @@
 //!
 //! Only x86-64 with AVX-512F and AVX512-BF16 runs it ([`Avx512Bf16::detect`]).
 
+use crate::cpu_amx::{Amx, PackedAmx};
 use crate::cpu_gemm::{check_out, Avx512, Epilogue, TileOut, MR, NR};
 
 /// What `compute: bf16` on a CPU without the instructions says.
@@ -30,6 +31,49 @@ impl Avx512Bf16 {
         }
         let _ = f32_tile;
         None
+    }
+}
+
+/// The bf16 kernel `compute: bf16` runs on this CPU: AMX tiles where the CPU and the OS offer
+/// them (8192 multiply-adds per instruction), else the `vdpbf16ps` tile.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Bf16Cpu {
+    Amx(Amx),
+    Avx512(Avx512Bf16),
+}
+
+impl Bf16Cpu {
+    /// The fastest bf16 kernel of the running CPU, or the error `compute: bf16` reports.
+    pub(crate) fn detect() -> candle_core::Result<Self> {
+        match (Amx::detect(), Avx512Bf16::detect()) {
+            (Some(amx), _) => Ok(Bf16Cpu::Amx(amx)),
+            (None, Some(cpu)) => Ok(Bf16Cpu::Avx512(cpu)),
+            (None, None) => Err(candle_core::Error::Msg(MISSING.into())),
+        }
+    }
+}
+
+/// A weight rounded to bf16 and packed for the kernel [`Bf16Cpu`] chose.
+pub(crate) enum Bf16Weights {
+    Amx(Amx, PackedAmx),
+    Avx512(Avx512Bf16, PackedBf16),
+}
+
+impl Bf16Weights {
+    /// Packs row-major `b` (`k * n` values).
+    pub(crate) fn new(cpu: Bf16Cpu, k: usize, n: usize, b: &[f32]) -> Self {
+        match cpu {
+            Bf16Cpu::Amx(amx) => Bf16Weights::Amx(amx, PackedAmx::new(k, n, b)),
+            Bf16Cpu::Avx512(cpu) => Bf16Weights::Avx512(cpu, PackedBf16::new(k, n, b)),
+        }
+    }
+
+    /// Packs `w` stored `n x k` row-major (a linear layer's `[out, in]` weight), i.e. `B = wᵀ`.
+    pub(crate) fn from_transposed(cpu: Bf16Cpu, n: usize, k: usize, w: &[f32]) -> Self {
+        match cpu {
+            Bf16Cpu::Amx(amx) => Bf16Weights::Amx(amx, PackedAmx::from_transposed(n, k, w)),
+            Bf16Cpu::Avx512(cpu) => Bf16Weights::Avx512(cpu, PackedBf16::from_transposed(n, k, w)),
+        }
     }
 }
 
@@ -117,17 +161,22 @@ impl BfRows {
         self.data.resize(a.len() * MR * lenp, 0);
         (self.segs, self.len, self.lenp) = (a.len(), len, lenp);
         for (dst, src) in self.data.chunks_exact_mut(lenp).zip(a.iter().flatten()) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `cpu` proves AVX512-BF16; `src` holds `len` values (asserted above) and
-            // `dst` `lenp >= len`.
-            unsafe {
-                kernel::round_row(&src[..len], &mut dst[..len])
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("Avx512Bf16 is never constructed off x86-64: {cpu:?} {src:?} {dst:?}")
+            round_row(cpu, &src[..len], dst);
         }
-        let _ = cpu;
     }
+}
+
+/// Rounds `src` to bf16 into `dst` (as long as `src`; panics when shorter).
+fn round_row(cpu: Avx512Bf16, src: &[f32], dst: &mut [u16]) {
+    let dst = &mut dst[..src.len()];
+    let _ = cpu;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `cpu` proves AVX512-BF16; `dst` is as long as `src`.
+    unsafe {
+        kernel::round_row_avx512(src, dst)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Avx512Bf16 is never constructed off x86-64: {src:?} {dst:?}")
 }
 
 /// `out[tile] (+)= Σ_s Σ_p a[s][i][p] * B[k0 + s * len + p][cols]` in bf16 products and f32
@@ -159,6 +208,9 @@ pub(crate) fn tile(cpu: Avx512Bf16, a: &BfRows, b: &PackedBf16, k0: usize, mut o
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use kernel::round_row_avx512;
+
+#[cfg(target_arch = "x86_64")]
 mod kernel {
     use super::{TileOut, MR, NR};
     use crate::cpu_gemm::avx512::store;
@@ -167,8 +219,9 @@ mod kernel {
     /// Rounds `src` to bf16 into `dst` (same length), 16 values per instruction.
     ///
     /// SAFETY (caller): AVX-512F, -BW, -VL and AVX512-BF16 are available.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+    pub(crate) unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
         let n = src.len().min(dst.len());
         let mut i = 0;
         while i < n {

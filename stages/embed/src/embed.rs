@@ -90,9 +90,9 @@ pub struct EmbedParams {
     /// ViTs only: `cls`, or `cls_mean` (class token and mean patch token, concatenated).
     pub pooling: Pooling,
     /// What the network computes in: `f32` (default); `f16` / `bf16` on a GPU (tensor
-    /// cores; about three significant digits); `bf16` on a CPU with AVX512-BF16 (products
-    /// of bf16-rounded operands, f32 sums: about twice as fast, cosine to f32 >= 0.9999; an
-    /// error on CPUs without it). Part of the cache key (left out of it when f32, so caches
+    /// cores; about three significant digits); `bf16` on a CPU with AVX512-BF16 or AMX
+    /// (products of bf16-rounded operands, f32 sums: cosine to f32 >= 0.9999; an error on
+    /// CPUs without it). Part of the cache key (left out of it when f32, so caches
     /// made before this option stay valid).
     #[serde(skip_serializing_if = "ComputeDtype::is_f32")]
     pub compute: ComputeDtype,
@@ -150,9 +150,9 @@ pub struct EmbedParamsInput {
     #[schemars(extend("default" = "cls"))]
     pub pooling: Option<Pooling>,
     /// What the network computes in: `f32` (default); `f16` / `bf16` on a GPU (tensor
-    /// cores; about three significant digits); `bf16` on a CPU with AVX512-BF16 (products
-    /// of bf16-rounded operands, f32 sums: about twice as fast, cosine to f32 >= 0.9999; an
-    /// error on CPUs without it). Part of the cache key (left out of it when f32, so caches
+    /// cores; about three significant digits); `bf16` on a CPU with AVX512-BF16 or AMX
+    /// (products of bf16-rounded operands, f32 sums: cosine to f32 >= 0.9999; an error on
+    /// CPUs without it). Part of the cache key (left out of it when f32, so caches
     /// made before this option stay valid).
     pub compute: ComputeDtype,
 }

@@ -68,7 +68,8 @@ impl Architecture {
 /// The numbers an embedder computes in. `f16`/`bf16` put a GPU's tensor cores to work and
 /// halve its memory traffic, at about three significant digits per value. On the CPU, `bf16`
 /// rounds the operands of the convolutions' and linear layers' products to bf16 (sums stay
-/// f32) where the CPU has AVX512-BF16, about twice the multiply rate; `f16` is GPU only.
+/// f32) where the CPU has AVX512-BF16 (twice the multiplies of an f32 FMA per instruction)
+/// or AMX (tiles of 8192 per instruction); `f16` is GPU only.
 /// Embeddings come out as f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -275,8 +276,8 @@ fn weights_error_for(weights: &WeightsSource, what: &str, e: candle_core::Error)
 /// of ResNets, resizes ViT position embeddings to the input size.
 pub fn load_embedder(spec: &EmbedderSpec, device: &Device) -> EmbedResult<Box<dyn TileEmbedder>> {
     let preprocess = spec.preprocess.clone();
-    // On the CPU, bf16 is the AVX512-BF16 tile's: candle's model stays f32 (patch embedding,
-    // norms, pooling) and the tile rounds the operands of its products.
+    // On the CPU, bf16 is the AMX or AVX512-BF16 kernels': candle's model stays f32 (patch
+    // embedding, norms, pooling) and the kernels round the operands of their products.
     let cpu_bf16 = device.is_cpu() && spec.compute == ComputeDtype::Bf16;
     let dtype = match cpu_bf16 {
         true => DType::F32,

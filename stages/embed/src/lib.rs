@@ -7,6 +7,7 @@
 //! - [`load_embedder`] / [`TileEmbedder`]: the models, for other stages (fine-tuning).
 
 pub mod columns;
+mod cpu_amx;
 mod cpu_gemm;
 mod cpu_gemm_bf16;
 pub mod embed;

@@ -7,11 +7,13 @@
 //! and applies bias, residual and ReLU in registers. Elsewhere each convolution is one im2col
 //! (skipped for 1x1 stride-1 convolutions) and a `gemm` crate call per chunk.
 
+use crate::cpu_amx::{self, Amx, AmxRows, PackedAmx};
 use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB, TileOut, MR, NR};
-use crate::cpu_gemm_bf16::{self, Avx512Bf16, BfRows, PackedBf16};
+use crate::cpu_gemm_bf16::{self, Bf16Cpu, Bf16Weights, BfRows};
 use crate::resnet::{ConvBn, ResNet};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Output pixels per work chunk of the im2col path: large enough for an efficient GEMM, small
 /// enough that the im2col buffer of a chunk stays in L2.
@@ -27,6 +29,15 @@ const K_BLOCK: usize = 512;
 
 /// Output channels computed together per K block of the direct path.
 const N_BLOCK: usize = 512;
+
+/// Output pixels per chunk of the AMX path, for K (`k`) values per pixel and `rows` in all: a
+/// chunk's bf16 rows (at most ~512 KiB) stay in L2 while every column block reads them; whole
+/// blocks of 32 rows; at least four chunks per thread where there are rows enough.
+fn amx_task_rows(k: usize, rows: usize) -> usize {
+    let by_cache = (512 * 1024 / (2 * k.max(1))).clamp(32, 256);
+    let per_thread = rows.div_ceil(4 * rayon::current_num_threads());
+    by_cache.min(per_thread).max(32).div_ceil(32) * 32
+}
 
 /// A dense NHWC activation.
 struct Act {
@@ -63,9 +74,10 @@ struct Direct {
     merge_kx: bool,
     /// What an out-of-image position (or a row past the chunk) reads.
     zeros: Vec<f32>,
-    /// With `compute: bf16`, the weights in bf16 for the bf16 tile (which then replaces the
-    /// f32 one); `None` for segments of odd length (the stem's 21), which stay f32.
-    bf16: Option<(Avx512Bf16, PackedBf16)>,
+    /// With `compute: bf16`, the weights in bf16 for the bf16 kernel (which then replaces the
+    /// f32 tile); on the `vdpbf16ps` tile `None` for segments of odd length (the stem's 21),
+    /// which stay f32.
+    bf16: Option<Bf16Weights>,
 }
 
 struct KBlock {
@@ -80,7 +92,7 @@ struct KBlock {
 impl Direct {
     fn new(
         cpu: Avx512,
-        bf16: Option<Avx512Bf16>,
+        bf16: Option<Bf16Cpu>,
         k: usize,
         c_in: usize,
         c_out: usize,
@@ -112,9 +124,11 @@ impl Direct {
             })
             .collect();
         let kdim = k * k * c_in;
+        // The vdpbf16ps tile multiplies pairs of K rows, which must not straddle segments;
+        // AMX rows are gathered whole, any length.
         let bf16 = bf16
-            .filter(|_| len.is_multiple_of(2))
-            .map(|cpu| (cpu, PackedBf16::new(kdim, c_out, weight)));
+            .filter(|cpu| matches!(cpu, Bf16Cpu::Amx(_)) || len.is_multiple_of(2))
+            .map(|cpu| Bf16Weights::new(cpu, kdim, c_out, weight));
         Direct {
             cpu,
             packed: PackedB::new(kdim, c_out, weight),
@@ -127,7 +141,7 @@ impl Direct {
 }
 
 impl Conv {
-    fn from_folded(unit: &ConvBn, bf16: Option<Avx512Bf16>) -> Result<Self> {
+    fn from_folded(unit: &ConvBn, bf16: Option<Bf16Cpu>) -> Result<Self> {
         let ConvBn::Folded(conv) = unit else {
             candle_core::bail!("the CPU path needs batch-norm folded first")
         };
@@ -181,6 +195,27 @@ impl Conv {
         };
         let n = self.c_out;
         let rows = x.n * ho * wo;
+        if let Some(Bf16Weights::Amx(cpu, packed)) = &d.bf16 {
+            let mut out = Vec::with_capacity(rows * n);
+            self.direct_amx(
+                (*cpu, packed),
+                d,
+                (src, pad, ho, wo),
+                &mut out.spare_capacity_mut()[..rows * n],
+                residual,
+                relu,
+            );
+            // SAFETY: `direct_amx` wrote all `rows * n` values (each chunk's `gemm_uninit`
+            // writes every column of every row of its chunk).
+            unsafe { out.set_len(rows * n) };
+            return Act {
+                data: out,
+                n: x.n,
+                h: ho,
+                w: wo,
+                c: n,
+            };
+        }
         let mut out = vec![0f32; rows * n];
         let last = d.blocks.len() - 1;
         // One run of `len` input values, or zeros outside the image (or past the chunk).
@@ -214,7 +249,7 @@ impl Conv {
                                     run(r, seg, block.len)
                                 })
                             }));
-                            if let Some((cpu, _)) = &d.bf16 {
+                            if let Some(Bf16Weights::Avx512(cpu, _)) = &d.bf16 {
                                 a_bf16.fill(*cpu, &a, block.len);
                             }
                             for col0 in (j0..n.min(j0 + N_BLOCK)).step_by(NR) {
@@ -234,10 +269,10 @@ impl Conv {
                                     epilogue,
                                 };
                                 match &d.bf16 {
-                                    Some((cpu, packed)) => {
+                                    Some(Bf16Weights::Avx512(cpu, packed)) => {
                                         cpu_gemm_bf16::tile(*cpu, &a_bf16, packed, block.k0, o)
                                     }
-                                    None => {
+                                    _ => {
                                         cpu_gemm::tile(d.cpu, &a, block.len, &d.packed, block.k0, o)
                                     }
                                 }
@@ -253,6 +288,62 @@ impl Conv {
             w: wo,
             c: n,
         }
+    }
+
+    /// The direct convolution on AMX tiles: each chunk of output pixels gathers its K segments
+    /// (one run of input values per pixel and segment, as the f32 tile reads them, from `src`
+    /// padded by `pad`) into bf16 rows, zeros outside the image, and multiplies them in one
+    /// call.
+    #[allow(clippy::too_many_arguments)]
+    fn direct_amx(
+        &self,
+        (cpu, packed): (Amx, &PackedAmx),
+        d: &Direct,
+        (src, pad, ho, wo): (&Act, usize, usize, usize),
+        out: &mut [MaybeUninit<f32>],
+        residual: Option<&Act>,
+        relu: bool,
+    ) {
+        let n = self.c_out;
+        let task_rows = amx_task_rows(packed.k(), out.len() / n);
+        let segs = d.blocks.iter().map(|b| b.segs.len()).sum();
+        out.par_chunks_mut(task_rows * n)
+            .enumerate()
+            .for_each(|(chunk, dst)| {
+                let r0 = chunk * task_rows;
+                let m = dst.len() / n;
+                let ep = Epilogue {
+                    bias: Some(&self.bias),
+                    scale: None,
+                    residual: residual.map(|r| &r.data[r0 * n..(r0 + m) * n]),
+                    relu,
+                };
+                let mut parts: Vec<(usize, &[f32], bool)> = Vec::with_capacity(segs);
+                AmxRows::with(|rows| {
+                    rows.reset(m, packed.k());
+                    for i in 0..m {
+                        let r = r0 + i;
+                        let (img, rem) = (r / (ho * wo), r % (ho * wo));
+                        let (oy, ox) = (rem / wo, rem % wo);
+                        parts.clear();
+                        for block in &d.blocks {
+                            for (s, &(ky, kx, c0)) in block.segs.iter().enumerate() {
+                                let at = block.k0 + s * block.len;
+                                let iy = (oy * self.stride + ky).wrapping_sub(pad);
+                                let ix = (ox * self.stride + kx).wrapping_sub(pad);
+                                if iy >= src.h || ix >= src.w {
+                                    parts.push((at, &d.zeros[..block.len], true));
+                                } else {
+                                    let from = ((img * src.h + iy) * src.w + ix) * src.c + c0;
+                                    parts.push((at, &src.data[from..from + block.len], false));
+                                }
+                            }
+                        }
+                        rows.fill_row(cpu, i, &parts);
+                    }
+                    cpu_amx::gemm_uninit(cpu, rows, packed, dst, n, ep);
+                });
+            });
     }
 
     /// im2col and the `gemm` crate, where AVX-512 does not run.
@@ -432,17 +523,11 @@ impl CpuResNet {
         Self::with_bf16(folded, false)
     }
 
-    /// As [`CpuResNet::new`], with `bf16` products (f32 sums) in every convolution whose K
-    /// segments have even length (all but the stem): `compute: bf16`. An error where the CPU
-    /// lacks AVX512-BF16 (or AVX-512F).
+    /// As [`CpuResNet::new`], with `bf16` products (f32 sums): `compute: bf16`. On AMX tiles
+    /// every convolution; on the `vdpbf16ps` tile those whose K segments have even length (all
+    /// but the stem). An error where the CPU lacks AVX512-BF16 (or AVX-512F).
     pub fn with_bf16(folded: &ResNet, bf16: bool) -> Result<Self> {
-        let bf16 = match bf16 {
-            false => None,
-            true => Some(
-                Avx512Bf16::detect()
-                    .ok_or_else(|| candle_core::Error::Msg(crate::cpu_gemm_bf16::MISSING.into()))?,
-            ),
-        };
+        let bf16 = bf16.then(Bf16Cpu::detect).transpose()?;
         let conv = |c: &ConvBn| Conv::from_folded(c, bf16);
         let blocks = folded
             .layers

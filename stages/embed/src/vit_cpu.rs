@@ -8,8 +8,9 @@
 //! The patch embedding, the token assembly, the final norm and the pooling stay candle's
 //! ([`Vit::input_tokens`], [`Vit::pool`]).
 
+use crate::cpu_amx::{self, AmxRows};
 use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB};
-use crate::cpu_gemm_bf16::{self, Avx512Bf16, PackedBf16};
+use crate::cpu_gemm_bf16::{self, Bf16Cpu, Bf16Weights};
 use crate::vit::{Block, Mlp, Vit};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{LayerNorm, Linear};
@@ -64,18 +65,18 @@ fn chunk_rows(rows: usize, weights: usize) -> usize {
 /// A linear layer's weight packed for the tile, and its bias.
 struct Lin {
     w: PackedB,
-    /// With `compute: bf16`, the weight in bf16 for the bf16 tile, used instead of `w`.
-    w_bf16: Option<(Avx512Bf16, PackedBf16)>,
+    /// With `compute: bf16`, the weight in bf16 for the bf16 kernel, used instead of `w`.
+    w_bf16: Option<Bf16Weights>,
     bias: Option<Vec<f32>>,
 }
 
 impl Lin {
-    fn new(l: &Linear, bf16: Option<Avx512Bf16>) -> Result<Self> {
+    fn new(l: &Linear, bf16: Option<Bf16Cpu>) -> Result<Self> {
         let (n, k) = l.weight().dims2()?;
         let w = l.weight().flatten_all()?.to_vec1::<f32>()?;
         Ok(Lin {
             w: PackedB::from_transposed(n, k, &w),
-            w_bf16: bf16.map(|cpu| (cpu, PackedBf16::from_transposed(n, k, &w))),
+            w_bf16: bf16.map(|cpu| Bf16Weights::from_transposed(cpu, n, k, &w)),
             bias: l.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
         })
     }
@@ -179,16 +180,10 @@ impl CpuVit {
     }
 
     /// As [`CpuVit::new`], with `bf16` products (f32 sums) in every linear layer
-    /// (`compute: bf16`; attention's two products stay f32). An error where the CPU lacks
-    /// AVX512-BF16.
+    /// (`compute: bf16`; attention's two products stay f32), on AMX tiles where the CPU has
+    /// them. An error where the CPU lacks AVX512-BF16.
     pub fn with_bf16(vit: &Vit, bf16: bool) -> Result<Option<Self>> {
-        let bf16 = match bf16 {
-            false => None,
-            true => Some(
-                Avx512Bf16::detect()
-                    .ok_or_else(|| candle_core::Error::Msg(crate::cpu_gemm_bf16::MISSING.into()))?,
-            ),
-        };
+        let bf16 = bf16.then(Bf16Cpu::detect).transpose()?;
         let Some(cpu) = Avx512::detect() else {
             return Ok(None);
         };
@@ -222,7 +217,7 @@ impl CpuVit {
 }
 
 impl CpuBlock {
-    fn new(b: &Block, bf16: Option<Avx512Bf16>) -> Result<Self> {
+    fn new(b: &Block, bf16: Option<Bf16Cpu>) -> Result<Self> {
         let gamma = |g: &Option<Tensor>| g.as_ref().map(|g| g.to_vec1::<f32>()).transpose();
         Ok(CpuBlock {
             norm1: Norm::new(&b.norm1)?,
@@ -483,7 +478,11 @@ fn linear(
     let (k, n) = (lin.w.k(), lin.w.n());
     let rows = a.len() / k;
     out.resize(rows * n, 0.0);
-    let chunk_rows = chunk_rows(rows, k * n);
+    let chunk_rows = match lin.w_bf16 {
+        // Whole blocks of AMX tile rows.
+        Some(Bf16Weights::Amx(..)) => chunk_rows(rows, k * n).div_ceil(32) * 32,
+        _ => chunk_rows(rows, k * n),
+    };
     out.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .for_each(|(chunk, dst)| {
@@ -497,7 +496,13 @@ fn linear(
             };
             let a = &a[r0 * k..(r0 + m) * k];
             match &lin.w_bf16 {
-                Some((cpu, w)) => cpu_gemm_bf16::gemm(*cpu, a, k, m, w, dst, n, ep, K_BLOCK),
+                Some(Bf16Weights::Amx(cpu, w)) => AmxRows::with(|rows| {
+                    rows.fill_matrix(*cpu, a, k, m, k);
+                    cpu_amx::gemm(*cpu, rows, w, dst, n, ep)
+                }),
+                Some(Bf16Weights::Avx512(cpu, w)) => {
+                    cpu_gemm_bf16::gemm(*cpu, a, k, m, w, dst, n, ep, K_BLOCK)
+                }
                 None => cpu_gemm::gemm(cpu, a, k, m, &lin.w, dst, n, ep, K_BLOCK),
             }
             if let Some(post) = post {
