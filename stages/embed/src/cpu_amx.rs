@@ -33,7 +33,7 @@ const L2_BAND_BYTES: usize = 512 * 1024;
 /// Proof that this CPU runs AMX-BF16 and that the OS granted the tile state (and that
 /// AVX512-BF16 rounds the A rows): only [`Amx::detect`] makes one.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Amx(#[allow(dead_code)] Avx512Bf16);
+pub(crate) struct Amx(Avx512Bf16);
 
 impl Amx {
     /// `Some` where the running CPU has AMX-TILE and AMX-BF16, Linux granted this process the
@@ -42,6 +42,11 @@ impl Amx {
         static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let bf16 = Avx512Bf16::detect()?;
         GRANTED.get_or_init(request_tiles).then_some(Amx(bf16))
+    }
+
+    /// Rounds `src` to bf16 into `dst` (as long as `src`; panics when shorter).
+    pub(crate) fn round(self, src: &[f32], dst: &mut [u16]) {
+        crate::cpu_gemm_bf16::round_row(self.0, src, dst)
     }
 }
 
@@ -140,6 +145,48 @@ impl PackedAmx {
         Self::pack(k, n, |p, j| b[p * n + j])
     }
 
+    /// The `k x n` matrix of zeros, to be filled in place.
+    fn zeros(k: usize, n: usize) -> Self {
+        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let mut data = Lines::default();
+        data.zeroed(n.div_ceil(BLOCK) * 2 * kp * PANEL);
+        PackedAmx { k, n, kp, data }
+    }
+
+    /// Packs the `k x n` bf16 matrix whose column `j` is `col(j)` (`k` values): attention's
+    /// `Kᵀ` from the key rows. A column's pairs of K values are adjacent, so each is one
+    /// 32-bit copy.
+    pub(crate) fn from_bf16_columns<'a>(
+        k: usize,
+        n: usize,
+        col: impl Fn(usize) -> &'a [u16],
+    ) -> Self {
+        let mut b = Self::zeros(k, n);
+        let kp = b.kp;
+        let values = b.data.values_mut();
+        for j in 0..n {
+            let panel = &mut values[(j / PANEL) * kp * PANEL + 2 * (j % PANEL)..];
+            for (q, pair) in col(j)[..k].chunks(2).enumerate() {
+                panel[q * 2 * PANEL..][..pair.len()].copy_from_slice(pair);
+            }
+        }
+        b
+    }
+
+    /// Packs the `k x n` bf16 matrix whose row `p` is `row(p)` (`n` values): attention's `V`.
+    pub(crate) fn from_bf16_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [u16]) -> Self {
+        let mut b = Self::zeros(k, n);
+        let kp = b.kp;
+        let values = b.data.values_mut();
+        for p in 0..k {
+            let (q, t) = (p / 2, p % 2);
+            for (j, v) in row(p)[..n].iter().enumerate() {
+                values[(j / PANEL) * kp * PANEL + q * 2 * PANEL + 2 * (j % PANEL) + t] = *v;
+            }
+        }
+        b
+    }
+
     /// Packs `w` stored `n x k` row-major (a linear layer's `[out, in]` weight), i.e. `B = wᵀ`.
     pub(crate) fn from_transposed(n: usize, k: usize, w: &[f32]) -> Self {
         assert_eq!(w.len(), k * n, "a {n} x {k} matrix");
@@ -208,6 +255,15 @@ impl AmxRows {
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("Amx is never constructed off x86-64: {row:?}")
+    }
+
+    /// Copies bf16 `src` (`k` values) into row `i`.
+    ///
+    /// Panics when `i` is out of range or `src` is not `k` long.
+    pub(crate) fn copy_row(&mut self, i: usize, src: &[u16]) {
+        assert!(i < self.m && src.len() == self.k, "outside the A rows");
+        let kp = self.kp;
+        self.data.values_mut()[i * kp..i * kp + src.len()].copy_from_slice(src);
     }
 
     /// Rounds `m` rows of `k` values of row-major `a` (row stride `lda`) into this buffer.
@@ -374,7 +430,8 @@ mod kernel {
     /// 16 rows of `kp` values) times the two panels from `b0`, over the whole of K. The K loop
     /// is written in assembly: the compiler's loop around per-step `asm!` blocks ran ~3x
     /// slower on a Xeon VM (2 x 2 blocks, K 384), and the tile registers are not renamed, so
-    /// the order of loads and products is what the hardware gets.
+    /// the order of loads and products is what the hardware gets. Each step asks for the next
+    /// step's B tiles in L1 (B comes from L2; a stalled tile load stalls the block).
     ///
     /// SAFETY (caller): as [`gemm`]'s, for one block.
     #[inline(always)]
@@ -385,6 +442,38 @@ mod kernel {
             "tilezero tmm2",
             "tilezero tmm3",
             "2:",
+            "prefetcht0 [{b0} + 1024]",
+            "prefetcht0 [{b0} + 1088]",
+            "prefetcht0 [{b0} + 1152]",
+            "prefetcht0 [{b0} + 1216]",
+            "prefetcht0 [{b0} + 1280]",
+            "prefetcht0 [{b0} + 1344]",
+            "prefetcht0 [{b0} + 1408]",
+            "prefetcht0 [{b0} + 1472]",
+            "prefetcht0 [{b0} + 1536]",
+            "prefetcht0 [{b0} + 1600]",
+            "prefetcht0 [{b0} + 1664]",
+            "prefetcht0 [{b0} + 1728]",
+            "prefetcht0 [{b0} + 1792]",
+            "prefetcht0 [{b0} + 1856]",
+            "prefetcht0 [{b0} + 1920]",
+            "prefetcht0 [{b0} + 1984]",
+            "prefetcht0 [{b1} + 1024]",
+            "prefetcht0 [{b1} + 1088]",
+            "prefetcht0 [{b1} + 1152]",
+            "prefetcht0 [{b1} + 1216]",
+            "prefetcht0 [{b1} + 1280]",
+            "prefetcht0 [{b1} + 1344]",
+            "prefetcht0 [{b1} + 1408]",
+            "prefetcht0 [{b1} + 1472]",
+            "prefetcht0 [{b1} + 1536]",
+            "prefetcht0 [{b1} + 1600]",
+            "prefetcht0 [{b1} + 1664]",
+            "prefetcht0 [{b1} + 1728]",
+            "prefetcht0 [{b1} + 1792]",
+            "prefetcht0 [{b1} + 1856]",
+            "prefetcht0 [{b1} + 1920]",
+            "prefetcht0 [{b1} + 1984]",
             "tileloadd tmm4, [{a0} + {sa}*1]",
             "tileloadd tmm6, [{b0} + {sb}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",

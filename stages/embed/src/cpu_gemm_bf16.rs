@@ -167,7 +167,7 @@ impl BfRows {
 }
 
 /// Rounds `src` to bf16 into `dst` (as long as `src`; panics when shorter).
-fn round_row(cpu: Avx512Bf16, src: &[f32], dst: &mut [u16]) {
+pub(crate) fn round_row(cpu: Avx512Bf16, src: &[f32], dst: &mut [u16]) {
     let dst = &mut dst[..src.len()];
     let _ = cpu;
     #[cfg(target_arch = "x86_64")]

@@ -8,7 +8,7 @@
 //! The patch embedding, the token assembly, the final norm and the pooling stay candle's
 //! ([`Vit::input_tokens`], [`Vit::pool`]).
 
-use crate::cpu_amx::{self, AmxRows};
+use crate::cpu_amx::{self, Amx, AmxRows, PackedAmx};
 use crate::cpu_gemm::{self, Avx512, Epilogue, PackedB};
 use crate::cpu_gemm_bf16::{self, Bf16Cpu, Bf16Weights};
 use crate::vit::{Block, Mlp, Vit};
@@ -180,8 +180,9 @@ impl CpuVit {
     }
 
     /// As [`CpuVit::new`], with `bf16` products (f32 sums) in every linear layer
-    /// (`compute: bf16`; attention's two products stay f32), on AMX tiles where the CPU has
-    /// them. An error where the CPU lacks AVX512-BF16.
+    /// (`compute: bf16`), on AMX tiles where the CPU has them, and there attention's two
+    /// products too (on the `vdpbf16ps` tile they stay f32). An error where the CPU lacks
+    /// AVX512-BF16.
     pub fn with_bf16(vit: &Vit, bf16: bool) -> Result<Option<Self>> {
         let bf16 = bf16.then(Bf16Cpu::detect).transpose()?;
         let Some(cpu) = Avx512::detect() else {
@@ -257,7 +258,12 @@ impl CpuBlock {
     ) {
         self.norm1.forward(cpu, x, &mut s.h);
         linear(cpu, &s.h, &self.qkv, None, None, None, &mut s.qkv);
-        attention(cpu, &s.qkv, b, n, d, self.heads, &mut s.attn);
+        match &self.qkv.w_bf16 {
+            Some(Bf16Weights::Amx(amx, _)) => {
+                attention_amx(cpu, *amx, &s.qkv, b, n, d, self.heads, &mut s.attn)
+            }
+            _ => attention(cpu, &s.qkv, b, n, d, self.heads, &mut s.attn),
+        }
         let ls1 = self.ls1.as_deref();
         linear(
             cpu,
@@ -554,6 +560,50 @@ fn attention(
         });
 }
 
+/// [`attention`] with both products on AMX tiles, in bf16 products and f32 sums (softmax in
+/// f32), as PyTorch's bf16 autocast computes it: `compute: bf16` on a CPU with AMX. Each
+/// image's qkv rows are rounded to bf16 once; per head, `Kᵀ` and `V` are packed from them
+/// and the softmaxed scores rounded for the second product.
+#[allow(clippy::too_many_arguments)]
+fn attention_amx(
+    cpu: Avx512,
+    amx: Amx,
+    qkv: &[f32],
+    b: usize,
+    n: usize,
+    d: usize,
+    heads: usize,
+    out: &mut Vec<f32>,
+) {
+    let hd = d / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.resize(b * n * d, 0.0);
+    out.par_chunks_mut(n * d)
+        .enumerate()
+        .for_each(|(img, dst)| {
+            let rows = &qkv[img * n * 3 * d..(img + 1) * n * 3 * d];
+            let mut half = vec![0u16; rows.len()];
+            amx.round(rows, &mut half);
+            let token = |j: usize, at: usize| &half[j * 3 * d + at..][..hd];
+            let mut scores = vec![0f32; n * n];
+            AmxRows::with(|a| {
+                for h in 0..heads {
+                    let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+                    let kt = PackedAmx::from_bf16_columns(hd, n, |j| token(j, k));
+                    let vs = PackedAmx::from_bf16_rows(n, hd, |j| token(j, v));
+                    a.reset(n, hd);
+                    for i in 0..n {
+                        a.copy_row(i, token(i, q));
+                    }
+                    cpu_amx::gemm(amx, a, &kt, &mut scores, n, Epilogue::default());
+                    softmax_rows(cpu, &mut scores, n, scale);
+                    a.fill_matrix(amx, &scores, n, n, n);
+                    cpu_amx::gemm(amx, a, &vs, &mut dst[q..], d, Epilogue::default());
+                }
+            });
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,6 +659,49 @@ mod tests {
                     "{b}x{n}x{d}/{heads} at {i}: {g} vs {w}"
                 );
             }
+        }
+    }
+
+    /// The AMX attention against the f64 loops on bf16-rounded q, k and v: what is left is
+    /// the rounding of the softmaxed scores to bf16 (at most 2^-9 of each weight, so 2^-8 of
+    /// the largest |v| after the sum; the bound allows 2^-7) and f32 sums. It must also differ
+    /// from the f64 loops on the unrounded inputs: the products really are bf16.
+    #[test]
+    fn amx_attention_matches_loops_on_rounded_inputs() {
+        let (Some(cpu), Some(amx)) = (Avx512::detect(), Amx::detect()) else {
+            eprintln!("note: no AMX on this CPU (or not granted): AMX attention is not tested");
+            return;
+        };
+        let round = |x: f32| {
+            let mut h = [0u16];
+            amx.round(&[x], &mut h);
+            f32::from_bits((h[0] as u32) << 16)
+        };
+        // Head widths 8 (K padded to a tile), 64, 32 and 80 (ViT-H's: padded to 96).
+        for (b, n, d, heads) in [
+            (2, 7, 16, 2),
+            (1, 67, 128, 2),
+            (3, 13, 96, 3),
+            (1, 40, 160, 2),
+        ] {
+            let qkv: Vec<f32> = (0..b * n * 3 * d)
+                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+                .collect();
+            let mut got = Vec::new();
+            attention_amx(cpu, amx, &qkv, b, n, d, heads, &mut got);
+            let rounded: Vec<f32> = qkv.iter().map(|v| round(*v)).collect();
+            let want = naive_attention(&rounded, b, n, d, heads);
+            let exact = naive_attention(&qkv, b, n, d, heads);
+            let vmax = rounded.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let mut off_exact = 0f64;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 2f64.powi(-7) * vmax,
+                    "{b}x{n}x{d}/{heads} at {i}: {g} vs {w}"
+                );
+                off_exact = off_exact.max((*g as f64 - exact[i]).abs());
+            }
+            assert!(off_exact > 1e-5, "{b}x{n}x{d}/{heads}: f32-exact, not bf16");
         }
     }
 
