@@ -541,13 +541,8 @@ mod kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_gemm_bf16::tests::values;
     use crate::cpu_gemm_bf16::{from_bf16, to_bf16};
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 2654435761 + seed * 97) % 2001) as f32 - 1000.0) / 1000.0)
-            .collect()
-    }
 
     /// Rounded operands, exact products, f64 sums: against that, only the f32 sums of the
     /// tiles differ, so the bound is a few f32 roundings of `Σ |a_p b_p|`. The same inputs

@@ -354,10 +354,11 @@ pub(crate) fn gemm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(len: usize, seed: usize) -> Vec<f32> {
+    /// Deterministic values in [-1, 1], a different sequence per seed.
+    pub(crate) fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i * 2654435761 + seed * 97) % 2001) as f32 - 1000.0) / 1000.0)
             .collect()

@@ -258,12 +258,11 @@ impl CpuBlock {
     ) {
         self.norm1.forward(cpu, x, &mut s.h);
         linear(cpu, &s.h, &self.qkv, None, None, None, &mut s.qkv);
-        match &self.qkv.w_bf16 {
-            Some(Bf16Weights::Amx(amx, _)) => {
-                attention_amx(cpu, *amx, &s.qkv, b, n, d, self.heads, &mut s.attn)
-            }
-            _ => attention(cpu, &s.qkv, b, n, d, self.heads, &mut s.attn),
-        }
+        let amx = match &self.qkv.w_bf16 {
+            Some(Bf16Weights::Amx(amx, _)) => Some(*amx),
+            _ => None,
+        };
+        attention(cpu, amx, &s.qkv, b, n, d, self.heads, &mut s.attn);
         let ls1 = self.ls1.as_deref();
         linear(
             cpu,
@@ -519,9 +518,14 @@ fn linear(
 
 /// Multi-head self-attention of `b` images of `n` tokens from their `[b * n, 3 * d]` qkv
 /// projection (timm's `[3, heads, head_dim]` order in each row) to `[b * n, d]`, heads
-/// concatenated. One image per parallel task.
+/// concatenated. One image per parallel task. With `amx` (`compute: bf16` on a CPU with AMX)
+/// both products run on AMX tiles in bf16 products and f32 sums, softmax in f32, as PyTorch's
+/// bf16 autocast computes it: each image's qkv rows are rounded to bf16 once; per head, `Kᵀ`
+/// and `V` are packed from them and the softmaxed scores rounded for the second product.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     cpu: Avx512,
+    amx: Option<Amx>,
     qkv: &[f32],
     b: usize,
     n: usize,
@@ -537,55 +541,22 @@ fn attention(
         .for_each(|(img, dst)| {
             let rows = &qkv[img * n * 3 * d..(img + 1) * n * 3 * d];
             let mut scores = vec![0f32; n * n];
-            for h in 0..heads {
-                let q = h * hd;
-                let (k, v) = (d + h * hd, 2 * d + h * hd);
-                let kt = PackedB::from_columns(hd, n, |j| &rows[j * 3 * d + k..][..hd]);
-                let vs = PackedB::from_rows(n, hd, |j| &rows[j * 3 * d + v..][..hd]);
-                let none = Epilogue::default();
-                cpu_gemm::gemm(
-                    cpu,
-                    &rows[q..],
-                    3 * d,
-                    n,
-                    &kt,
-                    &mut scores,
-                    n,
-                    none,
-                    K_BLOCK,
-                );
-                softmax_rows(cpu, &mut scores, n, scale);
-                cpu_gemm::gemm(cpu, &scores, n, n, &vs, &mut dst[q..], d, none, K_BLOCK);
-            }
-        });
-}
-
-/// [`attention`] with both products on AMX tiles, in bf16 products and f32 sums (softmax in
-/// f32), as PyTorch's bf16 autocast computes it: `compute: bf16` on a CPU with AMX. Each
-/// image's qkv rows are rounded to bf16 once; per head, `Kᵀ` and `V` are packed from them
-/// and the softmaxed scores rounded for the second product.
-#[allow(clippy::too_many_arguments)]
-fn attention_amx(
-    cpu: Avx512,
-    amx: Amx,
-    qkv: &[f32],
-    b: usize,
-    n: usize,
-    d: usize,
-    heads: usize,
-    out: &mut Vec<f32>,
-) {
-    let hd = d / heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    out.resize(b * n * d, 0.0);
-    out.par_chunks_mut(n * d)
-        .enumerate()
-        .for_each(|(img, dst)| {
-            let rows = &qkv[img * n * 3 * d..(img + 1) * n * 3 * d];
+            let none = Epilogue::default();
+            let Some(amx) = amx else {
+                for h in 0..heads {
+                    let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+                    let kt = PackedB::from_columns(hd, n, |j| &rows[j * 3 * d + k..][..hd]);
+                    let vs = PackedB::from_rows(n, hd, |j| &rows[j * 3 * d + v..][..hd]);
+                    let qs = &rows[q..];
+                    cpu_gemm::gemm(cpu, qs, 3 * d, n, &kt, &mut scores, n, none, K_BLOCK);
+                    softmax_rows(cpu, &mut scores, n, scale);
+                    cpu_gemm::gemm(cpu, &scores, n, n, &vs, &mut dst[q..], d, none, K_BLOCK);
+                }
+                return;
+            };
             let mut half = vec![0u16; rows.len()];
             amx.round(rows, &mut half);
             let token = |j: usize, at: usize| &half[j * 3 * d + at..][..hd];
-            let mut scores = vec![0f32; n * n];
             AmxRows::with(|a| {
                 for h in 0..heads {
                     let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
@@ -595,10 +566,10 @@ fn attention_amx(
                     for i in 0..n {
                         a.copy_row(i, token(i, q));
                     }
-                    cpu_amx::gemm(amx, a, &kt, &mut scores, n, Epilogue::default());
+                    cpu_amx::gemm(amx, a, &kt, &mut scores, n, none);
                     softmax_rows(cpu, &mut scores, n, scale);
                     a.fill_matrix(amx, &scores, n, n, n);
-                    cpu_amx::gemm(amx, a, &vs, &mut dst[q..], d, Epilogue::default());
+                    cpu_amx::gemm(amx, a, &vs, &mut dst[q..], d, none);
                 }
             });
         });
@@ -651,7 +622,7 @@ mod tests {
                 .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
                 .collect();
             let mut got = Vec::new();
-            attention(cpu, &qkv, b, n, d, heads, &mut got);
+            attention(cpu, None, &qkv, b, n, d, heads, &mut got);
             let want = naive_attention(&qkv, b, n, d, heads);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -688,7 +659,7 @@ mod tests {
                 .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
                 .collect();
             let mut got = Vec::new();
-            attention_amx(cpu, amx, &qkv, b, n, d, heads, &mut got);
+            attention(cpu, Some(amx), &qkv, b, n, d, heads, &mut got);
             let rounded: Vec<f32> = qkv.iter().map(|v| round(*v)).collect();
             let want = naive_attention(&rounded, b, n, d, heads);
             let exact = naive_attention(&qkv, b, n, d, heads);
