@@ -45,11 +45,20 @@ pub(crate) enum Bf16Cpu {
 impl Bf16Cpu {
     /// The fastest bf16 kernel of the running CPU, or the error `compute: bf16` reports.
     pub(crate) fn detect() -> candle_core::Result<Self> {
-        match (Amx::detect(), Avx512Bf16::detect()) {
-            (Some(amx), _) => Ok(Bf16Cpu::Amx(amx)),
-            (None, Some(cpu)) => Ok(Bf16Cpu::Avx512(cpu)),
-            (None, None) => Err(candle_core::Error::Msg(MISSING.into())),
+        let chosen = match (Amx::detect(), Avx512Bf16::detect()) {
+            (Some(amx), _) => Bf16Cpu::Amx(amx),
+            (None, Some(cpu)) => Bf16Cpu::Avx512(cpu),
+            (None, None) => return Err(candle_core::Error::Msg(MISSING.into())),
+        };
+        // Which kernel runs decides the speed (the vdpbf16ps tile is slower than f32 on
+        // some Intel CPUs): say it, so that a user timing `compute: bf16` knows what ran.
+        match chosen {
+            Bf16Cpu::Amx(_) => tracing::info!("compute bf16 on the CPU: AMX tiles"),
+            Bf16Cpu::Avx512(_) => tracing::info!(
+                "compute bf16 on the CPU: AVX512-BF16 vdpbf16ps (no AMX here, or TESSERA_CPU_AMX=0)"
+            ),
         }
+        Ok(chosen)
     }
 }
 
