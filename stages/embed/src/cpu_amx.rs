@@ -30,6 +30,11 @@ const PANEL: usize = 16;
 /// Bytes of packed B per band of columns, which stays in L2 while the rows pass by.
 const L2_BAND_BYTES: usize = 512 * 1024;
 
+/// `k` rounded up to whole tile steps: the row length of both operands.
+fn padded_k(k: usize) -> usize {
+    k.div_ceil(KSTEP) * KSTEP
+}
+
 /// Proof that this CPU runs AMX-BF16 and that the OS granted the tile state (and that
 /// AVX512-BF16 rounds the A rows): only [`Amx::detect`] makes one.
 #[derive(Debug, Clone, Copy)]
@@ -121,12 +126,9 @@ pub(crate) struct PackedAmx {
 impl PackedAmx {
     /// Rounds and packs the `k x n` matrix whose element `(p, j)` is `at(p, j)`.
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
-        let kp = k.div_ceil(KSTEP) * KSTEP;
-        let panels = n.div_ceil(BLOCK) * 2;
-        let mut data = Lines::default();
-        data.zeroed(panels * kp * PANEL);
-        let values = data.values_mut();
-        for (jp, panel) in values.chunks_exact_mut(kp * PANEL).take(panels).enumerate() {
+        let mut b = Self::zeros(k, n);
+        let kp = b.kp;
+        for (jp, panel) in b.data.values_mut().chunks_exact_mut(kp * PANEL).enumerate() {
             let j0 = jp * PANEL;
             let w = PANEL.min(n.saturating_sub(j0));
             for p in 0..k {
@@ -136,7 +138,7 @@ impl PackedAmx {
                 }
             }
         }
-        PackedAmx { k, n, kp, data }
+        b
     }
 
     /// Packs row-major `b` (`k * n` values).
@@ -147,7 +149,7 @@ impl PackedAmx {
 
     /// The `k x n` matrix of zeros, to be filled in place.
     fn zeros(k: usize, n: usize) -> Self {
-        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let kp = padded_k(k);
         let mut data = Lines::default();
         data.zeroed(n.div_ceil(BLOCK) * 2 * kp * PANEL);
         PackedAmx { k, n, kp, data }
@@ -225,7 +227,7 @@ impl AmxRows {
 
     /// Makes room for `m` rows of `k` values, the padding of each row zero.
     pub(crate) fn reset(&mut self, m: usize, k: usize) {
-        let kp = k.div_ceil(KSTEP) * KSTEP;
+        let kp = padded_k(k);
         let len = m.div_ceil(BLOCK) * BLOCK * kp;
         if self.data.0.len() * 32 < len {
             self.data.zeroed(len);
@@ -238,12 +240,17 @@ impl AmxRows {
         }
     }
 
-    /// Writes row `i` from its parts `(at, src, zero)`: K positions `at..at + src.len()` get
-    /// `src` rounded, or zeros where `zero` (an input pixel outside the image; `src` then only
-    /// gives the length). The parts must cover `0..k`.
+    /// Writes row `i` from its parts `(at, len, src)`: K positions `at..at + len` get `src`
+    /// (`len` values) rounded, or zeros where `src` is `None` (an input pixel outside the
+    /// image). The parts must cover `0..k`.
     ///
     /// Panics when `i` or a part are out of range.
-    pub(crate) fn fill_row(&mut self, cpu: Amx, i: usize, parts: &[(usize, &[f32], bool)]) {
+    pub(crate) fn fill_row(
+        &mut self,
+        cpu: Amx,
+        i: usize,
+        parts: &[(usize, usize, Option<&[f32]>)],
+    ) {
         assert!(i < self.m, "outside the A rows");
         let (k, kp) = (self.k, self.kp);
         let row = &mut self.data.values_mut()[i * kp..i * kp + k];
@@ -270,7 +277,7 @@ impl AmxRows {
     pub(crate) fn fill_matrix(&mut self, cpu: Amx, a: &[f32], lda: usize, m: usize, k: usize) {
         self.reset(m, k);
         for i in 0..m {
-            self.fill_row(cpu, i, &[(0, &a[i * lda..i * lda + k], false)]);
+            self.fill_row(cpu, i, &[(0, k, Some(&a[i * lda..i * lda + k]))]);
         }
     }
 }
@@ -346,18 +353,20 @@ mod kernel {
     use crate::cpu_gemm_bf16::round_row_avx512;
     use std::arch::asm;
 
-    /// [`super::AmxRows::fill_row`]'s loop, with the rounding inlined: each part `(at, src,
-    /// zero)` writes `src.len()` values from `at`, `src` rounded or (`zero`) zeros.
+    /// [`super::AmxRows::fill_row`]'s loop, with the rounding inlined: each part `(at, len,
+    /// src)` writes `len` values from `at`, `src` rounded or zeros.
     ///
     /// SAFETY (caller): AVX-512F, -BW, -VL and AVX512-BF16 are available.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub(super) unsafe fn fill_row(row: &mut [u16], parts: &[(usize, &[f32], bool)]) {
-        for &(at, src, zero) in parts {
-            let dst = &mut row[at..at + src.len()];
-            if zero {
-                dst.fill(0);
-            } else {
-                round_row_avx512(src, dst);
+    pub(super) unsafe fn fill_row(row: &mut [u16], parts: &[(usize, usize, Option<&[f32]>)]) {
+        for &(at, len, src) in parts {
+            let dst = &mut row[at..at + len];
+            match src {
+                Some(src) => {
+                    assert_eq!(src.len(), len, "a part shorter than it says");
+                    round_row_avx512(src, dst)
+                }
+                None => dst.fill(0),
             }
         }
     }
@@ -639,7 +648,9 @@ mod tests {
         parts.reset(m, k);
         for i in 0..m {
             let segs = a[i * k..(i + 1) * k].chunks(21).enumerate();
-            let segs: Vec<_> = segs.map(|(s, seg)| (s * 21, seg, false)).collect();
+            let segs: Vec<_> = segs
+                .map(|(s, seg)| (s * 21, seg.len(), Some(seg)))
+                .collect();
             parts.fill_row(cpu, i, &segs);
         }
         let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
@@ -648,7 +659,7 @@ mod tests {
         assert_eq!(c1, c2);
         parts.reset(m, k);
         for i in 0..m {
-            parts.fill_row(cpu, i, &[(0, &a[..k], true)]);
+            parts.fill_row(cpu, i, &[(0, k, None)]);
         }
         gemm(cpu, &parts, &packed, &mut c2, n, Epilogue::default());
         assert!(c2.iter().all(|v| *v == 0.0), "zero parts are not zero");

@@ -39,6 +39,44 @@ fn amx_task_rows(k: usize, rows: usize) -> usize {
     by_cache.min(per_thread).max(32).div_ceil(32) * 32
 }
 
+/// Where a convolution's output pixels read their input: `src`, to be padded by `pad` on each
+/// side, read with `stride` into `ho x wo` outputs per image. Shared by the f32 tile's runs and
+/// the AMX path's rows.
+#[derive(Clone, Copy)]
+struct Window<'a> {
+    src: &'a Act,
+    pad: usize,
+    stride: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl<'a> Window<'a> {
+    /// Output pixel `r` (counted over the batch) as `(image, row, column)`.
+    fn pixel(&self, r: usize) -> (usize, usize, usize) {
+        let (img, rem) = (r / (self.ho * self.wo), r % (self.ho * self.wo));
+        (img, rem / self.wo, rem % self.wo)
+    }
+
+    /// The `len` input values from channel `c0` at kernel position `(ky, kx)` that output
+    /// pixel `(img, oy, ox)` reads, or `None` where that position is outside the image.
+    fn run(
+        &self,
+        (img, oy, ox): (usize, usize, usize),
+        (ky, kx, c0): (usize, usize, usize),
+        len: usize,
+    ) -> Option<&'a [f32]> {
+        let src = self.src;
+        let iy = (oy * self.stride + ky).wrapping_sub(self.pad);
+        let ix = (ox * self.stride + kx).wrapping_sub(self.pad);
+        if iy >= src.h || ix >= src.w {
+            return None;
+        }
+        let at = ((img * src.h + iy) * src.w + ix) * src.c + c0;
+        Some(&src.data[at..at + len])
+    }
+}
+
 /// A dense NHWC activation.
 struct Act {
     data: Vec<f32>,
@@ -193,6 +231,13 @@ impl Conv {
         } else {
             (x, self.pad)
         };
+        let win = Window {
+            src,
+            pad,
+            stride: self.stride,
+            ho,
+            wo,
+        };
         let n = self.c_out;
         let rows = x.n * ho * wo;
         if let Some(Bf16Weights::Amx(cpu, packed)) = &d.bf16 {
@@ -200,7 +245,7 @@ impl Conv {
             self.direct_amx(
                 (*cpu, packed),
                 d,
-                (src, pad, ho, wo),
+                win,
                 &mut out.spare_capacity_mut()[..rows * n],
                 residual,
                 relu,
@@ -219,17 +264,9 @@ impl Conv {
         let mut out = vec![0f32; rows * n];
         let last = d.blocks.len() - 1;
         // One run of `len` input values, or zeros outside the image (or past the chunk).
-        let run = |r: Option<usize>, (ky, kx, c0): (usize, usize, usize), len: usize| {
-            let Some(r) = r else { return &d.zeros[..len] };
-            let (img, rem) = (r / (ho * wo), r % (ho * wo));
-            let (oy, ox) = (rem / wo, rem % wo);
-            let iy = (oy * self.stride + ky).wrapping_sub(pad);
-            let ix = (ox * self.stride + kx).wrapping_sub(pad);
-            if iy >= src.h || ix >= src.w {
-                return &d.zeros[..len];
-            }
-            let at = ((img * src.h + iy) * src.w + ix) * src.c + c0;
-            &src.data[at..at + len]
+        let run = |r: Option<usize>, seg: (usize, usize, usize), len: usize| {
+            r.and_then(|r| win.run(win.pixel(r), seg, len))
+                .unwrap_or(&d.zeros[..len])
         };
         out.par_chunks_mut(TASK_ROWS * n)
             .enumerate()
@@ -291,15 +328,13 @@ impl Conv {
     }
 
     /// The direct convolution on AMX tiles: each chunk of output pixels gathers its K segments
-    /// (one run of input values per pixel and segment, as the f32 tile reads them, from `src`
-    /// padded by `pad`) into bf16 rows, zeros outside the image, and multiplies them in one
-    /// call.
-    #[allow(clippy::too_many_arguments)]
+    /// (one run of input values per pixel and segment, as the f32 tile reads them through
+    /// `win`) into bf16 rows, zeros outside the image, and multiplies them in one call.
     fn direct_amx(
         &self,
         (cpu, packed): (Amx, &PackedAmx),
         d: &Direct,
-        (src, pad, ho, wo): (&Act, usize, usize, usize),
+        win: Window<'_>,
         out: &mut [MaybeUninit<f32>],
         residual: Option<&Act>,
         relu: bool,
@@ -318,25 +353,16 @@ impl Conv {
                     residual: residual.map(|r| &r.data[r0 * n..(r0 + m) * n]),
                     relu,
                 };
-                let mut parts: Vec<(usize, &[f32], bool)> = Vec::with_capacity(segs);
+                let mut parts: Vec<(usize, usize, Option<&[f32]>)> = Vec::with_capacity(segs);
                 AmxRows::with(|rows| {
                     rows.reset(m, packed.k());
                     for i in 0..m {
-                        let r = r0 + i;
-                        let (img, rem) = (r / (ho * wo), r % (ho * wo));
-                        let (oy, ox) = (rem / wo, rem % wo);
+                        let px = win.pixel(r0 + i);
                         parts.clear();
                         for block in &d.blocks {
-                            for (s, &(ky, kx, c0)) in block.segs.iter().enumerate() {
+                            for (s, &seg) in block.segs.iter().enumerate() {
                                 let at = block.k0 + s * block.len;
-                                let iy = (oy * self.stride + ky).wrapping_sub(pad);
-                                let ix = (ox * self.stride + kx).wrapping_sub(pad);
-                                if iy >= src.h || ix >= src.w {
-                                    parts.push((at, &d.zeros[..block.len], true));
-                                } else {
-                                    let from = ((img * src.h + iy) * src.w + ix) * src.c + c0;
-                                    parts.push((at, &src.data[from..from + block.len], false));
-                                }
+                                parts.push((at, block.len, win.run(px, seg, block.len)));
                             }
                         }
                         rows.fill_row(cpu, i, &parts);
